@@ -1,0 +1,3 @@
+from ftservice.cli import main
+
+main()

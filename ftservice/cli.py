@@ -1,0 +1,214 @@
+"""The `ftservice` command: a thin dispatch table over the package's modules."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from ftservice import __version__
+from ftservice.errors import FtserviceError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Fine-tune open LLMs for a domain on Ray, and close the loop with people.",
+)
+models_app = typer.Typer(no_args_is_help=True, help="Base models: built-in, local, hub.")
+app.add_typer(models_app, name="models")
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Overrides KEY.SUB=VALUE, e.g. train.max_steps=10 lora.r=8.", show_default=False
+    ),
+]
+Address = Annotated[
+    str | None,
+    typer.Option(help="Ray dashboard URL of the cluster [env RAY_ADDRESS; http://127.0.0.1:8265]."),
+]
+TokenFile = Annotated[
+    str | None,
+    typer.Option(help="File holding the cluster's auth token [env RAY_AUTH_TOKEN(_PATH)]."),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _table(rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ftservice {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print version.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def validate(spec: str, overrides: Overrides = None, as_json: AsJson = False) -> None:
+    """Check a job spec; print it fully resolved, or every problem (exit code 2)."""
+    from ftservice.config import dump_spec, load_spec
+
+    resolved = load_spec(spec, overrides or [])
+    if as_json:
+        _print_json(resolved.model_dump(mode="json"))
+    else:
+        print(f"# {spec}: valid")
+        print(dump_spec(resolved), end="")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of job specs (for editor completion and checks)."""
+    from ftservice.config import JobSpec
+
+    _print_json(JobSpec.model_json_schema())
+
+
+@models_app.command("list")
+def models_list(as_json: AsJson = False) -> None:
+    """Built-in models and models converted in the cache."""
+    from ftservice.models import list_models
+
+    rows = list_models()
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["name", "kind", "state", "about"])
+
+
+@models_app.command("show")
+def models_show(
+    name: str,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow model code.")] = False,
+    allow_pickle_weights: Annotated[bool, typer.Option(help="Accept .bin weights.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Parameters, layers, hidden size, vocabulary, context length, chat template."""
+    from ftservice.config import ModelSpec
+    from ftservice.models import describe, resolve_model
+
+    spec = ModelSpec(
+        name=name, trust_remote_code=trust_remote_code, allow_pickle_weights=allow_pickle_weights
+    )
+    info = dataclasses.asdict(describe(resolve_model(spec)))
+    if as_json:
+        _print_json(info)
+        return
+    info["parameters"] = f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"
+    info["chat_template"] = "yes" if info["chat_template"] else "no"
+    for key, value in info.items():
+        print(f"{key.replace('_', ' '):>16}: {value}")
+
+
+@app.command()
+def submit(
+    spec: str,
+    overrides: Overrides = None,
+    address: Address = None,
+    token_file: TokenFile = None,
+    new: Annotated[bool, typer.Option("--new", help="Start another run of the same spec.")] = False,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for the job to end (0: return at once).")
+    ] = 0,
+) -> None:
+    """Submit a job spec to a Ray cluster (the same spec twice gives the same job)."""
+    from ftservice import jobs
+
+    client = jobs.connect(address, token_file=token_file)
+    sub = jobs.submit(spec, overrides or [], client, new=new)
+    if sub.created:
+        print(f"submitted {sub.submission_id}")
+    else:
+        print(
+            f"already submitted as {sub.submission_id} ({sub.status}); "
+            "pass --new to start another run of this spec"
+        )
+    if wait > 0:
+        state = jobs.wait(client, sub.submission_id, wait)
+        print(f"{sub.submission_id}: {state}")
+        if state == "FAILED":
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    job_id: str, address: Address = None, token_file: TokenFile = None, as_json: AsJson = False
+) -> None:
+    """Status of a submitted job."""
+    from ftservice import jobs
+
+    info = jobs.status(jobs.connect(address, token_file=token_file), job_id)
+    if as_json:
+        _print_json(info)
+    else:
+        print(f"{info['submission_id']}: {info['status']}  {info['message'] or ''}".rstrip())
+
+
+@app.command()
+def logs(
+    job_id: str,
+    address: Address = None,
+    token_file: TokenFile = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until it ends.")] = False,
+) -> None:
+    """Print a job's logs."""
+    from ftservice import jobs
+
+    jobs.logs(jobs.connect(address, token_file=token_file), job_id, follow=follow)
+
+
+@app.command()
+def stop(job_id: str, address: Address = None, token_file: TokenFile = None) -> None:
+    """Stop a running job and wait until it has stopped."""
+    from ftservice import jobs
+
+    state = jobs.stop(jobs.connect(address, token_file=token_file), job_id)
+    print(f"{job_id}: {state}")
+
+
+@app.command("list")
+def list_(address: Address = None, token_file: TokenFile = None, as_json: AsJson = False) -> None:
+    """Jobs on the cluster, oldest first."""
+    from ftservice import jobs
+
+    rows = jobs.list_jobs(jobs.connect(address, token_file=token_file))
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["submission_id", "status", "name"])
+
+
+def main() -> None:
+    try:
+        app()
+    except FtserviceError as e:
+        print(f"error: {e}" if "\n" not in str(e) else str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

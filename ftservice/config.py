@@ -1,0 +1,582 @@
+"""Typed job specs: what one fine-tuning run is, loaded from YAML and checked before anything runs.
+
+Every model forbids unknown keys, every field carries a one-line description (shown by
+`ftservice validate` and `ftservice schema`), and every error names the file, the field path
+and the YAML line.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ftservice.errors import FtserviceError
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+
+
+class Spec(BaseModel):
+    """Base of every spec section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Spec):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Base model: a built-in alias, a local Hugging Face folder, a .gguf file, "
+        "or a hub id (org/name).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model (only for models you trust)."
+    )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Accept .bin/.pt weights (pickle can run code); safetensors only otherwise.",
+    )
+
+
+class DataSpec(Spec):
+    train: list[str] = Field(
+        default_factory=lambda: ["data/domain/train.jsonl"],
+        min_length=1,
+        description="Training files or folders (JSONL, JSON, CSV, Parquet, datasets folders).",
+    )
+    eval: list[str] = Field(
+        default_factory=list, description="Held-out files for the eval loss during training."
+    )
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "text", "preference", "openai_dpo"] = (
+        Field("auto", description="Record format; 'auto' recognises it from the fields.")
+    )
+    system_prompt: str | None = Field(
+        None, description="System turn added to every conversation that has none."
+    )
+    max_seq_length: int = Field(
+        512, ge=16, description="Longest tokenised example; longer ones are dropped or cut."
+    )
+    completion_only_loss: bool = Field(
+        True, description="Compute the loss on assistant tokens only (prompt tokens masked)."
+    )
+    packing: bool = Field(
+        False, description="Pack several examples into one sequence (block-diagonal attention)."
+    )
+
+
+class LoraSpec(Spec):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters: 'all-linear' or a list of names."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+
+class QuantSpec(Spec):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the base.")
+    double_quant: bool = Field(
+        True, description="Quantise the quantisation constants too (saves ~0.4 bit/param)."
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype the 4-bit weights are dequantised to for matmuls."
+    )
+
+
+class TrainSpec(Spec):
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training set.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    micro_batch_size: int = Field(4, ge=1, description="Examples per worker per forward pass.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches summed before each optimizer step."
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = Field(0.05, ge=0, le=1, description="Fraction of steps for warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed for weights init, dropout and data order.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Training precision; 'auto' picks bf16 where the hardware has it."
+    )
+    logging_steps: int = Field(1, ge=1, description="Report metrics every this many steps.")
+
+
+class DpoSpec(Spec):
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty to the reference.")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair"] = (
+        Field("sigmoid", description="TRL DPO loss type.")
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed fraction of flipped preference labels."
+    )
+    parent: str | None = Field(
+        None, description="SFT artifact (path or registry name) to start from; base if unset."
+    )
+
+
+class DeepSpeedSpec(Spec):
+    stage: Literal[0, 1, 2, 3] = Field(
+        3, description="ZeRO stage: 3 partitions parameters, gradients and optimizer states."
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where optimizer states live."
+    )
+    offload_params: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where parameters live between uses (ZeRO-3 only)."
+    )
+    nvme_path: str | None = Field(None, description="Local NVMe folder for nvme offload.")
+
+
+class ScalingSpec(Spec):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="Give each worker GPUs.")
+    gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu is on.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    deepspeed: DeepSpeedSpec | None = Field(
+        None, description="DeepSpeed ZeRO settings; unset trains with plain DDP."
+    )
+
+
+class ClusterSpec(Spec):
+    """The largest shape the target cluster can ever take; checked against `scaling`.
+
+    Without a `cluster` section the target is this machine (the embedded local Ray).
+    """
+
+    max_nodes: int = Field(1, ge=1, description="Most worker nodes the cluster can scale to.")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs on each node.")
+    cpus_per_node: int | None = Field(
+        None, ge=1, description="CPUs on each node; unchecked if unset."
+    )
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of one GPU, in GB.")
+
+
+class CheckpointSpec(Spec):
+    every_steps: int = Field(50, ge=1, description="Save (and report to Ray) every N steps.")
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints Ray keeps; older ones deleted.")
+    score_attribute: str = Field("eval_loss", description="Metric that ranks checkpoints.")
+    score_order: Literal["min", "max"] = Field("min", description="Better checkpoints are ...")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts on failure (-1: unlimited)."
+    )
+
+
+class EvalSpec(Spec):
+    domain: str | None = Field(
+        "data/domain/eval.jsonl", description="Held-out domain questions with reference answers."
+    )
+    general: str | None = Field(
+        "data/general/prompts.jsonl", description="Everyday prompts for measuring forgetting."
+    )
+    every_steps: int | None = Field(
+        None, ge=1, description="Eval loss every N steps (needs data.eval); end only if unset."
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Generation length for the domain score.")
+
+
+class OutputSpec(Spec):
+    registry: str = Field("artifacts", description="Registry folder (or URI) for artifacts.")
+    storage_path: str = Field("runs", description="Ray Train storage for runs and checkpoints.")
+
+
+class RuntimeSpec(Spec):
+    pip: list[str] = Field(
+        default_factory=list, description="Extra pip requirements for cluster jobs."
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables set for the job's processes."
+    )
+
+
+class JobSpec(Spec):
+    """One fine-tuning run: what to train, on what data, how, where, and where it goes."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)] = Field(
+        "quickstart", description="Run and artifact name: [a-z0-9][a-z0-9._-]*."
+    )
+    stage: Literal["sft", "dpo"] = Field("sft", description="Supervised (sft) or preference (dpo).")
+    method: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="Adapters on a frozen base, on a 4-bit base, or every parameter."
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The base model.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape (lora, qlora).")
+    quantization: QuantSpec = Field(
+        default_factory=QuantSpec, description="4-bit base settings (qlora)."
+    )
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="Preference training (stage dpo).")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Ray Train workers.")
+    cluster: ClusterSpec = Field(
+        default_factory=ClusterSpec, description="Largest shape of the target cluster."
+    )
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="Checkpoints and failure handling."
+    )
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation after training.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
+    runtime: RuntimeSpec = Field(
+        default_factory=RuntimeSpec, description="Runtime environment of cluster jobs."
+    )
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec, located as precisely as we can."""
+
+    path: str
+    message: str
+    line: int | None = None
+    override: str | None = None
+    """The command-line override the bad value came from, if any."""
+
+    def render(self, source: str) -> str:
+        if self.override is not None:
+            where = f"command-line override '{self.override}'"
+        else:
+            where = f"{source}:{self.line}" if self.line else source
+        return f"{where}: {self.path or '(top level)'}: {self.message}"
+
+
+class SpecError(FtserviceError):
+    """A spec that cannot be used; carries every problem found, each with its location."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        lines = [p.render(source) for p in problems]
+        if len(lines) > 1:
+            lines.insert(0, f"{len(lines)} problems in {source}:")
+        super().__init__("\n".join(lines))
+
+
+def cross_field_problems(spec: JobSpec) -> list[Problem]:
+    """Checks between fields that a single field's type cannot express; returns all of them."""
+    problems: list[Problem] = []
+    ds = spec.scaling.deepspeed
+    if spec.method == "full" and "lora" in spec.model_fields_set:
+        problems.append(
+            Problem(
+                "lora",
+                "LoRA settings are given but method is 'full', which trains every parameter "
+                "and ignores them; remove the lora section or set method: lora.",
+            )
+        )
+    if spec.method != "qlora" and "quantization" in spec.model_fields_set:
+        problems.append(
+            Problem(
+                "quantization",
+                f"4-bit settings are given but method is '{spec.method}'; "
+                "remove the quantization section or set method: qlora.",
+            )
+        )
+    if spec.method == "qlora" and ds is not None and ds.stage == 3:
+        problems.append(
+            Problem(
+                "scaling.deepspeed.stage",
+                "QLoRA cannot run under ZeRO-3: the 4-bit base weights are not sharded by "
+                "DeepSpeed, so every rank would hold the whole base anyway. Use single-GPU "
+                "QLoRA workers instead (scaling.num_workers: N, gpus_per_worker: 1, "
+                "no deepspeed section), which is data-parallel across GPUs.",
+            )
+        )
+    if ds is not None and ds.offload_params != "none" and ds.stage != 3:
+        problems.append(
+            Problem(
+                "scaling.deepspeed.offload_params",
+                f"parameter offload needs ZeRO stage 3 (stage is {ds.stage}); "
+                "set scaling.deepspeed.stage: 3 or offload_params: none.",
+            )
+        )
+    if ds is not None and "nvme" in (ds.offload_params, ds.offload_optimizer) and not ds.nvme_path:
+        problems.append(
+            Problem(
+                "scaling.deepspeed.nvme_path",
+                "nvme offload needs a local NVMe folder: set scaling.deepspeed.nvme_path.",
+            )
+        )
+    if spec.stage == "sft" and spec.dpo.parent is not None:
+        problems.append(
+            Problem(
+                "dpo.parent",
+                "a parent artifact is only used by stage: dpo; "
+                "remove dpo.parent or set stage: dpo.",
+            )
+        )
+    problems.extend(_capacity_problems(spec))
+    return problems
+
+
+def _local_cluster() -> ClusterSpec:
+    gpus = 0
+    if shutil.which("nvidia-smi"):
+        import torch  # only on machines that may have GPUs: importing torch takes seconds
+
+        gpus = torch.cuda.device_count()
+    return ClusterSpec(max_nodes=1, gpus_per_node=gpus, cpus_per_node=os.cpu_count() or 1)
+
+
+def _capacity_problems(spec: JobSpec) -> list[Problem]:
+    sc = spec.scaling
+    cl = spec.cluster if "cluster" in spec.model_fields_set else _local_cluster()
+    shape = f"{cl.max_nodes} node{'s' if cl.max_nodes > 1 else ''}"
+    problems = []
+    if sc.use_gpu:
+        have = cl.max_nodes * cl.gpus_per_node
+        want = sc.num_workers * sc.gpus_per_worker
+        if cl.gpus_per_node == 0:
+            problems.append(
+                Problem(
+                    "scaling.use_gpu",
+                    "GPU workers requested but the cluster has no GPUs; describe it under "
+                    "cluster: (gpus_per_node, max_nodes) or set scaling.use_gpu: false.",
+                )
+            )
+        elif sc.gpus_per_worker > cl.gpus_per_node:
+            problems.append(
+                Problem(
+                    "scaling.gpus_per_worker",
+                    f"one worker asks for {sc.gpus_per_worker:g} GPUs but a node has only "
+                    f"{cl.gpus_per_node}; a worker cannot span nodes.",
+                )
+            )
+        elif want > have:
+            problems.append(
+                Problem(
+                    "scaling.num_workers",
+                    f"{sc.num_workers} workers × {sc.gpus_per_worker:g} GPU = {want:g} GPUs, "
+                    f"but the cluster can never give more than {have} "
+                    f"({shape} × {cl.gpus_per_node}); lower num_workers or raise "
+                    "cluster.max_nodes.",
+                )
+            )
+    if cl.cpus_per_node is None:
+        return problems
+    want_cpu = sc.num_workers * sc.cpus_per_worker
+    have_cpu = cl.max_nodes * cl.cpus_per_node
+    if sc.cpus_per_worker > cl.cpus_per_node:
+        problems.append(
+            Problem(
+                "scaling.cpus_per_worker",
+                f"one worker asks for {sc.cpus_per_worker:g} CPUs but a node has only "
+                f"{cl.cpus_per_node}; lower cpus_per_worker.",
+            )
+        )
+    elif want_cpu > have_cpu:
+        problems.append(
+            Problem(
+                "scaling.num_workers",
+                f"{sc.num_workers} workers × {sc.cpus_per_worker:g} CPU = {want_cpu:g} CPUs, "
+                f"but the cluster can never give more than {have_cpu} "
+                f"({shape} × {cl.cpus_per_node}); lower num_workers or cpus_per_worker, or "
+                "describe the real cluster under cluster:.",
+            )
+        )
+    return problems
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+
+def _line_index(node: yaml.Node, prefix: tuple = (), out: dict | None = None) -> dict:
+    """Map each field path (tuple of keys/indices) to its 1-based YAML line."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, key_node.value)
+            out[path] = key_node.start_mark.line + 1
+            _line_index(value_node, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[(*prefix, i)] = item.start_mark.line + 1
+            _line_index(item, (*prefix, i), out)
+    return out
+
+
+def _nearest_line(lines: dict, path: tuple) -> int | None:
+    # A missing field has no line of its own: fall back to its closest present parent.
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return None
+
+
+def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
+    """Valid keys at `path` (the parent of an unknown key), for "did you mean"."""
+    for key in path:
+        if isinstance(key, int):
+            continue
+        field = model.model_fields.get(key)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _error_loc(e: dict) -> tuple:
+    # pydantic puts union member tags into loc (e.g. 'list[str]', 'literal[...]'); drop them.
+    return tuple(x for x in e["loc"] if not (isinstance(x, str) and ("[" in x or x == "literal")))
+
+
+def _problems_from_validation(err: ValidationError, lines: dict) -> list[Problem]:
+    problems = []
+    for e in err.errors(include_url=False):
+        loc = _error_loc(e)
+        path = ".".join(str(x) for x in loc)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            valid = _field_names(JobSpec, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+            msg = f"unknown key '{loc[-1]}'"
+            msg += f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+        elif "input" in e and e["type"] != "missing":
+            msg = f"{msg} (got {e['input']!r})"
+        problems.append(Problem(path, msg, _nearest_line(lines, loc)))
+    return problems
+
+
+def _drop_paths(data: dict, locs: list[tuple]) -> dict:
+    """A copy of `data` without the values at `locs`, so defaults stand in for bad values."""
+    data = copy.deepcopy(data)
+    for loc in locs:
+        node = data
+        for key in loc[:-1]:
+            node = node[key] if isinstance(node, dict | list) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+        elif isinstance(node, list) and len(loc) > 1:
+            # a bad list item: drop the whole list so the default applies
+            _drop_paths_inplace(data, loc[:-1])
+    return data
+
+
+def _drop_paths_inplace(data: dict, loc: tuple) -> None:
+    node = data
+    for key in loc[:-1]:
+        node = node[key]
+    node.pop(loc[-1], None)
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """'train.learning_rate=1e-4' -> (('train', 'learning_rate'), 0.0001); value parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(
+            "command line",
+            [Problem("", f"override '{text}' is not KEY=VALUE (example: train.max_steps=10)")],
+        )
+    # YAML reads '1e-4' as a string; pydantic's lax mode turns it into a float for float fields.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return tuple(key.strip().split(".")), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
+    """Set each override into `data` in place; returns path -> original text for messages."""
+    sources = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for key in path[:-1]:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[path[-1]] = value
+        sources[path] = text
+    return sources
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
+    """Read a YAML job spec, apply `key.sub=value` overrides, and check it all.
+
+    Raises SpecError listing every problem (file, field path, line) when it is not usable.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(source, [Problem("", "file not found")]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError(source, [Problem("", f"not UTF-8 text (byte {e.start})")]) from None
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise SpecError(source, [Problem("", f"not valid YAML: {e}", line)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(
+            source, [Problem("", f"a job spec is a mapping of keys, got {type(data).__name__}", 1)]
+        )
+    lines = _line_index(root) if root is not None else {}
+    return spec_from_dict(data, source, lines, overrides or [])
+
+
+def spec_from_dict(
+    data: dict,
+    source: str = "<spec>",
+    lines: dict | None = None,
+    overrides: list[str] | None = None,
+) -> JobSpec:
+    """Validate a spec given as a dict (after YAML) plus overrides; raises SpecError."""
+    lines = lines or {}
+    override_sources = apply_overrides(data, overrides or [])
+    problems: list[Problem] = []
+    spec = None
+    # Field errors first; then, with the bad values replaced by their defaults, the checks
+    # between fields, so that one run reports every problem.
+    candidate = data
+    for _ in range(3):
+        try:
+            spec = JobSpec.model_validate(candidate)
+            break
+        except ValidationError as e:
+            problems += _problems_from_validation(e, lines)
+            candidate = _drop_paths(candidate, [_error_loc(x) for x in e.errors()])
+    if spec is not None:
+        for p in cross_field_problems(spec):
+            loc = tuple(p.path.split("."))
+            problems.append(Problem(p.path, p.message, _nearest_line(lines, loc)))
+    if problems:
+        located = []
+        for p in problems:
+            loc = tuple(p.path.split("."))
+            src = next((t for k, t in override_sources.items() if loc[: len(k)] == k), None)
+            located.append(dataclasses.replace(p, override=src))
+        raise SpecError(source, located)
+    return spec
+
+
+def dump_spec(spec: JobSpec) -> str:
+    """The fully resolved spec as YAML (defaults filled in), stable key order."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,188 @@
+"""Shared fixtures: an isolated HOME, a tiny random-init Llama, and a real local Ray head."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Converted built-in models are big (540 MB) and slow to make (40 s): share one cache across
+# test runs in the checkout (ignored by git) unless the caller chose another.
+os.environ.setdefault("FTSERVICE_CACHE", str(REPO / ".cache" / "ftservice"))
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch):
+    """HOME and temp dirs under tmp_path, so nothing touches the user's ~/.ray or caches."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(home / ".cache" / "huggingface"))
+    return home
+
+
+@pytest.fixture(scope="session")
+def builtin_model():
+    from ftservice.config import ModelSpec
+    from ftservice.models import resolve_model
+
+    return resolve_model(ModelSpec(name="smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(builtin_model, tmp_path_factory) -> Path:
+    """A 2-layer random-init Llama with the SmolLM2 tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model.path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _kill_session(sid: int) -> None:
+    """Stop every process of a session: TERM, a grace period, then KILL what is left."""
+    for sig, grace in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
+        for pid in _session_pids(sid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            alive = [p for p in _session_pids(sid) if not _is_zombie(p)]
+            if not alive:
+                return
+            time.sleep(0.2)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+class RayHead:
+    """A real local Ray head (`ray start --head --block`) with token auth on."""
+
+    def __init__(self, root: Path, num_cpus: int = 2):
+        self.root = root
+        self.home = root / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.token = secrets.token_hex(16)
+        self.dashboard_port = free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ,
+            "HOME": str(self.home),
+            "TMPDIR": str(root),
+            "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        self.log = open(root / "head.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                f"{bin_dir}/ray",
+                "start",
+                "--head",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                f"--port={free_port()}",
+                f"--dashboard-port={self.dashboard_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--ray-client-server-port={free_port()}",
+                f"--num-cpus={num_cpus}",
+                "--num-gpus=0",
+                f"--temp-dir={root / 'ray'}",
+                "--disable-usage-stats",
+            ],
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own session: teardown kills exactly what it started
+        )
+        self.sid = self.proc.pid
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        req = urllib.request.Request(
+            f"{self.address}/api/version", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray head exited: {(self.root / 'head.log').read_text()}")
+            try:
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"ray head not ready in {timeout_s}s")
+
+    def stop(self) -> None:
+        _kill_session(self.sid)
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+    def leftover(self) -> list[int]:
+        return [p for p in _session_pids(self.sid) if not _is_zombie(p)]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    head = RayHead(tmp_path_factory.mktemp("ray-head"))
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+        assert head.leftover() == [], "ray head left processes behind"

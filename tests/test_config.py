@@ -1,0 +1,170 @@
+"""Job specs: good specs resolve; every bad case names file, field path and line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftservice.config import JobSpec, SpecError, dump_spec, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "cluster" / "jobs" / "quickstart.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path, overrides: list[str] | None = None) -> list[str]:
+    with pytest.raises(SpecError) as err:
+        load_spec(path, overrides)
+    return [p.render(str(path)) for p in err.value.problems]
+
+
+def test_quickstart_resolves_with_defaults_filled_in():
+    spec = load_spec(QUICKSTART)
+    assert spec.name == "quickstart"
+    assert spec.method == "lora" and spec.stage == "sft"
+    assert spec.lora.r == 16
+    assert spec.train.learning_rate == pytest.approx(2e-4)
+    assert spec.checkpoint.num_to_keep == 2  # a default, not in the file
+    # the dump is itself a valid spec that resolves to the same thing
+    again = JobSpec.model_validate(__import__("yaml").safe_load(dump_spec(spec)))
+    assert again == spec
+
+
+def test_overrides_set_nested_values_with_yaml_types(tmp_path):
+    path = write(tmp_path, "name: a\n")
+    spec = load_spec(path, ["train.learning_rate=1e-4", "lora.r=8", "data.train=[x.jsonl]"])
+    assert spec.train.learning_rate == pytest.approx(1e-4)
+    assert spec.lora.r == 8
+    assert spec.data.train == ["x.jsonl"]
+
+
+def test_unknown_key_suggests_the_near_miss_with_line(tmp_path):
+    path = write(tmp_path, "name: a\ntrain:\n  learning_rate: 1.0e-4\n  epoch: 3\n")
+    [msg] = problems(path)
+    assert msg == f"{path}:4: train.epoch: unknown key 'epoch'; did you mean 'epochs'?"
+
+
+def test_unknown_key_without_near_miss_lists_valid_keys(tmp_path):
+    path = write(tmp_path, "name: a\nzzz: 1\n")
+    [msg] = problems(path)
+    assert msg.startswith(f"{path}:2: zzz: unknown key 'zzz'; valid keys: name, stage, method")
+
+
+def test_lora_fields_with_full_method(tmp_path):
+    path = write(tmp_path, "name: a\nmethod: full\nlora:\n  r: 8\n")
+    [msg] = problems(path)
+    assert msg.startswith(f"{path}:3: lora: LoRA settings are given but method is 'full'")
+
+
+def test_qlora_with_zero3_explains_and_suggests_single_gpu_workers(tmp_path):
+    path = write(
+        tmp_path,
+        "name: a\nmethod: qlora\nscaling:\n  deepspeed:\n    stage: 3\n",
+    )
+    [msg] = problems(path)
+    assert msg.startswith(f"{path}:5: scaling.deepspeed.stage: QLoRA cannot run under ZeRO-3")
+    assert "not sharded" in msg and "single-GPU QLoRA workers" in msg
+
+
+def test_non_positive_learning_rate(tmp_path):
+    path = write(tmp_path, "name: a\ntrain:\n  learning_rate: 0\n")
+    [msg] = problems(path)
+    assert msg == f"{path}:3: train.learning_rate: Input should be greater than 0 (got 0)"
+
+
+def test_more_workers_than_the_cluster_can_ever_give(tmp_path):
+    path = write(
+        tmp_path,
+        "name: a\nscaling:\n  num_workers: 20\n  use_gpu: true\n"
+        "cluster:\n  max_nodes: 2\n  gpus_per_node: 8\n",
+    )
+    [msg] = problems(path)
+    assert msg.startswith(f"{path}:3: scaling.num_workers: 20 workers × 1 GPU = 20 GPUs")
+    assert "never give more than 16" in msg
+
+
+def test_local_target_checks_this_machines_cpus(tmp_path):
+    import os
+
+    path = write(tmp_path, "name: a\nscaling:\n  num_workers: 1\n  cpus_per_worker: 4096\n")
+    [msg] = problems(path)
+    assert f"but a node has only {os.cpu_count()}" in msg
+
+
+def test_every_problem_is_reported_together(tmp_path):
+    path = write(
+        tmp_path,
+        "name: Bad_Name\nmethod: qlora\nmodel:\n  nme: x\ntrain:\n  learning_rate: -1\n"
+        "scaling:\n  deepspeed:\n    stage: 3\n",
+    )
+    found = problems(path)
+    assert [m.split(": ")[1] for m in found] == [
+        "name",
+        "model.nme",
+        "train.learning_rate",
+        "scaling.deepspeed.stage",
+    ]
+    lines = [int(m.split(":")[1]) for m in found]
+    assert lines == [1, 4, 6, 9]
+
+
+def test_override_errors_point_at_the_command_line(tmp_path):
+    path = write(tmp_path, "name: a\n")
+    [msg] = problems(path, ["lora.rr=3"])
+    assert msg == "command-line override 'lora.rr=3': lora.rr: unknown key 'rr'; did you mean 'r'?"
+
+
+def test_malformed_override_and_yaml(tmp_path):
+    with pytest.raises(SpecError, match="is not KEY=VALUE"):
+        load_spec(write(tmp_path, "name: a\n"), ["lora.r"])
+    path = write(tmp_path, "name: a\ntrain: [1,\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert "not valid YAML" in str(err.value) and err.value.problems[0].line == 3
+
+
+def test_every_field_has_a_description():
+    schema = JobSpec.model_json_schema()
+    missing = [
+        f"{name}.{field}"
+        for name, definition in [("JobSpec", schema), *schema["$defs"].items()]
+        for field, prop in definition.get("properties", {}).items()
+        if not prop.get("description")
+    ]
+    assert missing == []
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ftservice", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_validate_prints_resolved_spec_or_all_errors(tmp_path):
+    ok = run_cli("validate", str(QUICKSTART), "train.max_steps=7")
+    assert ok.returncode == 0, ok.stderr
+    assert "max_steps: 7" in ok.stdout and "valid" in ok.stdout
+    bad = write(tmp_path, "name: a\ntrain:\n  epoch: 1\n  learning_rate: 0\n")
+    result = run_cli("validate", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:3: train.epoch" in result.stderr
+    assert f"{bad}:4: train.learning_rate" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_schema_is_json_schema_for_editors():
+    result = run_cli("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "JobSpec"
+    assert schema["additionalProperties"] is False
+    assert schema["properties"]["method"]["enum"] == ["lora", "qlora", "full"]
