@@ -138,8 +138,9 @@ def submit(
     """Submit a job spec to a Ray cluster (the same spec twice gives the same job)."""
     from ftservice import jobs
 
+    prepared = jobs.prepare(spec, overrides or [])
     client = jobs.connect(address, token_file=token_file)
-    sub = jobs.submit(spec, overrides or [], client, new=new)
+    sub = jobs.submit(prepared, client, new=new)
     if sub.created:
         print(f"submitted {sub.submission_id}")
     else:

@@ -138,14 +138,20 @@ def runtime_env(spec: JobSpec, working_dir: Path) -> dict:
     return env
 
 
-def submit(
-    spec_path: str,
-    overrides: list[str],
-    client,
-    new: bool = False,
-    working_dir: Path | None = None,
-) -> Submission:
-    """Submit the spec's job, or find the one already submitted for the same spec."""
+@dataclass(frozen=True)
+class PreparedJob:
+    """Everything a submission needs, checked before the cluster is contacted."""
+
+    spec: JobSpec
+    command: str
+    base_id: str
+    runtime_env: dict
+    spec_file: str
+    """The spec's path relative to the uploaded working dir."""
+
+
+def prepare(spec_path: str, overrides: list[str], working_dir: Path | None = None) -> PreparedJob:
+    """Validate the spec and derive the command, id and runtime env; no cluster needed."""
     spec = load_spec(spec_path, overrides)
     working_dir = (working_dir or Path.cwd()).resolve()
     spec_file = Path(spec_path).resolve()
@@ -157,19 +163,25 @@ def submit(
         )
     rel = str(spec_file.relative_to(working_dir))
     command = entrypoint(rel, overrides, spec)
-    base_id = submission_id(spec, command)
+    return PreparedJob(
+        spec, command, submission_id(spec, command), runtime_env(spec, working_dir), rel
+    )
+
+
+def submit(job: PreparedJob, client, new: bool = False) -> Submission:
+    """Submit the job, or find the one already submitted for the same spec."""
     existing = {j.submission_id: j for j in client.list_jobs() if j.submission_id}
-    if not new and base_id in existing:
-        return Submission(base_id, False, _state(existing[base_id].status))
-    sid, n = base_id, 1
+    if not new and job.base_id in existing:
+        return Submission(job.base_id, False, _state(existing[job.base_id].status))
+    sid, n = job.base_id, 1
     while sid in existing:
         n += 1
-        sid = f"{base_id}-{n}"
+        sid = f"{job.base_id}-{n}"
     client.submit_job(
-        entrypoint=command,
+        entrypoint=job.command,
         submission_id=sid,
-        runtime_env=runtime_env(spec, working_dir),
-        metadata={"ftservice.name": spec.name, "ftservice.spec": rel},
+        runtime_env=job.runtime_env,
+        metadata={"ftservice.name": job.spec.name, "ftservice.spec": job.spec_file},
     )
     return Submission(sid, True, "PENDING")
 

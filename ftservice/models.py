@@ -302,6 +302,6 @@ def list_models() -> list[dict]:
         for p in sorted(models_dir.iterdir()):
             if (p / "config.json").is_file():
                 rows.append(
-                    {"name": str(p), "kind": "cached", "state": "converted", "about": p.name}
+                    {"name": p.name, "kind": "cached", "state": "converted", "about": str(p)}
                 )
     return rows

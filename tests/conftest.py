@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -87,10 +88,8 @@ def _kill_session(sid: int) -> None:
     """Stop every process of a session: TERM, a grace period, then KILL what is left."""
     for sig, grace in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 5.0)):
         for pid in _session_pids(sid):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             alive = [p for p in _session_pids(sid) if not _is_zombie(p)]
