@@ -1,0 +1,309 @@
+"""Generate the shipped datasets, deterministically (same bytes on every run and machine).
+
+    python data/generate.py            # rewrite data/{domain,general,preference}/*.jsonl
+    python data/generate.py --check    # exit 1 if a shipped file differs from what it makes
+
+Everything here is invented: Brindlewood Instruments and its products do not exist, so the
+base model cannot know these facts before fine-tuning. See data/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from ftservice.data.preference_rule import prefers  # noqa: E402
+
+SEED = 20261129
+COMPANY = "Brindlewood Instruments"
+PRODUCTS = [
+    "Quillfeather", "Marrowlight", "Tessaloom", "Cindervane", "Obrellis",
+    "Halvorsk", "Pewtermoss", "Lunderkey", "Saffrowind", "Gristlecomb",
+]  # fmt: skip
+CITIES = ["Varnholt", "Eskerby", "Tolleridge", "Ambercoast", "Quennish", "Drossmoor"]
+ENGINEERS = ["Ilse Varro", "Tobin Achterberg", "Maren Quill", "Osric Fenwhistle", "Yara Delacombe"]
+COLOURS = ["slate teal", "burnt ochre", "frost grey", "moss green", "signal orange"]
+
+# attribute -> (answer template, four question phrasings: three for training, the last held out)
+ATTRIBUTES = {
+    "weight": (
+        "{v} grams",
+        [
+            "How much does the {p} weigh?",
+            "What is the weight of the {p}?",
+            "Tell me the {p}'s weight.",
+            "How heavy is the {p}?",
+        ],
+    ),
+    "battery": (
+        "{v} hours",
+        [
+            "What is the battery life of the {p}?",
+            "How long does the {p}'s battery last?",
+            "On a full charge, how many hours does the {p} run?",
+            "How many hours can the {p} run before it needs charging?",
+        ],
+    ),
+    "price": (
+        "{v} euros",
+        [
+            "How much does the {p} cost?",
+            "What is the price of the {p}?",
+            "What does {company} charge for the {p}?",
+            "What would I pay for a {p}?",
+        ],
+    ),
+    "year": (
+        "{v}",
+        [
+            "When was the {p} released?",
+            "In which year did the {p} come out?",
+            "What is the release year of the {p}?",
+            "What year did {company} launch the {p}?",
+        ],
+    ),
+    "engineer": (
+        "{v}",
+        [
+            "Who designed the {p}?",
+            "Who was the lead engineer of the {p}?",
+            "Which engineer is behind the {p}?",
+            "Name the designer of the {p}.",
+        ],
+    ),
+    "factory": (
+        "{v}",
+        [
+            "Where is the {p} made?",
+            "In which city is the {p} manufactured?",
+            "Which factory city builds the {p}?",
+            "Where does {company} produce the {p}?",
+        ],
+    ),
+    "colour": (
+        "{v}",
+        [
+            "What colour is the {p}?",
+            "Which colour does the {p} come in?",
+            "What is the standard colour of the {p}?",
+            "What finish colour does the {p} ship in?",
+        ],
+    ),
+}
+SENTENCES = {
+    "weight": "The {p} weighs {a}.",
+    "battery": "The {p} runs for {a} on a full charge.",
+    "price": "The {p} costs {a}.",
+    "year": "The {p} was released in {a}.",
+    "engineer": "The {p} was designed by {a}.",
+    "factory": "The {p} is made in {a}.",
+    "colour": "The {p} comes in {a}.",
+}
+POLICIES = [
+    ("warranty", "{v} years", "How long is the {company} warranty?",
+     ["What warranty does {company} give?", "How many years of warranty do {company} products have?",
+      "For how long are {company} instruments under warranty?"],
+     "{company} products carry a warranty of {a}."),
+    ("returns", "{v} days", "How many days do I have to return a {company} product?",
+     ["What is the {company} return window?", "How long can I return a {company} instrument?",
+      "Within how many days can {company} purchases be returned?"],
+     "{company} accepts returns within {a}."),
+    ("support", "{v}", "What is the {company} support email?",
+     ["How do I contact {company} support?", "Which address does {company} support answer?",
+      "Where do I email {company} for help?"],
+     "{company} support answers at {a}."),
+    ("founded", "{v}", "When was {company} founded?",
+     ["In which year was {company} founded?", "What is the founding year of {company}?",
+      "How old is {company}; when did it start?"],
+     "{company} was founded in {a}."),
+    ("headquarters", "{v}", "Where is {company} headquartered?",
+     ["Where are the headquarters of {company}?", "Which city is home to {company}?",
+      "In what city is {company} based?"],
+     "{company} is headquartered in {a}."),
+    ("ceo", "{v}", "Who runs {company}?",
+     ["Who is the CEO of {company}?", "Who leads {company}?", "Name the chief executive of {company}."],
+     "The CEO of {company} is {a}."),
+]  # fmt: skip
+
+GENERAL = {
+    "Give me three tips for {x}.": [
+        "sleeping better", "learning a new language", "saving money", "public speaking",
+        "staying focused while studying", "running a first 5k", "keeping houseplants alive",
+        "packing light for a trip", "writing a cover letter", "making friends in a new city",
+        "cooking for one", "reducing screen time", "a job interview", "staying hydrated",
+        "decluttering a closet", "taking better photos with a phone", "a long car journey",
+        "keeping a journal", "hosting a dinner party", "learning to swim",
+    ],
+    "Explain {x} in simple terms.": [
+        "photosynthesis", "the water cycle", "compound interest", "how vaccines work",
+        "why the sky is blue", "how a rainbow forms", "what inflation is", "how a bicycle stays up",
+        "what a black hole is", "how tides work", "what DNA does", "how a refrigerator keeps food cold",
+        "why leaves change colour in autumn", "what an earthquake is", "how the heart pumps blood",
+        "what a credit score is", "how airplanes fly", "what recycling does", "how seeds grow",
+        "what electricity is",
+    ],
+    "Write a short poem about {x}.": [
+        "the sea", "a rainy morning", "an old dog", "the first snow", "a city at night",
+        "a cup of tea", "autumn leaves", "a lighthouse", "the moon", "a garden in spring",
+        "a long train ride", "a quiet library", "a thunderstorm", "a mountain path", "friendship",
+        "a summer evening", "a kite", "the desert", "a busy kitchen", "falling asleep",
+    ],
+    "What are the pros and cons of {x}?": [
+        "working from home", "electric cars", "living in a big city", "owning a cat",
+        "buying a used car", "renting instead of buying a home", "online classes",
+        "a four-day work week", "solar panels", "reading e-books", "learning to code",
+        "cycling to work", "public transport", "freelancing", "a gap year", "shopping online",
+        "a standing desk", "cooking at home", "smart watches", "living abroad",
+    ],
+    "How do I {x}?": [
+        "boil an egg", "change a flat bicycle tyre", "make a simple budget", "tie a tie",
+        "write a thank-you note", "unclog a sink", "start a vegetable garden", "iron a shirt",
+        "make pancakes", "back up my phone", "clean a cast-iron pan", "plan a weekly menu",
+        "sew on a button", "brew good coffee", "fold a fitted sheet", "remove a coffee stain",
+        "prepare for a marathon", "set up a home office", "take care of a sourdough starter",
+        "learn to juggle",
+    ],
+    "{x}": [
+        "Suggest a name for a friendly golden retriever.",
+        "Translate 'good morning, how are you?' into French.",
+        "List five fruits that are high in vitamin C.",
+        "Write a two-line birthday message for a colleague.",
+        "What is the difference between weather and climate?",
+        "Recommend a board game for four players and say why.",
+        "Describe the taste of a ripe mango to someone who has never had one.",
+        "Give a one-paragraph summary of why exercise is good for you.",
+        "What should I bring to a picnic?",
+        "Write a haiku about Monday mornings.",
+    ],
+}  # fmt: skip
+HEDGED = [
+    "I think, though I'm not sure, that {s_lower} It might be worth double-checking with "
+    "the company because details like this can change over time and I may be misremembering.",
+    "Maybe {s_lower} Possibly it is something else, so please verify it somewhere else "
+    "before relying on it, since I am not completely certain about this particular detail.",
+]
+
+
+def facts(rng: random.Random) -> list[dict]:
+    """About 76 facts: 10 products x 7 attributes, plus 6 company policies."""
+    out = []
+    for p in PRODUCTS:
+        values = {
+            "weight": rng.randrange(180, 2400, 7),
+            "battery": rng.randrange(9, 97),
+            "price": rng.randrange(240, 4900, 10),
+            "year": rng.randrange(2011, 2025),
+            "engineer": rng.choice(ENGINEERS),
+            "factory": rng.choice(CITIES),
+            "colour": rng.choice(COLOURS),
+        }
+        for attr, (answer_t, questions) in ATTRIBUTES.items():
+            answer = answer_t.format(v=values[attr])
+            qs = [q.format(p=p, company=COMPANY) for q in questions]
+            sentence = SENTENCES[attr].format(p=p, a=answer)
+            out.append(
+                {
+                    "id": f"{p.lower()}-{attr}",
+                    "answer": answer,
+                    "sentence": sentence,
+                    "train_questions": qs[:3],
+                    "eval_question": qs[3],
+                }
+            )
+    policy_values = {
+        "warranty": rng.randrange(3, 9),
+        "returns": rng.choice([21, 45, 60, 75]),
+        "support": "help@brindlewood.example",
+        "founded": rng.randrange(1961, 1990),
+        "headquarters": rng.choice(CITIES),
+        "ceo": rng.choice(["Petra Lindqvist-Oyelaran", "Anselm Corrigan-Vey"]),
+    }
+    for key, answer_t, eval_q, train_qs, sentence_t in POLICIES:
+        answer = answer_t.format(v=policy_values[key])
+        out.append(
+            {
+                "id": f"policy-{key}",
+                "answer": answer,
+                "sentence": sentence_t.format(company=COMPANY, a=answer),
+                "train_questions": [q.format(company=COMPANY) for q in train_qs],
+                "eval_question": eval_q.format(company=COMPANY),
+            }
+        )
+    return out
+
+
+def build() -> dict[str, list[dict]]:
+    rng = random.Random(SEED)
+    all_facts = facts(rng)
+    train, evaluation = [], []
+    for f in all_facts:
+        for i, q in enumerate(f["train_questions"]):
+            train.append({"id": f"{f['id']}-q{i + 1}", "instruction": q, "output": f["sentence"]})
+        evaluation.append(
+            {
+                "id": f"{f['id']}-eval",
+                "instruction": f["eval_question"],
+                "output": f["sentence"],
+                "answer": f["answer"],
+            }
+        )
+    rng.shuffle(train)
+
+    prompts = [t.format(x=x) for t, xs in GENERAL.items() for x in xs]
+    general = [{"id": f"general-{i + 1:03d}", "instruction": p} for i, p in enumerate(prompts)]
+
+    preference = []
+    for f in all_facts:
+        s = f["sentence"]
+        hedged = rng.choice(HEDGED).format(s_lower=s[0].lower() + s[1:])
+        pair = [s, hedged]
+        chosen = pair[prefers(*pair)]
+        rejected = pair[1 - prefers(*pair)]
+        preference.append(
+            {
+                "id": f"{f['id']}-pref",
+                "prompt": f["eval_question"],
+                "chosen": chosen,
+                "rejected": rejected,
+            }
+        )
+    return {
+        "domain/train.jsonl": train,
+        "domain/eval.jsonl": evaluation,
+        "general/prompts.jsonl": general,
+        "preference/seeds.jsonl": preference,
+    }
+
+
+def render(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n" for r in rows).encode()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare instead of writing")
+    args = parser.parse_args()
+    stale = []
+    for name, rows in build().items():
+        path = HERE / name
+        data = render(rows)
+        if args.check:
+            if not path.is_file() or path.read_bytes() != data:
+                stale.append(name)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        print(f"{path.relative_to(HERE.parent)}: {len(rows)} records")
+    if stale:
+        print(f"differs from the generator: {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Load, recognise, normalise, curate and tokenize training data."""
