@@ -20,6 +20,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(no_args_is_help=True, help="Base models: built-in, local, hub.")
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(no_args_is_help=True, help="Check, show and curate training data.")
+app.add_typer(data_app, name="data")
 
 Overrides = Annotated[
     list[str] | None,
@@ -36,6 +38,10 @@ TokenFile = Annotated[
     typer.Option(help="File holding the cluster's auth token [env RAY_AUTH_TOKEN(_PATH)]."),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to run on (host:6379, auto); default: the embedded local Ray."),
+]
 
 
 def _print_json(obj) -> None:
@@ -122,6 +128,75 @@ def models_show(
     info["chat_template"] = "yes" if info["chat_template"] else "no"
     for key, value in info.items():
         print(f"{key.replace('_', ' '):>16}: {value}")
+
+
+@data_app.command("check")
+def data_check(
+    files: list[str],
+    data_format: Annotated[str, typer.Option("--format", help="Format, or auto.")] = "auto",
+    as_json: AsJson = False,
+) -> None:
+    """Recognise each file's format, validate every record, and summarise."""
+    from ftservice.data.loaders import check_files
+
+    rows = check_files(files, data_format)
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["file", "format", "records", "kinds", "turns", "response_chars"])
+
+
+@data_app.command("show")
+def data_show(
+    file: str,
+    n: Annotated[int, typer.Option("--n", help="How many examples.")] = 3,
+    model: Annotated[str, typer.Option(help="Model whose chat template to apply.")] = (
+        "smollm2-135m-instruct"
+    ),
+    data_format: Annotated[str, typer.Option("--format", help="Format, or auto.")] = "auto",
+    system_prompt: Annotated[str | None, typer.Option(help="System turn to add.")] = None,
+) -> None:
+    """Print normalised examples with the model's chat template applied."""
+    from pathlib import Path
+
+    from ftservice.config import ModelSpec
+    from ftservice.data.formats import to_trl
+    from ftservice.data.loaders import iter_examples
+    from ftservice.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(ModelSpec(name=model)))
+    for i, (loc, fmt, row) in enumerate(iter_examples(Path(file), data_format, system_prompt)):
+        if i >= n:
+            break
+        print(f"--- {row['id']} ({loc}, {fmt})")
+        print(json.dumps(to_trl(row), ensure_ascii=False))
+        if row["kind"] == "text":
+            print(row["text"])
+            continue
+        answer = [] if row["kind"] == "chat" else [{"role": "assistant", "content": row["chosen"]}]
+        print(tokenizer.apply_chat_template([*row["messages"], *answer], tokenize=False))
+
+
+@data_app.command("curate")
+def data_curate(
+    spec: str,
+    overrides: Overrides = None,
+    output: Annotated[str | None, typer.Option(help="Output folder.")] = None,
+    address: RayAddress = None,
+    as_json: AsJson = False,
+) -> None:
+    """Run the curation pipeline of a job spec on Ray Data; write data, report and plot."""
+    from ftservice.config import load_spec
+    from ftservice.data.curate import curate
+    from ftservice.raycluster import init_ray
+
+    job = load_spec(spec, overrides or [])
+    init_ray(address)
+    report = curate(job, output_dir=output, progress=not as_json)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        print(report.table())
 
 
 @app.command()

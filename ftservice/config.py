@@ -46,6 +46,64 @@ class ModelSpec(Spec):
     )
 
 
+class NearDedupSpec(Spec):
+    enabled: bool = Field(True, description="Remove near-duplicates (MinHash LSH).")
+    threshold: float = Field(
+        0.85, gt=0, lt=1, description="Estimated Jaccard similarity above which two are near-dups."
+    )
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    shingle_size: int = Field(5, ge=1, description="Characters per shingle of the text.")
+
+
+class DecontaminateSpec(Spec):
+    enabled: bool = Field(
+        True, description="Drop training examples sharing an n-gram with eval or benchmark sets."
+    )
+    n: int = Field(13, ge=3, description="Words per n-gram.")
+    benchmarks: list[str] = Field(
+        default_factory=list, description="Extra benchmark files to decontaminate against."
+    )
+
+
+class LengthSpec(Spec):
+    min_tokens: int = Field(1, ge=0, description="Drop examples shorter than this (tokens).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Longest example in tokens; unset: data.max_seq_length."
+    )
+    mode: Literal["drop", "truncate"] = Field(
+        "drop", description="What to do with longer examples: drop, or cut the final response."
+    )
+
+
+class CurateSpec(Spec):
+    normalize_unicode: bool = Field(True, description="NFKC, strip control chars, tidy spaces.")
+    drop_empty: bool = Field(True, description="Drop examples whose response is empty.")
+    pii: bool = Field(
+        False, description="Replace emails, phone numbers, IPs and API-key-like strings."
+    )
+    exact_dedup: bool = Field(True, description="Drop exact duplicates (after normalisation).")
+    near_dedup: NearDedupSpec = Field(
+        default_factory=NearDedupSpec, description="Near-duplicate removal."
+    )
+    decontaminate: DecontaminateSpec = Field(
+        default_factory=DecontaminateSpec, description="Eval and benchmark leak removal."
+    )
+    length: LengthSpec = Field(default_factory=LengthSpec, description="Length filter in tokens.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of examples split off (by content hash) for eval."
+    )
+    split_seed: int = Field(0, description="Seed of the hash-based train/eval split.")
+    output_dir: str | None = Field(
+        None, description="Where curated data and the report go; unset: curated/<name>."
+    )
+    output_format: Literal["parquet", "jsonl"] = Field(
+        "parquet", description="File format of the curated data."
+    )
+    batch_rows: int = Field(
+        2048, ge=1, description="Rows per block: memory is bounded by this, not the files."
+    )
+
+
 class DataSpec(Spec):
     train: list[str] = Field(
         default_factory=lambda: ["data/domain/train.jsonl"],
@@ -69,6 +127,9 @@ class DataSpec(Spec):
     )
     packing: bool = Field(
         False, description="Pack several examples into one sequence (block-diagonal attention)."
+    )
+    curate: CurateSpec = Field(
+        default_factory=CurateSpec, description="Curation steps of `ftservice data curate`."
     )
 
 

@@ -58,12 +58,16 @@ def expand(paths: list[str | Path]) -> list[Path]:
         elif _is_datasets_folder(p):
             out.append(p)
         else:
-            found = sorted(
+            saved = [d for d in p.rglob("*") if d.is_dir() and _is_datasets_folder(d)]
+            files = [
                 f
                 for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in SUFFIXES and not f.name.startswith(".")
-            )
-            found += sorted(d for d in p.rglob("*") if d.is_dir() and _is_datasets_folder(d))
+                if f.is_file()
+                and f.suffix.lower() in SUFFIXES
+                and not f.name.startswith(".")
+                and not any(f.is_relative_to(d) for d in saved)  # a saved dataset's own files
+            ]
+            found = sorted(files + saved)
             if not found:
                 raise DataError(
                     f"{p}: folder holds no {', '.join(SUFFIXES)} files or datasets folders"
@@ -288,3 +292,30 @@ def _unrecognised(loc: Location, record: dict) -> str:
     return (
         f"{loc}: record fits no known format (its keys: {keys}); formats and their fields: {known}"
     )
+
+
+def check_files(paths: list[str], fmt: str = "auto") -> list[dict]:
+    """Validate every record of every file; one summary row per file. Raises DataError."""
+    from ftservice.data.formats import response_text
+
+    rows = []
+    for path in expand(paths):
+        formats, kinds = set(), {}
+        records = turns = chars = 0
+        for _, file_fmt, row in iter_examples(path, fmt):
+            formats.add(file_fmt)
+            kinds[row["kind"]] = kinds.get(row["kind"], 0) + 1
+            records += 1
+            turns += len(row["messages"])
+            chars += len(response_text(row))
+        rows.append(
+            {
+                "file": str(path),
+                "format": ", ".join(sorted(formats)),
+                "records": records,
+                "kinds": ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())),
+                "turns": round(turns / records, 2),
+                "response_chars": round(chars / records, 1),
+            }
+        )
+    return rows

@@ -1,0 +1,551 @@
+"""The curation pipeline on Ray Data: normalise, clean, deduplicate, decontaminate, filter by
+length, split; then write curated files, a report and a token-length histogram.
+
+Per-row work (reading, normalisation, PII, hashes, MinHash signatures, n-gram checks, token
+counts) runs in Ray Data tasks, on the embedded local Ray or a cluster alike. The two global
+steps (exact and near-duplicate removal) need every row's hash or signature at once: the
+driver collects those small columns only, never the rows.
+
+Steps run in the order of `STEPS`; a row removed by one step is counted there and nowhere
+later, as if the steps ran one after the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ftservice.config import CurateSpec, JobSpec
+from ftservice.data.formats import SCHEMA, response_text
+from ftservice.data.loaders import DataError, expand, iter_examples, iter_records
+from ftservice.data.tokenize import count_tokens, truncate_response
+
+STEPS = [
+    "empty_response",
+    "exact_duplicate",
+    "near_duplicate",
+    "contaminated",
+    "too_short",
+    "too_long",
+]
+MINHASH_SCHEME = "affine64"  # datasketch >= 2: 64-bit bijective permutations, no 32-bit fold
+PII_PATTERNS = {
+    "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b"),
+    "api_key": re.compile(
+        r"\b(?:sk-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}"
+        r"|xox[abpr]-[A-Za-z0-9-]{10,}|(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9_-]{32,})\b"
+    ),
+    "ip_address": re.compile(
+        r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b"
+    ),
+    "phone": re.compile(r"(?<![\w.])\+?\d{1,3}?[ .-]?\(?\d{2,4}\)?(?:[ .-]?\d{2,4}){2,4}(?![\w.])"),
+}
+PII_TOKENS = {"email": "<EMAIL>", "api_key": "<SECRET>", "ip_address": "<IP>", "phone": "<PHONE>"}
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
+_WORDS = re.compile(r"\w+")
+_CONTROL = {c for c in map(chr, range(32)) if c not in "\n\t"} | {"\x7f"}
+
+ROW_TYPE = pa.schema(
+    [
+        *SCHEMA,
+        ("source", pa.string()),
+        ("content_hash", pa.string()),
+        ("flag", pa.string()),
+        ("n_tokens", pa.int64()),
+        ("signature", pa.list_(pa.uint64())),
+        *[(f"pii_{k}", pa.int64()) for k in PII_PATTERNS],
+    ]
+)
+
+
+# ---- per-row transformations ------------------------------------------------------------
+
+
+def normalise_text(text: str) -> str:
+    """NFKC, no control characters, runs of spaces collapsed, ends of lines trimmed."""
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = "".join(c for c in text if c not in _CONTROL)
+    text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def scrub_pii(text: str, counts: dict[str, int]) -> str:
+    for kind, pattern in PII_PATTERNS.items():
+        text, n = pattern.subn(PII_TOKENS[kind], text)
+        counts[kind] += n
+    return text
+
+
+def _map_text(row: dict, fn) -> dict:
+    row = dict(row)
+    row["messages"] = [{"role": m["role"], "content": fn(m["content"])} for m in row["messages"]]
+    for key in ("chosen", "rejected", "text"):
+        if row[key] is not None:
+            row[key] = fn(row[key])
+    return row
+
+
+def content_text(row: dict) -> str:
+    """The row as one canonical string: what exact dedup, MinHash and the split look at."""
+    parts = [f"{m['role']}: {m['content']}" for m in row["messages"]]
+    parts += [f"{k}: {row[k]}" for k in ("chosen", "rejected", "text") if row[k] is not None]
+    return "\n".join(parts)
+
+
+def word_ngrams(text: str, n: int) -> set[int]:
+    words = _WORDS.findall(text.lower())
+    return {
+        int.from_bytes(hashlib.blake2b(" ".join(words[i : i + n]).encode(), digest_size=8).digest())
+        for i in range(len(words) - n + 1)
+    }
+
+
+def split_of(content_hash: str, fraction: float, seed: int) -> str:
+    """'eval' or 'train' from the content alone: stable when the input is reordered."""
+    digest = hashlib.sha256(f"{seed}:{content_hash}".encode()).digest()
+    return "eval" if int.from_bytes(digest[:8]) / 2**64 < fraction else "train"
+
+
+class CurateRows:
+    """Ray Data UDF (one per actor): every per-row step; marks rows, removes none."""
+
+    def __init__(self, cfg: dict, tokenizer_path: str, banned_ngrams, max_tokens: int):
+        import ray
+        from datasketch import MinHash
+        from transformers import AutoTokenizer
+
+        self.cfg = CurateSpec.model_validate(cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        if isinstance(banned_ngrams, ray.ObjectRef):
+            banned_ngrams = ray.get(banned_ngrams)
+        self.banned = banned_ngrams or set()
+        self.max_tokens = max_tokens
+        self.MinHash = MinHash
+
+    def _signature(self, text: str) -> list[int]:
+        k = self.cfg.near_dedup.shingle_size
+        low = text.lower()
+        shingles = {low[i : i + k] for i in range(max(1, len(low) - k + 1))}
+        mh = self.MinHash(num_perm=self.cfg.near_dedup.num_perm, seed=1, scheme=MINHASH_SCHEME)
+        mh.update_batch([s.encode() for s in shingles])
+        return mh.hashvalues.tolist()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cfg = self.cfg
+        out = []
+        for row in batch.to_pylist():
+            counts = dict.fromkeys(PII_PATTERNS, 0)
+            if cfg.normalize_unicode:
+                row = _map_text(row, normalise_text)
+            if cfg.pii:
+                row = _map_text(row, lambda t, c=counts: scrub_pii(t, c))
+            flag = None
+            n_tokens = 0
+            if cfg.drop_empty and (
+                not response_text(row).strip()
+                or (row["kind"] == "preference" and not (row["rejected"] or "").strip())
+            ):
+                flag = "empty_response"
+            else:
+                grams = word_ngrams(content_text(row), cfg.decontaminate.n) if self.banned else ()
+                if grams and grams & self.banned:
+                    flag = "contaminated"
+                n_tokens = count_tokens(self.tokenizer, row)
+                if flag is None and n_tokens < cfg.length.min_tokens:
+                    flag = "too_short"
+                elif flag is None and n_tokens > self.max_tokens:
+                    if cfg.length.mode == "truncate":
+                        cut = truncate_response(self.tokenizer, row, self.max_tokens)
+                        if cut is None:
+                            flag = "too_long"
+                        else:
+                            row, n_tokens = cut, count_tokens(self.tokenizer, cut)
+                    else:
+                        flag = "too_long"
+            text = content_text(row)
+            row["content_hash"] = hashlib.sha256(text.encode()).hexdigest()
+            row["flag"] = flag
+            row["n_tokens"] = n_tokens
+            row["signature"] = self._signature(text) if cfg.near_dedup.enabled else []
+            row |= {f"pii_{k}": v for k, v in counts.items()}
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=ROW_TYPE)
+
+
+# ---- reading ------------------------------------------------------------------------------
+
+
+def _read_file(path: str, fmt: str, system_prompt: str | None, batch_rows: int):
+    rows = []
+    for loc, _, row in iter_examples(Path(path), fmt, system_prompt):
+        row["source"] = str(loc)
+        rows.append(row)
+        if len(rows) >= batch_rows:
+            yield _table(rows)
+            rows = []
+    if rows:
+        yield _table(rows)
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    schema = pa.schema([*SCHEMA, ("source", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def read_dataset(paths: list[Path], fmt: str, system_prompt: str | None, batch_rows: int):
+    """A Ray Dataset of normalised rows: one read task per file, blocks of batch_rows."""
+    import ray.data
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class ExampleFiles(Datasource):
+        def estimate_inmemory_data_size(self):
+            return sum(_size(p) for p in paths) * 2
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return [
+                ReadTask(
+                    lambda p=str(p): _read_file(p, fmt, system_prompt, batch_rows),
+                    BlockMetadata(
+                        num_rows=None, size_bytes=_size(p), input_files=[str(p)], exec_stats=None
+                    ),
+                )
+                for p in paths
+            ]
+
+    return ray.data.read_datasource(ExampleFiles())
+
+
+def _size(p: Path) -> int:
+    return (
+        p.stat().st_size
+        if p.is_file()
+        else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    )
+
+
+def reference_ngrams(paths: list[Path], n: int) -> set[int]:
+    """n-grams of every text field of the eval and benchmark files (any format or none)."""
+    grams: set[int] = set()
+    for path in paths:
+        for _, record in iter_records(path):
+            grams |= word_ngrams(" ".join(_strings(record)), n)
+    return grams
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+# ---- the driver ---------------------------------------------------------------------------
+
+
+@dataclass
+class StepCount:
+    step: str
+    rows_in: int
+    removed: int
+
+    @property
+    def rows_out(self) -> int:
+        return self.rows_in - self.removed
+
+
+@dataclass
+class CurationReport:
+    inputs: list[str]
+    output_dir: str
+    fingerprint: str
+    rows_in: int
+    steps: list[StepCount]
+    removed: dict[str, list[str]]
+    pii: dict[str, int]
+    split: dict[str, int]
+    token_lengths: dict[str, float]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "inputs": self.inputs,
+            "output_dir": self.output_dir,
+            "fingerprint": self.fingerprint,
+            "rows_in": self.rows_in,
+            "rows_out": sum(self.split.values()),
+            "steps": [
+                {"step": s.step, "in": s.rows_in, "out": s.rows_out, "removed": s.removed}
+                for s in self.steps
+            ],
+            "removed": self.removed,
+            "pii": self.pii,
+            "split": self.split,
+            "token_lengths": self.token_lengths,
+            "files": self.files,
+        }
+
+    def table(self) -> str:
+        lines = [f"{'step':<16}{'in':>9}{'removed':>9}{'out':>9}"]
+        lines += [f"{s.step:<16}{s.rows_in:>9}{s.removed:>9}{s.rows_out:>9}" for s in self.steps]
+        pii = ", ".join(f"{k} {v}" for k, v in self.pii.items() if v) or "none"
+        lines += [
+            f"split: train {self.split.get('train', 0)}, eval {self.split.get('eval', 0)}",
+            f"pii replaced: {pii}",
+            f"tokens: min {self.token_lengths.get('min', 0):.0f}, median "
+            f"{self.token_lengths.get('p50', 0):.0f}, p95 {self.token_lengths.get('p95', 0):.0f}, "
+            f"max {self.token_lengths.get('max', 0):.0f}",
+            f"fingerprint: {self.fingerprint}",
+            f"written to: {self.output_dir}",
+        ]
+        return "\n".join(lines)
+
+
+def _dedup(meta: dict, cfg: CurateSpec) -> dict[str, str]:
+    """Reasons for the rows the two global steps remove: id -> reason.
+
+    Rows are visited in content-hash order (not input order), so what is kept does not
+    depend on how the input was ordered. Rows already flagged empty are out of the running;
+    rows flagged by later steps (contamination, length) still take part, as they would if
+    the steps ran one after the other.
+    """
+    order = np.argsort(meta["content_hash"], kind="stable")
+    reasons: dict[str, str] = {}
+    seen: set[str] = set()
+    lsh = None
+    if cfg.near_dedup.enabled:
+        from datasketch import LeanMinHash, MinHashLSH
+
+        lsh = MinHashLSH(threshold=cfg.near_dedup.threshold, num_perm=cfg.near_dedup.num_perm)
+    for i in order:
+        if meta["flag"][i] == "empty_response":
+            continue
+        rid, digest = meta["id"][i], meta["content_hash"][i]
+        if cfg.exact_dedup:
+            if digest in seen:
+                reasons[rid] = "exact_duplicate"
+                continue
+            seen.add(digest)
+        if lsh is not None:
+            mh = LeanMinHash(
+                seed=1,
+                hashvalues=np.asarray(meta["signature"][i], dtype=np.uint64),
+                scheme=MINHASH_SCHEME,
+            )
+            if lsh.query(mh):
+                reasons[rid] = "near_duplicate"
+                continue
+            lsh.insert(f"{i}", mh)
+    return reasons
+
+
+def curate(spec: JobSpec, output_dir: str | None = None, progress: bool = True) -> CurationReport:
+    """Run the pipeline of `spec.data.curate` over `spec.data.train`; returns the report."""
+    import ray
+
+    from ftservice.models import resolve_model
+
+    cfg = spec.data.curate
+    out = Path(output_dir or cfg.output_dir or f"curated/{spec.name}")
+    inputs = expand(spec.data.train)
+    max_tokens = cfg.length.max_tokens or spec.data.max_seq_length
+    tokenizer_path = str(resolve_model(spec.model).path)
+    banned: set[int] = set()
+    if cfg.decontaminate.enabled:
+        refs = [*spec.data.eval, *cfg.decontaminate.benchmarks]
+        if spec.eval.domain and Path(spec.eval.domain).exists():
+            refs.append(spec.eval.domain)
+        banned = reference_ngrams(expand(refs), cfg.decontaminate.n) if refs else set()
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ds = read_dataset(inputs, spec.data.format, spec.data.system_prompt, cfg.batch_rows)
+    ds = ds.map_batches(
+        CurateRows,
+        fn_constructor_kwargs={
+            "cfg": cfg.model_dump(),
+            "tokenizer_path": tokenizer_path,
+            "banned_ngrams": ray.put(banned) if banned else None,
+            "max_tokens": max_tokens,
+        },
+        batch_format="pyarrow",
+        batch_size=cfg.batch_rows,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, _cpus())),
+    )
+    try:
+        ds = ds.materialize()
+        columns = ["id", "content_hash", "flag", "n_tokens", "signature"]
+        meta = _collect(ds, columns + [f"pii_{k}" for k in PII_PATTERNS])
+    except Exception as e:  # Ray wraps errors raised in tasks; show ours as they are
+        raise _unwrap(e) from None
+    return _finish(spec, cfg, ds, meta, inputs, out)
+
+
+def _cpus() -> int:
+    import ray
+
+    return int(ray.available_resources().get("CPU", 1))
+
+
+def _collect(ds, columns: list[str]) -> dict[str, list]:
+    meta: dict[str, list] = {c: [] for c in columns}
+    for batch in ds.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=65536):
+        for c in columns:
+            meta[c].extend(batch.column(c).to_pylist())
+    return meta
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    seen = err
+    for _ in range(10):
+        if isinstance(seen, DataError) and type(seen) is DataError:
+            return seen
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if cause is None:
+            break
+        seen = cause
+    if isinstance(seen, DataError):
+        return DataError(str(seen).splitlines()[-1])
+    return err
+
+
+def _finish(spec, cfg: CurateSpec, ds, meta, inputs, out: Path) -> CurationReport:
+    import ray
+
+    n = len(meta["id"])
+    ids = meta["id"]
+    repeated = sorted(i for i, c in Counter(ids).items() if c > 1)
+    if repeated:
+        raise DataError(
+            f"record ids must be unique across the inputs; repeated: {', '.join(repeated[:5])} "
+            "(give each record its own 'id', or drop the 'id' fields to use file:line ids)"
+        )
+    reasons = {
+        rid: flag for rid, flag in zip(ids, meta["flag"], strict=True) if flag == "empty_response"
+    }
+    reasons |= _dedup(meta, cfg)
+    for rid, flag in zip(ids, meta["flag"], strict=True):
+        if flag and rid not in reasons:
+            reasons[rid] = flag
+    steps, rows = [], n
+    for step in STEPS:
+        removed = sum(1 for r in reasons.values() if r == step)
+        steps.append(StepCount(step, rows, removed))
+        rows -= removed
+    if rows == 0:
+        emptied = next(s for s in steps if s.rows_out == 0)
+        raise DataError(
+            f"curation removed every example of {', '.join(map(str, inputs))}: the "
+            f"'{emptied.step}' step removed the last {emptied.removed} of {n}; check that "
+            "step's settings under data.curate (or switch it off)"
+        )
+    kept_hashes = {
+        h: rid for rid, h in zip(ids, meta["content_hash"], strict=True) if rid not in reasons
+    }
+    splits = {h: split_of(h, cfg.eval_fraction, cfg.split_seed) for h in kept_hashes}
+    fingerprint = hashlib.sha256(
+        "\n".join(sorted(f"{s}:{h}" for h, s in splits.items())).encode()
+    ).hexdigest()
+    lengths = [t for rid, t in zip(ids, meta["n_tokens"], strict=True) if rid not in reasons]
+
+    dropped = ray.put(set(reasons))
+    fraction, seed = cfg.eval_fraction, cfg.split_seed
+    columns = [c.name for c in SCHEMA]
+
+    def keep(batch: pa.Table, split: str) -> pa.Table:
+        gone = ray.get(dropped)
+        rows = [
+            r
+            for r in batch.to_pylist()
+            if r["id"] not in gone and split_of(r["content_hash"], fraction, seed) == split
+        ]
+        return pa.Table.from_pylist([{c: r[c] for c in columns} for r in rows], schema=SCHEMA)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary one
+    try:
+        files = {}
+        for split in ("train", "eval"):
+            if not any(s == split for s in splits.values()):
+                continue
+            part = ds.map_batches(keep, fn_kwargs={"split": split}, batch_format="pyarrow")
+            target = tmp / split
+            if cfg.output_format == "parquet":
+                part.write_parquet(str(target))
+            else:
+                part.write_json(str(target))
+            files[split] = str(out / split)
+        report = CurationReport(
+            inputs=[str(p) for p in inputs],
+            output_dir=str(out),
+            fingerprint=fingerprint,
+            rows_in=n,
+            steps=steps,
+            removed={s: sorted(r for r, why in reasons.items() if why == s) for s in STEPS},
+            pii={k: int(sum(meta[f"pii_{k}"])) for k in PII_PATTERNS},
+            split={s: sum(1 for v in splits.values() if v == s) for s in ("train", "eval")},
+            token_lengths=_length_stats(lengths),
+            files=files
+            | {"report": str(out / "report.json"), "histogram": str(out / "lengths.png")},
+        )
+        plot_lengths(
+            lengths,
+            max_tokens=cfg.length.max_tokens or spec.data.max_seq_length,
+            path=tmp / "lengths.png",
+        )
+        (tmp / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _length_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {}
+    arr = np.asarray(lengths)
+    return {
+        "min": float(arr.min()),
+        "p50": float(np.percentile(arr, 50)),
+        "p95": float(np.percentile(arr, 95)),
+        "max": float(arr.max()),
+        "mean": float(arr.mean()),
+    }
+
+
+def plot_lengths(lengths: list[int], max_tokens: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    low, high = min(lengths), max(lengths)
+    bins = np.arange(low, high + 2) - 0.5 if high - low < 60 else 50  # one bar per length if few
+    ax.hist(lengths, bins=bins, color="#3b7dd8", edgecolor="white")
+    ax.axvline(max_tokens, color="#d83b3b", linestyle="--", label=f"max_tokens = {max_tokens}")
+    ax.set_xlabel("tokens per example (chat template applied)")
+    ax.set_ylabel("examples")
+    ax.set_title(f"Token lengths of {len(lengths)} curated examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
