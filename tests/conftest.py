@@ -185,3 +185,27 @@ def ray_head(tmp_path_factory):
     finally:
         head.stop()
         assert head.leftover() == [], "ray head left processes behind"
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """The embedded local Ray (ray.init in this process), HOME and temp dirs isolated."""
+    import ray
+
+    root = tmp_path_factory.mktemp("local-ray")
+    (root / "home").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(root / "home"))
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=str(root / "ray"),
+            logging_level="warning",
+        )
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
