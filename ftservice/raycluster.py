@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def init_ray(address: str | None = None) -> None:
     """ray.init once per process.
@@ -12,5 +14,10 @@ def init_ray(address: str | None = None) -> None:
     """
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # the embedded local Ray: progress shows in the terminal, no dashboard processes
+        ray.init(include_dashboard=False, logging_level="warning")
+    else:
         ray.init(address=address, logging_level="warning")

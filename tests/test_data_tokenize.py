@@ -8,6 +8,7 @@ from ftservice.data.tokenize import (
     IGNORE,
     assistant_spans,
     count_tokens,
+    count_tokens_batch,
     tokenize_chat,
     truncate_response,
 )
@@ -87,3 +88,24 @@ def test_truncation_keeps_the_prompt_and_cuts_the_final_answer(tokenizer):
     assert cut["messages"][:2] == CONVERSATION[:2]
     assert cut["messages"][2]["content"].startswith("word word")
     assert truncate_response(tokenizer, row, 10) is None  # the prompt alone does not fit
+
+
+def test_batched_counts_equal_one_by_one(tokenizer):
+    rows = [
+        {"kind": "chat", "messages": CONVERSATION, "chosen": None, "rejected": None, "text": None},
+        {
+            "kind": "text",
+            "messages": [],
+            "chosen": None,
+            "rejected": None,
+            "text": "Plain text here.",
+        },
+        {
+            "kind": "preference",
+            "messages": CONVERSATION[:2],
+            "chosen": "Short.",
+            "rejected": "A much longer rejected answer with many more words in it.",
+            "text": None,
+        },
+    ]
+    assert count_tokens_batch(tokenizer, rows) == [count_tokens(tokenizer, r) for r in rows]

@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 import unicodedata
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import pyarrow as pa
 from ftservice.config import CurateSpec, JobSpec
 from ftservice.data.formats import SCHEMA, response_text
 from ftservice.data.loaders import DataError, expand, iter_examples, iter_records
-from ftservice.data.tokenize import count_tokens, truncate_response
+from ftservice.data.tokenize import count_tokens, count_tokens_batch, truncate_response
 
 STEPS = [
     "empty_response",
@@ -118,7 +119,7 @@ def split_of(content_hash: str, fraction: float, seed: int) -> str:
 
 
 class CurateRows:
-    """Ray Data UDF (one per actor): every per-row step; marks rows, removes none."""
+    """Every per-row step over one batch; marks rows, removes none."""
 
     def __init__(self, cfg: dict, tokenizer_path: str, banned_ngrams, max_tokens: int):
         import ray
@@ -143,44 +144,58 @@ class CurateRows:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.cfg
-        out = []
+        rows, flags, pii = [], [], []
         for row in batch.to_pylist():
             counts = dict.fromkeys(PII_PATTERNS, 0)
             if cfg.normalize_unicode:
                 row = _map_text(row, normalise_text)
             if cfg.pii:
                 row = _map_text(row, lambda t, c=counts: scrub_pii(t, c))
-            flag = None
-            n_tokens = 0
-            if cfg.drop_empty and (
-                not response_text(row).strip()
-                or (row["kind"] == "preference" and not (row["rejected"] or "").strip())
-            ):
-                flag = "empty_response"
-            else:
+            empty = not response_text(row).strip() or (
+                row["kind"] == "preference" and not (row["rejected"] or "").strip()
+            )
+            rows.append(row)
+            flags.append("empty_response" if cfg.drop_empty and empty else None)
+            pii.append(counts)
+        # one batched tokenizer call for the whole batch (Rust, multi-threaded)
+        lengths = count_tokens_batch(self.tokenizer, rows)
+        out = []
+        for row, flag, n_tokens, counts in zip(rows, flags, lengths, pii, strict=True):
+            if flag is None:
                 grams = word_ngrams(content_text(row), cfg.decontaminate.n) if self.banned else ()
                 if grams and grams & self.banned:
                     flag = "contaminated"
-                n_tokens = count_tokens(self.tokenizer, row)
-                if flag is None and n_tokens < cfg.length.min_tokens:
+                elif n_tokens < cfg.length.min_tokens:
                     flag = "too_short"
-                elif flag is None and n_tokens > self.max_tokens:
+                elif n_tokens > self.max_tokens:
+                    cut = None
                     if cfg.length.mode == "truncate":
                         cut = truncate_response(self.tokenizer, row, self.max_tokens)
-                        if cut is None:
-                            flag = "too_long"
-                        else:
-                            row, n_tokens = cut, count_tokens(self.tokenizer, cut)
-                    else:
+                    if cut is None:
                         flag = "too_long"
+                    else:
+                        row, n_tokens = cut, count_tokens(self.tokenizer, cut)
             text = content_text(row)
             row["content_hash"] = hashlib.sha256(text.encode()).hexdigest()
             row["flag"] = flag
-            row["n_tokens"] = n_tokens
+            row["n_tokens"] = n_tokens if flag != "empty_response" else 0
             row["signature"] = self._signature(text) if cfg.near_dedup.enabled else []
             row |= {f"pii_{k}": v for k, v in counts.items()}
             out.append(row)
         return pa.Table.from_pylist(out, schema=ROW_TYPE)
+
+
+_STATE: dict[str, CurateRows] = {}
+
+
+def curate_rows(batch: pa.Table, run_id: str, **settings) -> pa.Table:
+    """Ray Data task function: reuses this worker process's CurateRows (tokenizer loaded once
+    per run, not once per batch). Tasks rather than an actor pool leave Ray Data free to fuse
+    reading with this step and to use every CPU."""
+    if run_id not in _STATE:
+        _STATE.clear()
+        _STATE[run_id] = CurateRows(**settings)
+    return _STATE[run_id](batch)
 
 
 # ---- reading ------------------------------------------------------------------------------
@@ -375,8 +390,9 @@ def curate(spec: JobSpec, output_dir: str | None = None, progress: bool = True) 
     ctx.enable_progress_bars = progress
     ds = read_dataset(inputs, spec.data.format, spec.data.system_prompt, cfg.batch_rows)
     ds = ds.map_batches(
-        CurateRows,
-        fn_constructor_kwargs={
+        curate_rows,
+        fn_kwargs={
+            "run_id": uuid.uuid4().hex,
             "cfg": cfg.model_dump(),
             "tokenizer_path": tokenizer_path,
             "banned_ngrams": ray.put(banned) if banned else None,
@@ -384,7 +400,6 @@ def curate(spec: JobSpec, output_dir: str | None = None, progress: bool = True) 
         },
         batch_format="pyarrow",
         batch_size=cfg.batch_rows,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, _cpus())),
     )
     try:
         ds = ds.materialize()
@@ -393,12 +408,6 @@ def curate(spec: JobSpec, output_dir: str | None = None, progress: bool = True) 
     except Exception as e:  # Ray wraps errors raised in tasks; show ours as they are
         raise _unwrap(e) from None
     return _finish(spec, cfg, ds, meta, inputs, out)
-
-
-def _cpus() -> int:
-    import ray
-
-    return int(ray.available_resources().get("CPU", 1))
 
 
 def _collect(ds, columns: list[str]) -> dict[str, list]:

@@ -88,6 +88,38 @@ def count_tokens(tokenizer, row: dict) -> int:
     return len(_ids(tokenizer, row["messages"]))
 
 
+def count_tokens_batch(tokenizer, rows: list[dict]) -> list[int]:
+    """count_tokens for many rows with one batched tokenizer call: templates are rendered to
+    text here and tokenised together, exactly as apply_chat_template would one by one."""
+    texts, owners = [], []
+    for i, row in enumerate(rows):
+        if row["kind"] == "text":
+            continue
+        answers = [row["chosen"], row["rejected"]] if row["kind"] == "preference" else [None]
+        for answer in answers:
+            turns = (
+                row["messages"]
+                if answer is None
+                else [
+                    *row["messages"],
+                    {"role": "assistant", "content": answer or ""},
+                ]
+            )
+            texts.append(tokenizer.apply_chat_template(turns, tokenize=False))
+            owners.append(i)
+    counts = [0] * len(rows)
+    if texts:
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for i, ids in zip(owners, encoded, strict=True):
+            counts[i] = max(counts[i], len(ids))
+    plain = [i for i, row in enumerate(rows) if row["kind"] == "text"]
+    if plain:
+        encoded = tokenizer([rows[i]["text"] or "" for i in plain], add_special_tokens=True)
+        for i, ids in zip(plain, encoded["input_ids"], strict=True):
+            counts[i] = len(ids)
+    return counts
+
+
 def truncate_response(tokenizer, row: dict, max_tokens: int) -> dict | None:
     """The row with its final response cut so the whole fits in max_tokens; None if the
     prompt alone does not fit."""
