@@ -295,3 +295,22 @@ def test_cli_data_check_and_show(tmp_path):
     bad.write_text("{oops\n")
     failed = subprocess.run([*run, "check", str(bad)], capture_output=True, text=True)
     assert failed.returncode == 1 and failed.stderr.startswith(f"error: {bad}:1: not valid JSON")
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json"])
+def test_memory_is_bounded_by_the_chunk_not_the_file(tmp_path, kind):
+    import tracemalloc
+
+    records = [{"id": f"r{i}", "text": f"{i} " + "y" * 500} for i in range(40_000)]
+    path = tmp_path / f"big.{kind}"
+    if kind == "jsonl":
+        write_jsonl(path, records)
+    else:
+        path.write_text(json.dumps(records))
+    assert path.stat().st_size > 20 * 2**20
+    tracemalloc.start()
+    count = sum(1 for _ in iter_examples(path))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert count == 40_000
+    assert peak < 8 * 2**20  # a few MiB of buffers, not the 20+ MiB file

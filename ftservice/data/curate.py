@@ -26,10 +26,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ftservice.config import CurateSpec, JobSpec
 from ftservice.data.formats import SCHEMA, response_text
-from ftservice.data.loaders import DataError, expand, iter_examples, iter_records
+from ftservice.data.loaders import (
+    DataError,
+    Piece,
+    expand,
+    file_format,
+    iter_examples,
+    iter_records,
+    split_jsonl,
+)
 from ftservice.data.tokenize import count_tokens, count_tokens_batch, truncate_response
 
 STEPS = [
@@ -40,6 +49,7 @@ STEPS = [
     "too_short",
     "too_long",
 ]
+MIN_PIECE_BYTES = 1 << 20  # smaller read tasks cost more in scheduling than they save
 MINHASH_SCHEME = "affine64"  # datasketch >= 2: 64-bit bijective permutations, no 32-bit fold
 PII_PATTERNS = {
     "email": re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b"),
@@ -55,7 +65,7 @@ PII_PATTERNS = {
 PII_TOKENS = {"email": "<EMAIL>", "api_key": "<SECRET>", "ip_address": "<IP>", "phone": "<PHONE>"}
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200b\u3000]+")
 _WORDS = re.compile(r"\w+")
-_CONTROL = {c for c in map(chr, range(32)) if c not in "\n\t"} | {"\x7f"}
+_DROP_CONTROL = {c: None for c in [*range(32), 0x7F] if chr(c) not in "\n\t"}
 
 ROW_TYPE = pa.schema(
     [
@@ -76,7 +86,7 @@ ROW_TYPE = pa.schema(
 def normalise_text(text: str) -> str:
     """NFKC, no control characters, runs of spaces collapsed, ends of lines trimmed."""
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = "".join(c for c in text if c not in _CONTROL)
+    text = text.translate(_DROP_CONTROL)
     text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
@@ -201,9 +211,9 @@ def curate_rows(batch: pa.Table, run_id: str, **settings) -> pa.Table:
 # ---- reading ------------------------------------------------------------------------------
 
 
-def _read_file(path: str, fmt: str, system_prompt: str | None, batch_rows: int):
+def _read_piece(piece: Piece, fmt: str, known: str, system_prompt: str | None, batch_rows: int):
     rows = []
-    for loc, _, row in iter_examples(Path(path), fmt, system_prompt):
+    for loc, _, row in iter_examples(piece.path, fmt, system_prompt, piece, known):
         row["source"] = str(loc)
         rows.append(row)
         if len(rows) >= batch_rows:
@@ -219,35 +229,53 @@ def _table(rows: list[dict]) -> pa.Table:
 
 
 def read_dataset(paths: list[Path], fmt: str, system_prompt: str | None, batch_rows: int):
-    """A Ray Dataset of normalised rows: one read task per file, blocks of batch_rows."""
+    """A Ray Dataset of normalised rows. JSONL files are cut into line-aligned byte ranges,
+    so even one big file is read and processed by every CPU; other files are one task each.
+    Each file's format is settled here, on the driver, so a piece cannot drift from it."""
     import ray.data
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
+    formats = {p: file_format(p, fmt) for p in paths}
+    total = sum(_size(p) for p in paths)
+
     class ExampleFiles(Datasource):
         def estimate_inmemory_data_size(self):
-            return sum(_size(p) for p in paths) * 2
+            return total * 2
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            target = max(MIN_PIECE_BYTES, total // max(1, parallelism))
+            pieces = [
+                piece
+                for p in paths
+                for piece in (
+                    split_jsonl(p, target)
+                    if p.suffix.lower() in (".jsonl", ".ndjson")
+                    else [Piece(p)]
+                )
+            ]
             return [
                 ReadTask(
-                    lambda p=str(p): _read_file(p, fmt, system_prompt, batch_rows),
+                    lambda piece=piece: _read_piece(
+                        piece, fmt, formats[piece.path], system_prompt, batch_rows
+                    ),
                     BlockMetadata(
-                        num_rows=None, size_bytes=_size(p), input_files=[str(p)], exec_stats=None
+                        num_rows=None,
+                        size_bytes=(piece.end or _size(piece.path)) - piece.start,
+                        input_files=[str(piece.path)],
+                        exec_stats=None,
                     ),
                 )
-                for p in paths
+                for piece in pieces
             ]
 
     return ray.data.read_datasource(ExampleFiles())
 
 
 def _size(p: Path) -> int:
-    return (
-        p.stat().st_size
-        if p.is_file()
-        else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    )
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def reference_ngrams(paths: list[Path], n: int) -> set[int]:
@@ -475,24 +503,27 @@ def _finish(spec, cfg: CurateSpec, ds, meta, inputs, out: Path) -> CurationRepor
     fraction, seed = cfg.eval_fraction, cfg.split_seed
     columns = [c.name for c in SCHEMA]
 
-    def keep(batch: pa.Table, split: str) -> pa.Table:
+    def tag(batch: pa.Table) -> pa.Table:
+        """Kept rows only, in the output schema, with their split."""
         gone = ray.get(dropped)
-        rows = [
-            r
-            for r in batch.to_pylist()
-            if r["id"] not in gone and split_of(r["content_hash"], fraction, seed) == split
-        ]
-        return pa.Table.from_pylist([{c: r[c] for c in columns} for r in rows], schema=SCHEMA)
+        mask = pa.array([rid not in gone for rid in batch.column("id").to_pylist()])
+        kept = batch.filter(mask)
+        split = [split_of(h, fraction, seed) for h in kept.column("content_hash").to_pylist()]
+        return kept.select(columns).append_column("split", pa.array(split, pa.string()))
+
+    def only(batch: pa.Table, split: str) -> pa.Table:
+        return batch.filter(pc.equal(batch.column("split"), split)).drop_columns(["split"])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary one
     try:
+        tagged = ds.map_batches(tag, batch_format="pyarrow").materialize()
         files = {}
         for split in ("train", "eval"):
             if not any(s == split for s in splits.values()):
                 continue
-            part = ds.map_batches(keep, fn_kwargs={"split": split}, batch_format="pyarrow")
+            part = tagged.map_batches(only, fn_kwargs={"split": split}, batch_format="pyarrow")
             target = tmp / split
             if cfg.output_format == "parquet":
                 part.write_parquet(str(target))

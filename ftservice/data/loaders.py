@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ftservice.data.formats import (
@@ -76,10 +77,46 @@ def expand(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def _jsonl(path: Path) -> Iterator[tuple[Location, dict]]:
-    offset = 0
+@dataclass(frozen=True)
+class Piece:
+    """A byte range of a JSONL file that starts on a line boundary, for parallel reading."""
+
+    path: Path
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
+
+
+def split_jsonl(path: Path, target_bytes: int) -> list[Piece]:
+    """Cut a JSONL file into pieces of about target_bytes, each knowing its first line number."""
+    size = path.stat().st_size
+    if size <= target_bytes:
+        return [Piece(path)]
+    pieces, start, line = [], 0, 1
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        while start < size:
+            f.seek(min(size, start + target_bytes))
+            f.readline()  # extend to the end of the line the cut falls in
+            end = min(size, f.tell())
+            pieces.append(Piece(path, start, end, line))
+            f.seek(start)
+            remaining = end - start
+            while remaining:
+                chunk = f.read(min(CHUNK, remaining))
+                line += chunk.count(b"\n")
+                remaining -= len(chunk)
+            start = end
+    return pieces
+
+
+def _jsonl(path: Path, piece: Piece | None = None) -> Iterator[tuple[Location, dict]]:
+    piece = piece or Piece(path)
+    offset = piece.start
+    with open(path, "rb") as f:
+        f.seek(piece.start)
+        for number, raw in enumerate(f, piece.first_line):
+            if piece.end is not None and offset >= piece.end:
+                return
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -231,8 +268,13 @@ def _datasets_folder(path: Path, batch_size: int) -> Iterator[tuple[Location, di
                 yield Location(where, row, "row"), {k: v[i] for k, v in batch.items()}
 
 
-def iter_records(path: Path, batch_size: int = 1024) -> Iterator[tuple[Location, dict]]:
-    """Raw records of one file or datasets folder, with their locations."""
+def iter_records(
+    path: Path, batch_size: int = 1024, piece: Piece | None = None
+) -> Iterator[tuple[Location, dict]]:
+    """Raw records of one file or datasets folder (or one piece of a JSONL file)."""
+    if piece is not None and piece.start > 0:
+        yield from _jsonl(path, piece)
+        return
     if path.is_dir():
         yield from _datasets_folder(path, batch_size)
         return
@@ -240,7 +282,7 @@ def iter_records(path: Path, batch_size: int = 1024) -> Iterator[tuple[Location,
         raise DataError(f"{path}: file is empty; it needs at least one record")
     kind = SUFFIXES[path.suffix.lower()]
     if kind == "jsonl":
-        records = _jsonl(path)
+        records = _jsonl(path, piece)
     elif kind == "json":
         records = _json(path)
     elif kind == "csv":
@@ -255,18 +297,37 @@ def iter_records(path: Path, batch_size: int = 1024) -> Iterator[tuple[Location,
         raise DataError(f"{path}: holds no records (only blank lines or an empty list)")
 
 
+def file_format(path: Path, fmt: str = "auto") -> str:
+    """The format of a file: the named one, or the one its first record is in."""
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise DataError(f"unknown data format '{fmt}'; use auto or one of {', '.join(FORMATS)}")
+        return fmt
+    loc, record = next(iter(iter_records(path)))
+    seen = recognise(record)
+    if seen is None:
+        raise DataError(_unrecognised(loc, record))
+    return seen
+
+
 def iter_examples(
-    path: Path, fmt: str = "auto", system_prompt: str | None = None
+    path: Path,
+    fmt: str = "auto",
+    system_prompt: str | None = None,
+    piece: Piece | None = None,
+    known_format: str | None = None,
 ) -> Iterator[tuple[Location, str, dict]]:
     """Normalised examples of one file: (location, format, internal row).
 
-    With fmt='auto' the first record fixes the file's format and every later record must
-    share it; a named format is checked on every record.
+    With fmt='auto' the first record fixes the file's format (or `known_format`, found by
+    `file_format` for a file read in pieces) and every later record must share it; a named
+    format is checked on every record.
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"unknown data format '{fmt}'; use auto or one of {', '.join(FORMATS)}")
-    file_fmt, first_at = (None, None) if fmt == "auto" else (fmt, None)
-    for loc, record in iter_records(path):
+    file_fmt = fmt if fmt != "auto" else known_format
+    first_at = "its first record" if known_format else None
+    for loc, record in iter_records(path, piece=piece):
         seen = recognise(record)
         if file_fmt is None:
             if seen is None:
