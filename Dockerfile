@@ -5,6 +5,7 @@ WORKDIR /opt/ftservice
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users ftservice ./ftservice
 COPY --chown=ray:users cluster ./cluster
+COPY --chown=ray:users data ./data
 # On GPU nodes the CUDA build of torch is what we want, so no CPU pin here.
 RUN pip install --no-cache-dir "torch>=2.13,<2.14" \
  && pip install --no-cache-dir --no-build-isolation "deepspeed>=0.19.8,<0.20" \

@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     args = parser.parse_args()
     from ftservice.config import ModelSpec
-    from ftservice.models import resolve_model
+    from ftservice.models import cache_dir, resolve_model
 
     tokenizer_dir = str(resolve_model(ModelSpec()).path)
     python = sys.executable
@@ -67,6 +67,7 @@ def main() -> None:
         env = {
             **os.environ,
             "HOME": str(tmp),
+            "FTSERVICE_CACHE": str(cache_dir()),  # the converted built-in model, as users have it
             "RAY_AUTH_MODE": "disabled",
             "RAY_USAGE_STATS_ENABLED": "0",
         }

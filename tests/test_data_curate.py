@@ -211,3 +211,26 @@ def test_text_normalisation_and_pii_helpers():
         == "version 1.2.3 costs 40 euros in 2024"
     )
     assert counts == {"email": 0, "api_key": 0, "ip_address": 0, "phone": 0}
+
+
+def test_cli_curates_the_shipped_domain_data(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "disabled", "TMPDIR": str(tmp_path)}
+    out = tmp_path / "curated"
+    result = subprocess.run(
+        [sys.executable, "-m", "ftservice", "data", "curate", "cluster/jobs/quickstart.yaml",
+         "--output", str(out)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows_in"] == 228
+    assert report["rows_out"] == pq.read_table(out / "train").num_rows
+    assert f"fingerprint: {report['fingerprint']}" in result.stdout
+    assert report["steps"][0] == {"step": "empty_response", "in": 228, "out": 228, "removed": 0}
