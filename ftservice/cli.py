@@ -200,6 +200,82 @@ def data_curate(
 
 
 @app.command()
+def train(
+    spec: str,
+    overrides: Overrides = None,
+    address: RayAddress = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after N optimizer steps (a short real run).")
+    ] = None,
+    evaluate: Annotated[bool, typer.Option(help="Evaluate base and tuned at the end.")] = True,
+    eval_limit: Annotated[
+        int | None, typer.Option(help="Evaluate on the first N prompts of each eval set.")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Fine-tune on Ray Train (resumes the same spec's run), publish the artifact, evaluate."""
+    from ftservice.config import load_spec
+    from ftservice.evaluate import format_report
+    from ftservice.raycluster import init_ray
+    from ftservice.train.driver import train as run_training
+
+    job = load_spec(spec, overrides or [])
+    init_ray(address)
+    result = run_training(job, max_steps=max_steps, evaluate=evaluate, eval_limit=eval_limit)
+    if as_json:
+        _print_json({"artifact": str(result.artifact.path), **result.artifact.meta})
+        return
+    m = result.artifact.meta["metrics"]
+    print(f"\n== {result.artifact.name}: {job.method} {job.stage} of {job.model.name}")
+    first, last = m.get("first_loss") or float("nan"), m.get("last_loss") or float("nan")
+    print(f"loss:          {first:.3f} → {last:.3f} over {m.get('global_step')} steps")
+    if result.evaluation:
+        print(format_report(result.evaluation))
+    print(f"artifact:      {result.artifact.path}")
+
+
+@app.command("eval")
+def eval_(
+    artifact: str,
+    registry: Annotated[str, typer.Option(help="Registry to look names up in.")] = "artifacts",
+    limit: Annotated[int | None, typer.Option(help="First N prompts of each set.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Domain score and forgetting of an artifact, beside its base model."""
+    from ftservice.artifacts import load_artifact, update_metrics
+    from ftservice.config import JobSpec
+    from ftservice.evaluate import evaluate_artifact_folder, format_report
+    from ftservice.models import resolve_model
+
+    art = load_artifact(artifact, registry)
+    job = JobSpec.model_validate(art.meta["spec"])
+    base = resolve_model(job.model)
+    report = evaluate_artifact_folder(
+        str(art.path), str(base.path), art.is_adapter, job.eval.domain, job.eval.general,
+        job.eval.max_new_tokens, limit,
+    )  # fmt: skip
+    if limit is None:
+        update_metrics(art, {"evaluation": report})
+    if as_json:
+        _print_json(report)
+    else:
+        print(format_report(report))
+
+
+@app.command()
+def export(
+    artifact: str,
+    merge: Annotated[str, typer.Option("--merge", help="Folder for merged full weights.")],
+    registry: Annotated[str, typer.Option(help="Registry to look names up in.")] = "artifacts",
+) -> None:
+    """Write an adapter merged into its base as plain full weights (from_pretrained loads it)."""
+    from ftservice.artifacts import export_merged, load_artifact
+
+    out = export_merged(load_artifact(artifact, registry), merge)
+    print(f"merged weights written to {out}")
+
+
+@app.command()
 def submit(
     spec: str,
     overrides: Overrides = None,

@@ -306,3 +306,73 @@ def list_models() -> list[dict]:
                     {"name": p.name, "kind": "cached", "state": "converted", "about": str(p)}
                 )
     return rows
+
+
+def bf16_supported() -> bool:
+    """bf16 that runs fast here: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 or AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def train_dtype(precision: str):
+    """The torch dtype a `train.precision` setting trains in."""
+    import torch
+
+    if precision == "auto":
+        precision = "bf16" if bf16_supported() else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lora_config(spec):
+    """PEFT LoraConfig from the job spec's `lora` section."""
+    from peft import LoraConfig
+
+    lo = spec.lora
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=lo.target_modules,
+        use_rslora=lo.use_rslora,
+        use_dora=lo.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_model(spec, model: ResolvedModel, device_map: str | None = None):
+    """The model a method trains: full (every parameter), LoRA (adapters on a frozen base) or
+    QLoRA (adapters on a 4-bit NF4 base with double quantisation)."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if spec.method == "full":
+        # Master weights stay fp32; bf16 runs as autocast (Trainer's bf16=True).
+        return load_causal_lm(model, dtype=torch.float32)
+    if spec.method == "lora":
+        base = load_causal_lm(model, dtype=torch.float32)
+    else:
+        from transformers import BitsAndBytesConfig
+
+        q = spec.quantization
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        base = load_causal_lm(
+            model, quantization_config=quant, device_map=device_map or "cpu", dtype=torch.float32
+        )
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=spec.train.gradient_checkpointing
+        )
+    return get_peft_model(base, lora_config(spec))

@@ -66,6 +66,24 @@ def tiny_llama(builtin_model, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture
+def short_tmp():
+    """A short folder under /tmp for Ray's sockets (AF_UNIX paths are limited to 107 bytes,
+    and pytest's tmp_path can be longer than that once Ray appends its session folders)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="ftr-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def short_dir(prefix: str) -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,6 +131,7 @@ class RayHead:
         self.home = root / "home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.token = secrets.token_hex(16)
+        self.ray_tmp = short_dir("ftr-head-")
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         bin_dir = str(Path(sys.executable).parent)
@@ -139,7 +158,7 @@ class RayHead:
                 f"--ray-client-server-port={free_port()}",
                 f"--num-cpus={num_cpus}",
                 "--num-gpus=0",
-                f"--temp-dir={root / 'ray'}",
+                f"--temp-dir={self.ray_tmp}",
                 "--disable-usage-stats",
             ],
             env=self.env,
@@ -168,9 +187,12 @@ class RayHead:
         raise RuntimeError(f"ray head not ready in {timeout_s}s")
 
     def stop(self) -> None:
+        import shutil
+
         _kill_session(self.sid)
         self.proc.wait(timeout=10)
         self.log.close()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def leftover(self) -> list[int]:
         return [p for p in _session_pids(self.sid) if not _is_zombie(p)]
@@ -190,10 +212,13 @@ def ray_head(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     """The embedded local Ray (ray.init in this process), HOME and temp dirs isolated."""
+    import shutil
+
     import ray
 
     root = tmp_path_factory.mktemp("local-ray")
     (root / "home").mkdir()
+    ray_tmp = short_dir("ftr-local-")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOME", str(root / "home"))
         mp.setenv("RAY_AUTH_MODE", "disabled")
@@ -202,10 +227,11 @@ def local_ray(tmp_path_factory):
         ray.init(
             num_cpus=2,
             include_dashboard=False,
-            _temp_dir=str(root / "ray"),
+            _temp_dir=str(ray_tmp),
             logging_level="warning",
         )
         try:
             yield ray
         finally:
             ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)

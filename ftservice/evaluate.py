@@ -1,0 +1,236 @@
+"""Domain score and forgetting, for a tuned model beside its base.
+
+- Domain score: greedy answers to the held-out domain questions; an answer counts when the
+  normalised reference answer appears in the normalised generation. Also the mean loss of
+  the reference outputs.
+- Forgetting: the base model answers the general prompts (greedy); over those answer
+  tokens, the mean per-token KL(base || tuned) of the next-token distributions, and the
+  perplexity of the answers under each model. The base's drift from itself is 0.
+
+For adapters the base is the same model with the adapter disabled: no second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+_NON_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def normalise_answer(text: str) -> str:
+    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+
+
+def answer_matches(generated: str, reference: str) -> bool:
+    return f" {normalise_answer(reference)} " in f" {normalise_answer(generated)} "
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _prompt(record: dict) -> list[dict]:
+    if "messages" in record:
+        return [m for m in record["messages"] if m["role"] != "assistant"]
+    text = record.get("instruction") or record.get("prompt") or ""
+    if record.get("input"):
+        text = f"{text}\n\n{record['input']}"
+    return [{"role": "user", "content": text}]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch: int = 16):
+    """Greedy answers, batched with left padding."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for i in range(0, len(prompts), batch):
+            texts = [
+                tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                for p in prompts[i : i + batch]
+            ]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for row in out[:, enc["input_ids"].shape[1] :]:
+                answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def _batches(tokenizer, prompts, answers, batch: int):
+    """Right-padded prompt+answer batches and a mask of the answer tokens [B, T]."""
+    for i in range(0, len(prompts), batch):
+        ids, masks = [], []
+        for p, a in zip(prompts[i : i + batch], answers[i : i + batch], strict=True):
+            prompt_ids = tokenizer.apply_chat_template(
+                p, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            answer_ids = tokenizer(a, add_special_tokens=False)["input_ids"]
+            ids.append(list(prompt_ids) + answer_ids)
+            masks.append([0] * len(prompt_ids) + [1] * len(answer_ids))
+        width = max(len(x) for x in ids)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+        attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+        answer_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])
+        yield input_ids, attention, answer_mask
+
+
+def _log_probs(model, input_ids, attention):
+    # logits at t predict token t+1: shift so position t scores input_ids[t]
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+    return torch.log_softmax(logits, dim=-1)  # [B, T-1, V]
+
+
+@torch.no_grad()
+def answer_stats(model, tokenizer, prompts, answers, base=None, batch: int = 8) -> dict:
+    """Mean NLL (and perplexity) of the answers; with `base`, mean KL(base || model) too.
+
+    `base` is a context manager factory giving the base model's view (e.g. the same PEFT
+    model with its adapter disabled), or a separate model.
+    """
+    nll_sum, kl_sum, tokens = 0.0, 0.0, 0
+    for input_ids, attention, answer_mask in _batches(tokenizer, prompts, answers, batch):
+        target = input_ids[:, 1:]
+        mask = answer_mask[:, 1:].bool()  # [B, T-1]
+        lp = _log_probs(model, input_ids, attention)
+        nll_sum += -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)[mask].sum().item()
+        if base is not None:
+            with base() as base_model:
+                lp_base = _log_probs(base_model, input_ids, attention)
+            kl = (lp_base.exp() * (lp_base - lp)).sum(-1)  # [B, T-1]
+            kl_sum += kl[mask].sum().item()
+        tokens += int(mask.sum())
+    tokens = max(tokens, 1)
+    out = {"loss": nll_sum / tokens, "perplexity": float(torch.tensor(nll_sum / tokens).exp())}
+    if base is not None:
+        out["kl_from_base"] = kl_sum / tokens
+    return out
+
+
+def domain_score(model, tokenizer, records: list[dict], max_new_tokens: int) -> dict:
+    prompts = [_prompt(r) for r in records]
+    answers = generate(model, tokenizer, prompts, max_new_tokens)
+    hits = [answer_matches(a, r["answer"]) for a, r in zip(answers, records, strict=True)]
+    stats = answer_stats(model, tokenizer, prompts, [r["output"] for r in records])
+    return {
+        "accuracy": sum(hits) / max(len(hits), 1),
+        "correct": sum(hits),
+        "total": len(hits),
+        "loss": stats["loss"],
+        "examples": [
+            {"question": p[-1]["content"], "answer": a, "reference": r["answer"], "correct": h}
+            for p, a, r, h in list(zip(prompts, answers, records, hits, strict=True))[:5]
+        ],
+    }
+
+
+def evaluate_models(
+    tuned,
+    base_view,
+    tokenizer,
+    domain_records: list[dict] | None,
+    general_records: list[dict] | None,
+    max_new_tokens: int,
+) -> dict:
+    """Base and tuned numbers side by side. `base_view()` yields the base model."""
+    report: dict = {}
+    if domain_records:
+        with base_view() as base:
+            report["domain_base"] = domain_score(base, tokenizer, domain_records, max_new_tokens)
+        report["domain"] = domain_score(tuned, tokenizer, domain_records, max_new_tokens)
+    if general_records:
+        prompts = [_prompt(r) for r in general_records]
+        with base_view() as base:
+            base_answers = generate(base, tokenizer, prompts, max_new_tokens)
+            base_stats = answer_stats(base, tokenizer, prompts, base_answers, base=base_view)
+        tuned_stats = answer_stats(tuned, tokenizer, prompts, base_answers, base=base_view)
+        report["forgetting"] = {
+            "prompts": len(prompts),
+            "kl_from_base": tuned_stats["kl_from_base"],
+            "kl_base_from_itself": base_stats["kl_from_base"],
+            "perplexity_base": base_stats["perplexity"],
+            "perplexity_tuned": tuned_stats["perplexity"],
+        }
+    return report
+
+
+def load_for_eval(artifact_path: Path, base_path: Path, adapter: bool):
+    """(tuned model, base-view factory, tokenizer) for an artifact folder."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(artifact_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+    if adapter:
+        tuned = PeftModel.from_pretrained(base, artifact_path).eval()
+
+        @contextlib.contextmanager
+        def base_view():
+            with tuned.disable_adapter():
+                yield tuned
+
+        return tuned, base_view, tokenizer
+    tuned = AutoModelForCausalLM.from_pretrained(artifact_path, dtype=torch.float32).eval()
+
+    @contextlib.contextmanager
+    def base_view():
+        yield base
+
+    return tuned, base_view, tokenizer
+
+
+def evaluate_artifact_folder(
+    artifact_path: str,
+    base_path: str,
+    adapter: bool,
+    domain: str | None,
+    general: str | None,
+    max_new_tokens: int,
+    limit: int | None = None,
+) -> dict:
+    """Everything `ftservice eval` reports, for one artifact folder (runs anywhere: the
+    driver calls it as a Ray task so it gets the workers' resources)."""
+    torch.manual_seed(0)
+    tuned, base_view, tokenizer = load_for_eval(Path(artifact_path), Path(base_path), adapter)
+    domain_records = read_jsonl(domain)[:limit] if domain and Path(domain).is_file() else None
+    general_records = read_jsonl(general)[:limit] if general and Path(general).is_file() else None
+    return evaluate_models(
+        tuned, base_view, tokenizer, domain_records, general_records, max_new_tokens
+    )
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    if "domain" in report:
+        b, t = report["domain_base"], report["domain"]
+        lines.append(
+            f"domain score:  {b['accuracy']:.1%} → {t['accuracy']:.1%}  "
+            f"({b['correct']} → {t['correct']} of {t['total']} held-out questions)"
+        )
+        lines.append(f"domain loss:   {b['loss']:.3f} → {t['loss']:.3f}")
+    if "forgetting" in report:
+        f = report["forgetting"]
+        lines.append(
+            f"forgetting:    KL(base‖tuned) {f['kl_from_base']:.4f} nats/token over "
+            f"{f['prompts']} general prompts (base vs itself {f['kl_base_from_itself']:.4f})"
+        )
+        lines.append(
+            f"               perplexity of base answers {f['perplexity_base']:.2f} → "
+            f"{f['perplexity_tuned']:.2f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training on Ray Train: the driver and the per-worker recipes."""

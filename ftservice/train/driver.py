@@ -1,0 +1,180 @@
+"""The training driver: a Ray Train TorchTrainer from a job spec, then the artifact.
+
+The run name comes from the spec (never a timestamp), so running the same spec again finds
+the same run in storage and Ray Train resumes it from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftservice.artifacts import Artifact, find_published, publish, update_metrics
+from ftservice.config import JobSpec
+from ftservice.data.curate import content_text
+from ftservice.data.loaders import DataError
+from ftservice.models import ResolvedModel, resolve_model
+from ftservice.train import sft
+
+STAGE_KINDS = {"sft": {"chat", "text"}, "dpo": {"preference"}}
+
+
+@dataclass
+class TrainResult:
+    artifact: Artifact
+    evaluation: dict
+    resumed: bool
+
+
+def run_name(spec: JobSpec) -> str:
+    """<name>-<hash of what the run trains>: the same spec names the same run."""
+    body = spec.model_dump(mode="json", exclude={"output", "runtime", "cluster"})
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{spec.name}-{digest}"
+
+
+def rows_fingerprint(rows: list[dict], split: str = "train") -> str:
+    """sha256 of the content trained on, independent of row order."""
+    hashes = sorted(f"{split}:{hashlib.sha256(content_text(r).encode()).hexdigest()}" for r in rows)
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
+def check_data(spec: JobSpec) -> list[dict]:
+    """Load the training rows and refuse data that does not fit the stage, before any
+    worker starts."""
+    d = spec.data
+    rows = sft.load_rows(d.train, d.format, d.system_prompt)
+    wanted = STAGE_KINDS[spec.stage]
+    wrong = [r for r in rows if r["kind"] not in wanted]
+    if wrong:
+        kinds = sorted({r["kind"] for r in wrong})
+        hint = (
+            "preference pairs train with stage: dpo"
+            if "preference" in kinds
+            else "SFT data (conversations with an assistant turn, or text) trains with stage: sft"
+        )
+        raise DataError(
+            f"{len(wrong)} of {len(rows)} training examples are {', '.join(kinds)} data, which "
+            f"stage '{spec.stage}' cannot learn from (first: {wrong[0]['id']}); {hint}."
+        )
+    return rows
+
+
+def _trainer(spec: JobSpec, model: ResolvedModel, name: str, storage: Path, max_steps):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    sc, ck = spec.scaling, spec.checkpoint
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    scored = bool(spec.data.eval) and spec.eval.every_steps is not None
+    return TorchTrainer(
+        sft.train_loop,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "model": dataclasses.asdict(model) | {"path": str(model.path)},
+            "staging": str(storage / name / "staging"),
+            "max_steps": max_steps,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=ck.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=ck.num_to_keep,
+                checkpoint_score_attribute=ck.score_attribute if scored else None,
+                checkpoint_score_order=ck.score_order,
+            ),
+        ),
+    )
+
+
+def evaluate_remote(spec: JobSpec, artifact_path: Path, base: ResolvedModel, limit=None) -> dict:
+    """Evaluation as a Ray task with a training worker's resources (a GPU where training had
+    one), so a cluster driver without accelerators can still run it."""
+    import ray
+
+    from ftservice.evaluate import evaluate_artifact_folder
+
+    sc = spec.scaling
+    task = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=sc.gpus_per_worker if sc.use_gpu else 0)
+    return ray.get(
+        task(evaluate_artifact_folder).remote(
+            str(artifact_path.resolve()),
+            str(base.path),
+            spec.method in ("lora", "qlora"),
+            spec.eval.domain,
+            spec.eval.general,
+            spec.eval.max_new_tokens,
+            limit,
+        )
+    )
+
+
+def train(
+    spec: JobSpec,
+    max_steps: int | None = None,
+    evaluate: bool = True,
+    eval_limit: int | None = None,
+) -> TrainResult:
+    """Train (or resume) the run the spec names, publish its artifact, evaluate it.
+
+    Ray must be initialised (ftservice.raycluster.init_ray)."""
+    name = run_name(spec) if max_steps is None else f"{run_name(spec)}-steps{max_steps}"
+    registry = Path(spec.output.registry)
+    published = find_published(registry, name)
+    if published is not None:
+        print(f"ftservice: run {name} already published {published.path}", file=sys.stderr)
+        return TrainResult(published, published.meta["metrics"].get("evaluation", {}), True)
+
+    rows = check_data(spec)
+    base = resolve_model(spec.model)
+    storage = Path(spec.output.storage_path).resolve()
+    staging = storage / name / "staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    print(
+        f"ftservice: training {name}: {spec.method} {spec.stage} of {spec.model.name} on "
+        f"{len(rows)} examples, {spec.scaling.num_workers} worker(s)",
+        file=sys.stderr,
+    )
+    result = _trainer(spec, base, name, storage, max_steps).fit()
+    if result.error is not None:
+        raise result.error
+    history = json.loads((staging / sft.HISTORY).read_text())
+    metrics = {
+        "train_loss": history["train_loss"],
+        "global_step": history["global_step"],
+        "first_loss": next((h["loss"] for h in history["log_history"] if "loss" in h), None),
+        "last_loss": next(
+            (h["loss"] for h in reversed(history["log_history"]) if "loss" in h), None
+        ),
+    }
+    artifact = publish(
+        registry,
+        spec.name,
+        staging / sft.FINAL,
+        spec=spec.model_dump(mode="json"),
+        run_name=name,
+        base_model={"name": spec.model.name, "fingerprint": base.fingerprint, "kind": base.kind},
+        dataset_fingerprint=rows_fingerprint(rows),
+        metrics=metrics,
+        log_history=history["log_history"],
+        parent=spec.dpo.parent,
+    )
+    shutil.rmtree(staging, ignore_errors=True)
+    evaluation: dict = {}
+    if evaluate and (spec.eval.domain or spec.eval.general):
+        evaluation = evaluate_remote(spec, artifact.path, base, eval_limit)
+        artifact = update_metrics(artifact, {"evaluation": evaluation})
+    return TrainResult(artifact, evaluation, bool(history.get("resumed")))
