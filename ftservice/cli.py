@@ -252,7 +252,7 @@ def eval_(
     base = resolve_model(job.model)
     report = evaluate_artifact_folder(
         str(art.path), str(base.path), art.is_adapter, job.eval.domain, job.eval.general,
-        job.eval.max_new_tokens, limit,
+        job.eval.max_new_tokens, limit, job.data.system_prompt,
     )  # fmt: skip
     if limit is None:
         update_metrics(art, {"evaluation": report})

@@ -34,13 +34,18 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def _prompt(record: dict) -> list[dict]:
+def _prompt(record: dict, system_prompt: str | None = None) -> list[dict]:
+    """The question as the model saw questions in training (same system prompt)."""
     if "messages" in record:
-        return [m for m in record["messages"] if m["role"] != "assistant"]
-    text = record.get("instruction") or record.get("prompt") or ""
-    if record.get("input"):
-        text = f"{text}\n\n{record['input']}"
-    return [{"role": "user", "content": text}]
+        turns = [m for m in record["messages"] if m["role"] != "assistant"]
+    else:
+        text = record.get("instruction") or record.get("prompt") or ""
+        if record.get("input"):
+            text = f"{text}\n\n{record['input']}"
+        turns = [{"role": "user", "content": text}]
+    if system_prompt and turns[0]["role"] != "system":
+        turns = [{"role": "system", "content": system_prompt}, *turns]
+    return turns
 
 
 @torch.no_grad()
@@ -120,8 +125,10 @@ def answer_stats(model, tokenizer, prompts, answers, base=None, batch: int = 8) 
     return out
 
 
-def domain_score(model, tokenizer, records: list[dict], max_new_tokens: int) -> dict:
-    prompts = [_prompt(r) for r in records]
+def domain_score(
+    model, tokenizer, records: list[dict], max_new_tokens: int, system_prompt: str | None = None
+) -> dict:
+    prompts = [_prompt(r, system_prompt) for r in records]
     answers = generate(model, tokenizer, prompts, max_new_tokens)
     hits = [answer_matches(a, r["answer"]) for a, r in zip(answers, records, strict=True)]
     stats = answer_stats(model, tokenizer, prompts, [r["output"] for r in records])
@@ -144,15 +151,17 @@ def evaluate_models(
     domain_records: list[dict] | None,
     general_records: list[dict] | None,
     max_new_tokens: int,
+    system_prompt: str | None = None,
 ) -> dict:
     """Base and tuned numbers side by side. `base_view()` yields the base model."""
     report: dict = {}
     if domain_records:
+        args = (tokenizer, domain_records, max_new_tokens, system_prompt)
         with base_view() as base:
-            report["domain_base"] = domain_score(base, tokenizer, domain_records, max_new_tokens)
-        report["domain"] = domain_score(tuned, tokenizer, domain_records, max_new_tokens)
+            report["domain_base"] = domain_score(base, *args)
+        report["domain"] = domain_score(tuned, *args)
     if general_records:
-        prompts = [_prompt(r) for r in general_records]
+        prompts = [_prompt(r, system_prompt) for r in general_records]
         with base_view() as base:
             base_answers = generate(base, tokenizer, prompts, max_new_tokens)
             base_stats = answer_stats(base, tokenizer, prompts, base_answers, base=base_view)
@@ -202,6 +211,7 @@ def evaluate_artifact_folder(
     general: str | None,
     max_new_tokens: int,
     limit: int | None = None,
+    system_prompt: str | None = None,
 ) -> dict:
     """Everything `ftservice eval` reports, for one artifact folder (runs anywhere: the
     driver calls it as a Ray task so it gets the workers' resources)."""
@@ -210,7 +220,7 @@ def evaluate_artifact_folder(
     domain_records = read_jsonl(domain)[:limit] if domain and Path(domain).is_file() else None
     general_records = read_jsonl(general)[:limit] if general and Path(general).is_file() else None
     return evaluate_models(
-        tuned, base_view, tokenizer, domain_records, general_records, max_new_tokens
+        tuned, base_view, tokenizer, domain_records, general_records, max_new_tokens, system_prompt
     )
 
 

@@ -322,11 +322,16 @@ def bf16_supported() -> bool:
 
 
 def train_dtype(precision: str):
-    """The torch dtype a `train.precision` setting trains in."""
+    """The torch dtype a `train.precision` setting trains in.
+
+    'auto' is bf16 on GPUs that have it and fp32 on CPUs: measured here (torch 2.13, AVX-512
+    BF16), a LoRA step of the built-in model took 5 s in fp32 but about 115 s under bf16
+    autocast or with a bf16 base, although a bare bf16 matmul is 2.2x faster than fp32.
+    """
     import torch
 
     if precision == "auto":
-        precision = "bf16" if bf16_supported() else "fp32"
+        precision = "bf16" if torch.cuda.is_available() and bf16_supported() else "fp32"
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

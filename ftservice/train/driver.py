@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ def check_data(spec: JobSpec) -> list[dict]:
 
 
 def _trainer(spec: JobSpec, model: ResolvedModel, name: str, storage: Path, max_steps):
+    # Workers stay in the job's working directory (the project folder, or the working_dir
+    # that `ftservice submit` uploaded), so the spec's relative data paths mean the same
+    # thing to them as to the driver. Ray Train's default moves them into the run folder.
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -117,6 +122,7 @@ def evaluate_remote(spec: JobSpec, artifact_path: Path, base: ResolvedModel, lim
             spec.eval.general,
             spec.eval.max_new_tokens,
             limit,
+            spec.data.system_prompt,
         )
     )
 

@@ -59,7 +59,7 @@ def sft_config(spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: 
         num_train_epochs=t.epochs,
         max_steps=steps,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=float(t.warmup_ratio),  # a float in [0, 1) is a ratio in transformers 5
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         seed=t.seed,
@@ -87,11 +87,15 @@ def sft_config(spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: 
 def train_loop(config: dict) -> None:
     """The Ray Train worker function (train_loop_per_worker)."""
     import ray.train
+    import torch
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from trl import SFTTrainer
 
     spec = JobSpec.model_validate(config["spec"])
     model_ref = ResolvedModel(**config["model"])
+    if not spec.scaling.use_gpu:
+        # Ray starts workers with one intra-op thread; give torch the CPUs the worker holds
+        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
     context = ray.train.get_context()
     rank = context.get_world_rank()
 
