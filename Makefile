@@ -9,8 +9,7 @@ install:
 
 # The main job on the embedded default: local Ray, the built-in model, the shipped data.
 quickstart: install
-	$(BIN)/ftservice validate cluster/jobs/quickstart.yaml
-	$(BIN)/ftservice models show smollm2-135m-instruct
+	$(BIN)/ftservice train cluster/jobs/quickstart.yaml
 
 lint: install
 	$(BIN)/ruff check .

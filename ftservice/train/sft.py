@@ -110,6 +110,9 @@ def train_loop(config: dict) -> None:
         eval_rows = load_rows(d.eval, d.format, d.system_prompt)
         eval_ds = tokenized(eval_rows, tokenizer, d.max_seq_length, d.completion_only_loss)
 
+    from transformers import set_seed
+
+    set_seed(spec.train.seed)  # adapters initialise the same way on every run of the spec
     model = build_model(spec, model_ref)
     work = tempfile.mkdtemp(prefix=f"ftservice-{spec.name}-rank{rank}-")
     trainer = SFTTrainer(
@@ -138,7 +141,12 @@ def train_loop(config: dict) -> None:
     trainer.save_model(str(staging / FINAL))
     if rank == 0:
         tokenizer.save_pretrained(staging / FINAL)
+        params = list(trainer.model_wrapped.parameters())
         history = {
+            # under ZeRO-3 each rank holds a slice: local elements << ds_numel (the whole)
+            "parameters_local": sum(p.numel() for p in params),
+            "parameters_total": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+            "world_size": context.get_world_size(),
             "log_history": trainer.state.log_history,
             "train_loss": result.training_loss,
             "global_step": trainer.state.global_step,

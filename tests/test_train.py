@@ -1,0 +1,318 @@
+"""Training on a real local Ray with a tiny random-init Llama: every method really learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ftservice.artifacts import META, ArtifactError, load_artifact, publish
+from ftservice.config import spec_from_dict
+from ftservice.data.loaders import DataError
+from ftservice.train.driver import check_data
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> dict:
+    """32 domain examples to train on, 6 held-out questions, 6 general prompts."""
+    root = tmp_path_factory.mktemp("train-data")
+    lines = (REPO / "data/domain/train.jsonl").read_text().splitlines()[:32]
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    evals = (REPO / "data/domain/eval.jsonl").read_text().splitlines()[:6]
+    (root / "eval.jsonl").write_text("\n".join(evals) + "\n")
+    general = (REPO / "data/general/prompts.jsonl").read_text().splitlines()[:6]
+    (root / "general.jsonl").write_text("\n".join(general) + "\n")
+    return {k: str(root / f"{k}.jsonl") for k in ("train", "eval", "general")}
+
+
+def make_spec(tmp_path: Path, tiny_llama: Path, data: dict, **overrides):
+    spec = {
+        "name": "tiny",
+        "model": {"name": str(tiny_llama)},
+        "data": {"train": [data["train"]], "max_seq_length": 96},
+        "train": {"learning_rate": 5e-3, "micro_batch_size": 8, "max_steps": 8, "warmup_ratio": 0},
+        "checkpoint": {"every_steps": 4, "num_to_keep": 1},
+        "eval": {"domain": data["eval"], "general": data["general"], "max_new_tokens": 6},
+        "output": {"registry": str(tmp_path / "registry"), "storage_path": str(tmp_path / "runs")},
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec_from_dict(spec)
+
+
+def initial_adapter(spec, tiny_llama) -> dict[str, torch.Tensor]:
+    """The adapter as the worker initialises it (same seed), before any step."""
+    from peft import get_peft_model_state_dict
+    from transformers import set_seed
+
+    from ftservice.models import build_model, resolve_model
+
+    set_seed(spec.train.seed)
+    model = build_model(spec, resolve_model(spec.model))
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def assert_learned(result, n_steps: int) -> None:
+    m = result.artifact.meta["metrics"]
+    assert m["global_step"] == n_steps
+    assert m["last_loss"] < m["first_loss"], m
+
+
+def assert_artifact_contract(artifact, adapter: bool) -> None:
+    files = {p.name for p in artifact.path.iterdir()}
+    weights = "adapter_model.safetensors" if adapter else "model.safetensors"
+    assert {weights, "tokenizer.json", "chat_template.jinja", META, "loss.png"} <= files
+    if adapter:
+        assert "adapter_config.json" in files
+    meta = json.loads((artifact.path / META).read_text())
+    assert set(meta) >= {
+        "spec", "base_model", "dataset_fingerprint", "metrics", "parent", "created", "run_name",
+    }  # fmt: skip
+    assert len(meta["base_model"]["fingerprint"]) == 64
+    assert len(meta["dataset_fingerprint"]) == 64
+    assert (artifact.path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert load_artifact(str(artifact.path)).name == artifact.name
+
+
+def assert_evaluation(evaluation: dict) -> None:
+    f = evaluation["forgetting"]
+    assert f["kl_base_from_itself"] == pytest.approx(0.0, abs=1e-6)
+    assert f["kl_from_base"] > 0
+    for key in ("kl_from_base", "perplexity_base", "perplexity_tuned"):
+        assert torch.isfinite(torch.tensor(f[key]))
+    assert 0.0 <= evaluation["domain"]["accuracy"] <= 1.0
+    assert torch.isfinite(torch.tensor(evaluation["domain"]["loss"]))
+
+
+@pytest.mark.slow
+def test_lora_learns_changes_every_adapter_weight_and_publishes(
+    local_ray, tmp_path, tiny_llama, small_data
+):
+    from ftservice.train.driver import train
+
+    spec = make_spec(tmp_path, tiny_llama, small_data, lora={"r": 4, "alpha": 8})
+    before = initial_adapter(spec, tiny_llama)
+    result = train(spec)
+    assert_learned(result, 8)
+    assert_artifact_contract(result.artifact, adapter=True)
+    after = load_file(result.artifact.path / "adapter_model.safetensors")
+    assert set(after) == set(before) and after
+    unchanged = [k for k in after if torch.equal(after[k], before[k])]
+    assert unchanged == []  # every trainable parameter moved
+    assert_evaluation(result.evaluation)
+    # the base is never written: frozen weights stay frozen by construction
+    assert not any(k for k in after if "lora_" not in k)
+
+
+@pytest.mark.slow
+def test_qlora_trains_adapters_on_a_4bit_base(local_ray, tmp_path, tiny_llama, small_data):
+    import bitsandbytes as bnb
+
+    from ftservice.models import build_model, resolve_model
+    from ftservice.train.driver import train
+
+    spec = make_spec(tmp_path, tiny_llama, small_data, method="qlora", lora={"r": 4, "alpha": 8})
+    model = build_model(spec, resolve_model(spec.model))
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 2 * 7  # q k v o gate up down in each of the 2 layers
+    assert all(m.weight.quant_type == "nf4" for m in four_bit)
+    assert all(m.weight.quant_state.nested for m in four_bit)  # double quantisation
+    result = train(spec)
+    assert_learned(result, 8)
+    assert_artifact_contract(result.artifact, adapter=True)
+    after = load_file(result.artifact.path / "adapter_model.safetensors")
+    before = initial_adapter(spec, tiny_llama)
+    assert [k for k in after if torch.equal(after[k], before[k])] == []
+
+
+@pytest.mark.slow
+def test_full_finetune_under_zero3_on_two_workers(local_ray, tmp_path, tiny_llama, small_data):
+    from transformers import AutoModelForCausalLM
+
+    from ftservice.train.driver import train
+
+    spec = make_spec(
+        tmp_path,
+        tiny_llama,
+        small_data,
+        method="full",
+        train={"learning_rate": 1e-3, "micro_batch_size": 4},
+        scaling={"num_workers": 2, "cpus_per_worker": 1, "deepspeed": {"stage": 3}},
+    )
+    result = train(spec)
+    assert_learned(result, 8)
+    assert_artifact_contract(result.artifact, adapter=False)
+    history = json.loads((result.artifact.path / "log_history.json").read_text())
+    assert history  # the loss curve's data travels with the artifact
+    tuned = AutoModelForCausalLM.from_pretrained(result.artifact.path)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base_state = base.state_dict()
+    same = [k for k, v in tuned.state_dict().items() if torch.equal(v, base_state[k])]
+    assert same == []  # every parameter trained, and the consolidated weights load
+    part = result.artifact.meta["metrics"]["partition"]
+    assert part["world_size"] == 2
+    assert part["parameters_local"] < part["parameters_total"] / 2 + 1000  # really sharded
+
+
+def test_sft_refuses_preference_data_before_any_worker_starts(tmp_path, tiny_llama):
+    prefs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Q?", "chosen": "A", "rejected": "B"}])
+    spec = spec_from_dict(
+        {"name": "x", "model": {"name": str(tiny_llama)}, "data": {"train": [str(prefs)]}}
+    )
+    with pytest.raises(DataError) as err:
+        check_data(spec)
+    assert "stage 'sft' cannot learn from" in str(err.value)
+    assert "preference pairs train with stage: dpo" in str(err.value)
+
+
+def test_publish_refuses_an_empty_adapter_and_leaves_the_registry_clean(tmp_path):
+    from safetensors.torch import save_file
+
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "adapter_config.json").write_text("{}")
+    save_file({}, staged / "adapter_model.safetensors")
+    registry = tmp_path / "registry"
+    with pytest.raises(ArtifactError, match=r"no tensors|empty"):
+        publish(
+            registry, "x", staged, spec={"method": "lora", "stage": "sft"}, run_name="r",
+            base_model={}, dataset_fingerprint="", metrics={}, log_history=[],
+        )  # fmt: skip
+    assert not registry.exists() or list(registry.iterdir()) == []
+    save_file({"w": torch.tensor([float("nan")])}, staged / "adapter_model.safetensors")
+    with pytest.raises(ArtifactError, match="NaN"):
+        publish(
+            registry, "x", staged, spec={"method": "lora", "stage": "sft"}, run_name="r",
+            base_model={}, dataset_fingerprint="", metrics={}, log_history=[],
+        )  # fmt: skip
+    assert list(registry.iterdir()) == []
+
+
+def _session_kill(proc) -> None:
+    from conftest import _kill_session
+
+    _kill_session(proc.pid)
+    proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_from_its_checkpoint(tmp_path, short_tmp, tiny_llama, small_data):
+    """Kill the whole driver (and the local Ray it started) after the first checkpoint; the
+    same command resumes that run instead of starting again."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    spec_file = tmp_path / "job.yaml"
+    spec = make_spec(
+        tmp_path, tiny_llama, small_data, train={"max_steps": 12}, checkpoint={"every_steps": 4}
+    )
+    spec_file.write_text(json.dumps(spec.model_dump(mode="json")))  # JSON is YAML
+    (tmp_path / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {
+        "HOME": str(tmp_path / "home"),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": str(short_tmp),
+    }
+    cmd = [sys.executable, "-m", "ftservice", "train", str(spec_file), "--no-evaluate", "--json"]
+    first = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    runs = tmp_path / "runs"
+    deadline = time.monotonic() + 300
+    while not list(runs.glob("*/checkpoint_*")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        time.sleep(0.5)
+    _session_kill(first)
+    assert list(runs.glob("*/checkpoint_*")), "no checkpoint was written before the deadline"
+    assert not (tmp_path / "registry").exists()  # nothing published by the killed run
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    meta = json.loads(second.stdout[second.stdout.index("{\n") :])
+    assert meta["metrics"]["global_step"] == 12
+    log = json.loads((Path(meta["artifact"]) / "log_history.json").read_text())
+    steps = [h["step"] for h in log if "loss" in h]
+    assert steps[-1] == 12
+    assert meta["metrics"]["resumed"] is True
+
+
+@pytest.mark.slow
+def test_quickstart_spec_runs_briefly_through_the_cli(tmp_path, short_tmp):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "home").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {
+        "HOME": str(tmp_path / "home"),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": str(short_tmp),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "ftservice", "train", "cluster/jobs/quickstart.yaml",
+         f"output.registry={tmp_path / 'reg'}", f"output.storage_path={tmp_path / 'runs'}",
+         "--max-steps", "2", "--eval-limit", "3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "over 2 steps" in out and "domain score:" in out and "forgetting:" in out
+    assert f"artifact:      {tmp_path / 'reg' / 'quickstart'}" in out
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_the_last_checkpoint(
+    local_ray, tmp_path, tiny_llama, small_data
+):
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from ftservice.train.driver import train
+
+    spec = make_spec(
+        tmp_path, tiny_llama, small_data,
+        train={"max_steps": 12}, checkpoint={"every_steps": 4, "max_failures": 1, "num_to_keep": 2},
+    )  # fmt: skip
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if list((tmp_path / "runs").glob("*/checkpoint_*")):
+                for p in psutil.process_iter(["cmdline"]):
+                    if any("RayTrainWorker" in part for part in p.info["cmdline"] or []):
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = train(spec, evaluate=False)
+    killer.join()
+    assert killed, "the worker was never killed"
+    m = result.artifact.meta["metrics"]
+    assert m["resumed"] is True and m["global_step"] == 12
+    log = json.loads((result.artifact.path / "log_history.json").read_text())
+    steps = [h["step"] for h in log if "loss" in h]
+    assert steps == list(range(1, 13))  # restored history + the rest: nothing lost, nothing twice
+    # num_to_keep bounds what stays on disk
+    assert len(list((tmp_path / "runs").glob("*/checkpoint_*"))) <= 2
