@@ -118,8 +118,9 @@ def answer_stats(model, tokenizer, prompts, answers, base=None, batch: int = 8) 
             kl = (lp_base.exp() * (lp_base - lp)).sum(-1)  # [B, T-1]
             kl_sum += kl[mask].sum().item()
         tokens += int(mask.sum())
+    out = {"tokens": tokens}
     tokens = max(tokens, 1)
-    out = {"loss": nll_sum / tokens, "perplexity": float(torch.tensor(nll_sum / tokens).exp())}
+    out |= {"loss": nll_sum / tokens, "perplexity": float(torch.tensor(nll_sum / tokens).exp())}
     if base is not None:
         out["kl_from_base"] = kl_sum / tokens
     return out
@@ -168,6 +169,7 @@ def evaluate_models(
         tuned_stats = answer_stats(tuned, tokenizer, prompts, base_answers, base=base_view)
         report["forgetting"] = {
             "prompts": len(prompts),
+            "answer_tokens": tuned_stats["tokens"],
             "kl_from_base": tuned_stats["kl_from_base"],
             "kl_base_from_itself": base_stats["kl_from_base"],
             "perplexity_base": base_stats["perplexity"],
@@ -212,9 +214,12 @@ def evaluate_artifact_folder(
     max_new_tokens: int,
     limit: int | None = None,
     system_prompt: str | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Everything `ftservice eval` reports, for one artifact folder (runs anywhere: the
     driver calls it as a Ray task so it gets the workers' resources)."""
+    if threads:
+        torch.set_num_threads(threads)  # Ray tasks start with one intra-op thread
     torch.manual_seed(0)
     tuned, base_view, tokenizer = load_for_eval(Path(artifact_path), Path(base_path), adapter)
     domain_records = read_jsonl(domain)[:limit] if domain and Path(domain).is_file() else None

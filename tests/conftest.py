@@ -226,7 +226,7 @@ def local_ray(tmp_path_factory):
         mp.delenv("RAY_ADDRESS", raising=False)
         ray.init(
             num_cpus=2,
-            include_dashboard=False,
+            dashboard_port=free_port(),  # Ray Train's state queries need the dashboard
             _temp_dir=str(ray_tmp),
             logging_level="warning",
         )

@@ -87,7 +87,8 @@ def assert_artifact_contract(artifact, adapter: bool) -> None:
 def assert_evaluation(evaluation: dict) -> None:
     f = evaluation["forgetting"]
     assert f["kl_base_from_itself"] == pytest.approx(0.0, abs=1e-6)
-    assert f["kl_from_base"] > 0
+    assert f["kl_from_base"] >= 0
+    assert f["kl_from_base"] > 0 or f["answer_tokens"] == 0  # a random model may answer nothing
     for key in ("kl_from_base", "perplexity_base", "perplexity_tuned"):
         assert torch.isfinite(torch.tensor(f[key]))
     assert 0.0 <= evaluation["domain"]["accuracy"] <= 1.0
@@ -195,7 +196,7 @@ def test_publish_refuses_an_empty_adapter_and_leaves_the_registry_clean(tmp_path
             registry, "x", staged, spec={"method": "lora", "stage": "sft"}, run_name="r",
             base_model={}, dataset_fingerprint="", metrics={}, log_history=[],
         )  # fmt: skip
-    assert list(registry.iterdir()) == []
+    assert not registry.exists() or list(registry.iterdir()) == []
 
 
 def _session_kill(proc) -> None:

@@ -123,6 +123,7 @@ def evaluate_remote(spec: JobSpec, artifact_path: Path, base: ResolvedModel, lim
             spec.eval.max_new_tokens,
             limit,
             spec.data.system_prompt,
+            max(1, int(sc.cpus_per_worker)),
         )
     )
 
@@ -165,6 +166,10 @@ def train(
         "last_loss": next(
             (h["loss"] for h in reversed(history["log_history"]) if "loss" in h), None
         ),
+        "resumed": bool(history.get("resumed")),
+        "partition": {
+            k: history[k] for k in ("parameters_local", "parameters_total", "world_size")
+        },
     }
     artifact = publish(
         registry,
