@@ -335,7 +335,8 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
     """Checks between fields that a single field's type cannot express; returns all of them."""
     problems: list[Problem] = []
     ds = spec.scaling.deepspeed
-    if spec.method == "full" and "lora" in spec.model_fields_set:
+    # Sections equal to their defaults are harmless (a resolved spec, dumped, holds them all).
+    if spec.method == "full" and spec.lora != LoraSpec():
         problems.append(
             Problem(
                 "lora",
@@ -343,7 +344,7 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
                 "and ignores them; remove the lora section or set method: lora.",
             )
         )
-    if spec.method != "qlora" and "quantization" in spec.model_fields_set:
+    if spec.method != "qlora" and spec.quantization != QuantSpec():
         problems.append(
             Problem(
                 "quantization",

@@ -32,7 +32,7 @@ def test_quickstart_resolves_with_defaults_filled_in():
     assert spec.name == "quickstart"
     assert spec.method == "lora" and spec.stage == "sft"
     assert spec.lora.r == 16
-    assert spec.train.learning_rate == pytest.approx(2e-4)
+    assert spec.train.learning_rate == pytest.approx(1e-3)
     assert spec.checkpoint.num_to_keep == 2  # a default, not in the file
     # the dump is itself a valid spec that resolves to the same thing
     again = JobSpec.model_validate(__import__("yaml").safe_load(dump_spec(spec)))
@@ -168,3 +168,9 @@ def test_cli_schema_is_json_schema_for_editors():
     assert schema["title"] == "JobSpec"
     assert schema["additionalProperties"] is False
     assert schema["properties"]["method"]["enum"] == ["lora", "qlora", "full"]
+
+
+def test_a_dumped_resolved_spec_loads_again(tmp_path):
+    spec = load_spec(QUICKSTART)
+    again = write(tmp_path, dump_spec(spec))
+    assert load_spec(again) == spec
