@@ -524,27 +524,19 @@ def _problems_from_validation(err: ValidationError, lines: dict) -> list[Problem
 
 
 def _drop_paths(data: dict, locs: list[tuple]) -> dict:
-    """A copy of `data` without the values at `locs`, so defaults stand in for bad values."""
+    """A copy of `data` without the values at `locs`, so defaults stand in for bad values.
+    A bad list item drops its whole list (lists have defaults, their items do not)."""
     data = copy.deepcopy(data)
     for loc in locs:
-        node = data
+        loc = tuple(loc)
+        while loc and isinstance(loc[-1], int):
+            loc = loc[:-1]
+        parent = data
         for key in loc[:-1]:
-            node = node[key] if isinstance(node, dict | list) else None
-            if node is None:
-                break
-        if isinstance(node, dict):
-            node.pop(loc[-1], None)
-        elif isinstance(node, list) and len(loc) > 1:
-            # a bad list item: drop the whole list so the default applies
-            _drop_paths_inplace(data, loc[:-1])
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and loc:
+            parent.pop(loc[-1], None)
     return data
-
-
-def _drop_paths_inplace(data: dict, loc: tuple) -> None:
-    node = data
-    for key in loc[:-1]:
-        node = node[key]
-    node.pop(loc[-1], None)
 
 
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:

@@ -227,12 +227,7 @@ def logs(client, job_id: str, follow: bool = False, out=sys.stdout) -> None:
 def stop(client, job_id: str, wait_s: float = 30.0) -> str:
     """Ask the job to stop and wait (up to wait_s) until it reaches a terminal state."""
     _job_call(client, client.stop_job, job_id)
-    deadline = time.monotonic() + wait_s
-    state = _state(client.get_job_status(job_id))
-    while state not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(0.5)
-        state = _state(client.get_job_status(job_id))
-    return state
+    return wait(client, job_id, wait_s)
 
 
 def list_jobs(client) -> list[dict]:
@@ -255,6 +250,6 @@ def wait(client, job_id: str, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     state = _state(client.get_job_status(job_id))
     while state not in TERMINAL and time.monotonic() < deadline:
-        time.sleep(1.0)
+        time.sleep(0.5)
         state = _state(client.get_job_status(job_id))
     return state

@@ -78,6 +78,16 @@ def short_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def cli_env(tmp_path, short_tmp) -> dict:
+    """Environment for an `ftservice` subprocess that starts its own local Ray: its own HOME,
+    short Ray temp dir, auth off, and none of the caller's RAY_* settings."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return env | {"HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(short_tmp)}
+
+
 def short_dir(prefix: str) -> Path:
     import tempfile
 

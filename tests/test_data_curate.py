@@ -213,19 +213,12 @@ def test_text_normalisation_and_pii_helpers():
     assert counts == {"email": 0, "api_key": 0, "ip_address": 0, "phone": 0}
 
 
-def test_cli_curates_the_shipped_domain_data(tmp_path, short_tmp):
-    import os
+def test_cli_curates_the_shipped_domain_data(tmp_path, cli_env):
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    (tmp_path / "home").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env |= {
-        "HOME": str(tmp_path / "home"),
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_TMPDIR": str(short_tmp),
-    }
+    env = cli_env
     out = tmp_path / "curated"
     result = subprocess.run(
         [sys.executable, "-m", "ftservice", "data", "curate", "cluster/jobs/quickstart.yaml",

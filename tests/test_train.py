@@ -207,10 +207,9 @@ def _session_kill(proc) -> None:
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_from_its_checkpoint(tmp_path, short_tmp, tiny_llama, small_data):
+def test_killed_driver_resumes_from_its_checkpoint(tmp_path, cli_env, tiny_llama, small_data):
     """Kill the whole driver (and the local Ray it started) after the first checkpoint; the
     same command resumes that run instead of starting again."""
-    import os
     import subprocess
     import sys
     import time
@@ -220,13 +219,7 @@ def test_killed_driver_resumes_from_its_checkpoint(tmp_path, short_tmp, tiny_lla
         tmp_path, tiny_llama, small_data, train={"max_steps": 12}, checkpoint={"every_steps": 4}
     )
     spec_file.write_text(json.dumps(spec.model_dump(mode="json")))  # JSON is YAML
-    (tmp_path / "home").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env |= {
-        "HOME": str(tmp_path / "home"),
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_TMPDIR": str(short_tmp),
-    }
+    env = cli_env
     cmd = [sys.executable, "-m", "ftservice", "train", str(spec_file), "--no-evaluate", "--json"]
     first = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -252,18 +245,11 @@ def test_killed_driver_resumes_from_its_checkpoint(tmp_path, short_tmp, tiny_lla
 
 
 @pytest.mark.slow
-def test_quickstart_spec_runs_briefly_through_the_cli(tmp_path, short_tmp):
-    import os
+def test_quickstart_spec_runs_briefly_through_the_cli(tmp_path, cli_env):
     import subprocess
     import sys
 
-    (tmp_path / "home").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env |= {
-        "HOME": str(tmp_path / "home"),
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_TMPDIR": str(short_tmp),
-    }
+    env = cli_env
     result = subprocess.run(
         [sys.executable, "-m", "ftservice", "train", "cluster/jobs/quickstart.yaml",
          f"output.registry={tmp_path / 'reg'}", f"output.storage_path={tmp_path / 'runs'}",

@@ -122,6 +122,12 @@ def word_ngrams(text: str, n: int) -> set[int]:
     }
 
 
+def fingerprint(split_hashes) -> str:
+    """sha256 of a dataset's content: its (split, content hash) pairs, in no particular order."""
+    lines = sorted(f"{split}:{digest}" for split, digest in split_hashes)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
 def split_of(content_hash: str, fraction: float, seed: int) -> str:
     """'eval' or 'train' from the content alone: stable when the input is reordered."""
     digest = hashlib.sha256(f"{seed}:{content_hash}".encode()).digest()
@@ -447,16 +453,17 @@ def _collect(ds, columns: list[str]) -> dict[str, list]:
 
 
 def _unwrap(err: BaseException) -> BaseException:
-    seen = err
+    """The DataError a Ray task raised, without Ray's wrapping; other errors as they are.
+
+    Ray re-raises task errors as subclasses of the original type whose message is a
+    traceback and advice; the original is further down the cause chain."""
+    seen: BaseException | None = err
     for _ in range(10):
-        if isinstance(seen, DataError) and type(seen) is DataError:
-            return seen
-        cause = getattr(seen, "cause", None) or seen.__cause__
-        if cause is None:
+        if seen is None:
             break
-        seen = cause
-    if isinstance(seen, DataError):
-        return DataError(str(seen).splitlines()[-1])
+        if type(seen) is DataError:
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
     return err
 
 
@@ -494,9 +501,7 @@ def _finish(spec, cfg: CurateSpec, ds, meta, inputs, out: Path) -> CurationRepor
         h: rid for rid, h in zip(ids, meta["content_hash"], strict=True) if rid not in reasons
     }
     splits = {h: split_of(h, cfg.eval_fraction, cfg.split_seed) for h in kept_hashes}
-    fingerprint = hashlib.sha256(
-        "\n".join(sorted(f"{s}:{h}" for h, s in splits.items())).encode()
-    ).hexdigest()
+    dataset_fingerprint = fingerprint((s, h) for h, s in splits.items())
     lengths = [t for rid, t in zip(ids, meta["n_tokens"], strict=True) if rid not in reasons]
 
     dropped = ray.put(set(reasons))
@@ -533,7 +538,7 @@ def _finish(spec, cfg: CurateSpec, ds, meta, inputs, out: Path) -> CurationRepor
         report = CurationReport(
             inputs=[str(p) for p in inputs],
             output_dir=str(out),
-            fingerprint=fingerprint,
+            fingerprint=dataset_fingerprint,
             rows_in=n,
             steps=steps,
             removed={s: sorted(r for r, why in reasons.items() if why == s) for s in STEPS},

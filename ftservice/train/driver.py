@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ftservice.artifacts import Artifact, find_published, publish, update_metrics
 from ftservice.config import JobSpec
-from ftservice.data.curate import content_text
+from ftservice.data.curate import content_text, fingerprint
 from ftservice.data.loaders import DataError
 from ftservice.models import ResolvedModel, resolve_model
 from ftservice.train import sft
@@ -41,8 +41,7 @@ def run_name(spec: JobSpec) -> str:
 
 def rows_fingerprint(rows: list[dict], split: str = "train") -> str:
     """sha256 of the content trained on, independent of row order."""
-    hashes = sorted(f"{split}:{hashlib.sha256(content_text(r).encode()).hexdigest()}" for r in rows)
-    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+    return fingerprint((split, hashlib.sha256(content_text(r).encode()).hexdigest()) for r in rows)
 
 
 def check_data(spec: JobSpec) -> list[dict]:
