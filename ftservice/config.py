@@ -182,9 +182,10 @@ class TrainSpec(Spec):
 
 class DpoSpec(Spec):
     beta: float = Field(0.1, gt=0, description="Strength of the KL penalty to the reference.")
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair"] = (
-        Field("sigmoid", description="TRL DPO loss type.")
-    )
+    loss_type: Literal[
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+        "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+    ] = Field("sigmoid", description="TRL's DPO loss type (its DPOConfig.loss_type).")  # fmt: skip
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="Assumed fraction of flipped preference labels."
     )
@@ -207,7 +208,12 @@ class DeepSpeedSpec(Spec):
 
 
 class ScalingSpec(Spec):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks).")
+    num_workers: int = Field(
+        1,
+        ge=0,
+        description="Ray Train workers (data-parallel ranks); 0 runs the recipe in the driver "
+        "process (Ray Train's local mode: for debugging, no restarts).",
+    )
     use_gpu: bool = Field(False, description="Give each worker GPUs.")
     gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu is on.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
@@ -383,6 +389,14 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
                 "dpo.parent",
                 "a parent artifact is only used by stage: dpo; "
                 "remove dpo.parent or set stage: dpo.",
+            )
+        )
+    if spec.dpo.loss_type == "exo_pair" and spec.dpo.label_smoothing == 0:
+        problems.append(
+            Problem(
+                "dpo.label_smoothing",
+                "loss_type exo_pair divides by the label smoothing: set "
+                "dpo.label_smoothing above 0 (1e-3 is TRL's suggestion).",
             )
         )
     problems.extend(_capacity_problems(spec))

@@ -15,11 +15,21 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
+import time
 from pathlib import Path
 
 import torch
 
 _NON_WORD = re.compile(r"[^0-9a-z]+")
+
+
+@contextlib.contextmanager
+def _phase(label: str):
+    """One progress line per evaluation phase, with its time (phases take tens of seconds)."""
+    start = time.perf_counter()
+    yield
+    print(f"ftservice eval: {label} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
 
 def normalise_answer(text: str) -> str:
@@ -158,15 +168,18 @@ def evaluate_models(
     report: dict = {}
     if domain_records:
         args = (tokenizer, domain_records, max_new_tokens, system_prompt)
-        with base_view() as base:
+        n = len(domain_records)
+        with base_view() as base, _phase(f"domain score of the base, {n} questions"):
             report["domain_base"] = domain_score(base, *args)
-        report["domain"] = domain_score(tuned, *args)
+        with _phase(f"domain score of the tuned model, {n} questions"):
+            report["domain"] = domain_score(tuned, *args)
     if general_records:
         prompts = [_prompt(r, system_prompt) for r in general_records]
-        with base_view() as base:
+        with base_view() as base, _phase(f"base answers to {len(prompts)} general prompts"):
             base_answers = generate(base, tokenizer, prompts, max_new_tokens)
             base_stats = answer_stats(base, tokenizer, prompts, base_answers, base=base_view)
-        tuned_stats = answer_stats(tuned, tokenizer, prompts, base_answers, base=base_view)
+        with _phase("drift of the tuned model on those answers"):
+            tuned_stats = answer_stats(tuned, tokenizer, prompts, base_answers, base=base_view)
         report["forgetting"] = {
             "prompts": len(prompts),
             "answer_tokens": tuned_stats["tokens"],

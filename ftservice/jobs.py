@@ -103,15 +103,15 @@ class Submission:
     status: str
 
 
-def entrypoint(spec_path: str, overrides: list[str], spec: JobSpec) -> str:
-    """The command the job runs on the cluster.
+def entrypoint(spec_path: str, overrides: list[str]) -> str:
+    """The command the job runs on the cluster: the same `ftservice train` as on a laptop.
 
-    The training issue makes this `ftservice train`; until then the job checks the spec and
-    the model on the cluster, which is what a platform engineer wants to know first.
+    Inside a Ray job RAY_ADDRESS names the cluster, so the driver joins it rather than
+    starting a Ray of its own. `output.registry` and `output.storage_path` should be storage
+    every node sees (a shared filesystem or a bucket): the working dir is a temporary copy.
     """
     args = " ".join(shlex.quote(a) for a in [spec_path, *overrides])
-    model = shlex.quote(spec.model.name)
-    return f"python -m ftservice validate {args} && python -m ftservice models show {model}"
+    return f"python -m ftservice train {args}"
 
 
 def submission_id(spec: JobSpec, command: str) -> str:
@@ -162,7 +162,7 @@ def prepare(spec_path: str, overrides: list[str], working_dir: Path | None = Non
             "holds the spec and its data."
         )
     rel = str(spec_file.relative_to(working_dir))
-    command = entrypoint(rel, overrides, spec)
+    command = entrypoint(rel, overrides)
     return PreparedJob(
         spec, command, submission_id(spec, command), runtime_env(spec, working_dir), rel
     )

@@ -39,14 +39,12 @@ def builtin_model():
     return resolve_model(ModelSpec(name="smollm2-135m-instruct"))
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(builtin_model, tmp_path_factory) -> Path:
+def make_tiny_llama(folder: Path, tokenizer_from: Path, seed: int = 0) -> Path:
     """A 2-layer random-init Llama with the SmolLM2 tokenizer, saved as safetensors."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(builtin_model.path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -60,10 +58,21 @@ def tiny_llama(builtin_model, tmp_path_factory) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(builtin_model, tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), builtin_model.path)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_llama(builtin_model, tmp_path_factory) -> Path:
+    """The same shape with other weights: another base model (another fingerprint)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("other-llama"), builtin_model.path, seed=1)
 
 
 @pytest.fixture

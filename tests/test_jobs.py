@@ -14,14 +14,32 @@ from conftest import free_port
 pytestmark = pytest.mark.slow
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_llama) -> Path:
-    """A user's project folder: one spec that names a local model."""
+    """A user's project folder: a short training spec on a local model, with its data; the
+    registry is outside the project (the job's working dir is a temporary copy)."""
     root = tmp_path_factory.mktemp("project")
     (root / "jobs").mkdir()
+    (root / "data").mkdir()
+    for name, source, n in [
+        ("train", "data/domain/train.jsonl", 16),
+        ("eval", "data/domain/eval.jsonl", 2),
+        ("general", "data/general/prompts.jsonl", 2),
+    ]:
+        lines = (REPO / source).read_text().splitlines()[:n]
+        (root / "data" / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    registry = tmp_path_factory.mktemp("shared") / "artifacts"
     (root / "jobs" / "tiny.yaml").write_text(
-        f"name: tinyjob\nmodel:\n  name: {tiny_llama}\nruntime:\n  env_vars:\n"
-        "    FTSERVICE_MARK: from-the-spec\n"
+        f"name: tinyjob\nmodel:\n  name: {tiny_llama}\n"
+        "data:\n  train: [data/train.jsonl]\n  max_seq_length: 96\n"
+        "train:\n  max_steps: 2\n  micro_batch_size: 4\n"
+        "scaling:\n  cpus_per_worker: 1\n"
+        "eval:\n  domain: data/eval.jsonl\n  general: data/general.jsonl\n  max_new_tokens: 4\n"
+        f"output:\n  registry: {registry}\n  storage_path: {registry.parent / 'runs'}\n"
+        "runtime:\n  env_vars:\n    FTSERVICE_MARK: from-the-spec\n"
     )
     return root
 
@@ -41,6 +59,12 @@ def cli(head, *args, cwd=None, token: str | None = "head") -> subprocess.Complet
     )
 
 
+def project_registry(project: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((project / "jobs" / "tiny.yaml").read_text())["output"]["registry"]
+
+
 def test_submit_runs_on_the_cluster_and_resubmitting_finds_the_same_job(ray_head, project):
     addr = ["--address", ray_head.address]
     first = cli(ray_head, "submit", "jobs/tiny.yaml", *addr, "--wait", "300", cwd=project)
@@ -52,15 +76,17 @@ def test_submit_runs_on_the_cluster_and_resubmitting_finds_the_same_job(ray_head
     status = json.loads(cli(ray_head, "status", job_id, *addr, "--json").stdout)
     assert status["status"] == "SUCCEEDED"
     assert status["metadata"]["ftservice.spec"] == "jobs/tiny.yaml"
-    assert status["entrypoint"].startswith("python -m ftservice validate jobs/tiny.yaml")
+    assert status["entrypoint"] == "python -m ftservice train jobs/tiny.yaml"
 
-    # the job ran validate and models show on the cluster: its output is in the logs
+    # the job trained on the cluster: its report is in the logs, its artifact in the registry
     logs = cli(ray_head, "logs", job_id, *addr).stdout
-    assert "# jobs/tiny.yaml: valid" in logs
-    assert "FTSERVICE_MARK: from-the-spec" in logs
-    assert "layers: 2" in logs and "hidden size: 64" in logs
+    assert "over 2 steps" in logs, logs[-3000:]
+    registry = Path(project_registry(project))
+    metas = [json.loads(p.read_text()) for p in registry.glob("*/ftservice.json")]
+    assert [m["metrics"]["global_step"] for m in metas] == [2]
+    assert metas[0]["spec"]["runtime"]["env_vars"] == {"FTSERVICE_MARK": "from-the-spec"}
     followed = cli(ray_head, "logs", job_id, *addr, "--follow").stdout
-    assert "hidden size: 64" in followed
+    assert "over 2 steps" in followed
 
     again = cli(ray_head, "submit", "jobs/tiny.yaml", *addr, cwd=project)
     assert again.returncode == 0

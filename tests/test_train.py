@@ -116,6 +116,25 @@ def test_lora_learns_changes_every_adapter_weight_and_publishes(
 
 
 @pytest.mark.slow
+def test_a_diverging_run_stops_at_the_first_nan_and_publishes_nothing(
+    local_ray, tmp_path, tiny_llama, small_data
+):
+    from ftservice.train.driver import TrainingDiverged, train
+
+    # an absurd learning rate overflows the adapter weights within a few steps
+    spec = make_spec(
+        tmp_path, tiny_llama, small_data,
+        train={"learning_rate": 1e30, "max_steps": 40, "precision": "fp32"},
+        checkpoint={"every_steps": 50},
+    )  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite at step \d+") as caught:
+        train(spec, evaluate=False)
+    assert 1 <= caught.value.step < 10  # stopped at once, not after the 40 steps
+    assert "train.learning_rate (now 1e+30)" in str(caught.value)
+    assert not (tmp_path / "registry").exists() or not any((tmp_path / "registry").iterdir())
+
+
+@pytest.mark.slow
 def test_qlora_trains_adapters_on_a_4bit_base(local_ray, tmp_path, tiny_llama, small_data):
     import bitsandbytes as bnb
 

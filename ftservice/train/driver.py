@@ -19,10 +19,24 @@ from ftservice.artifacts import Artifact, find_published, publish, update_metric
 from ftservice.config import JobSpec
 from ftservice.data.curate import content_text, fingerprint
 from ftservice.data.loaders import DataError
+from ftservice.errors import FtserviceError
 from ftservice.models import ResolvedModel, resolve_model
 from ftservice.train import sft
 
 STAGE_KINDS = {"sft": {"chat", "text"}, "dpo": {"preference"}}
+
+
+class TrainingDiverged(FtserviceError):
+    """The loss became NaN or infinite; nothing was published."""
+
+    def __init__(self, spec: JobSpec, step: int, run_dir: Path):
+        self.step = step
+        super().__init__(
+            f"training of '{spec.name}' diverged: the loss became NaN or infinite at step "
+            f"{step}, so nothing was published (run folder: {run_dir}). Lower "
+            f"train.learning_rate (now {spec.train.learning_rate:g}), keep "
+            "train.max_grad_norm small, or train in fp32 (train.precision: fp32)."
+        )
 
 
 @dataclass
@@ -158,6 +172,9 @@ def train(
     if result.error is not None:
         raise result.error
     history = json.loads((staging / sft.HISTORY).read_text())
+    if history.get("nonfinite_loss_step") is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingDiverged(spec, history["nonfinite_loss_step"], storage / name)
     metrics = {
         "train_loss": history["train_loss"],
         "global_step": history["global_step"],
@@ -166,6 +183,7 @@ def train(
             (h["loss"] for h in reversed(history["log_history"]) if "loss" in h), None
         ),
         "resumed": bool(history.get("resumed")),
+        "peak_memory_rank0": history.get("peak_memory"),
         "partition": {
             k: history[k] for k in ("parameters_local", "parameters_total", "world_size")
         },

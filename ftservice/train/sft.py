@@ -68,13 +68,18 @@ def sft_config(spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: 
         bf16=str(dtype) == "torch.bfloat16",
         fp16=str(dtype) == "torch.float16",
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
         save_strategy="steps",
         save_steps=ck.every_steps,
         save_total_limit=1,  # local copies only; Ray keeps checkpoint.num_to_keep
         eval_strategy="steps" if evaluate else "no",
         eval_steps=spec.eval.every_steps if evaluate else None,
         max_length=spec.data.max_seq_length,
-        packing=False,
+        # bfd packing is padding-free: examples are concatenated with restarting position_ids
+        # and no attention mask, from which transformers builds a block-diagonal mask (sdpa,
+        # eager) or varlen boundaries (flash attention); no example attends to another
+        packing=spec.data.packing,
+        packing_strategy="bfd",
         report_to="none",
         deepspeed=deepspeed_config(spec) if spec.method == "full" else None,
         dataloader_num_workers=0,
@@ -82,6 +87,42 @@ def sft_config(spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: 
         use_cpu=not spec.scaling.use_gpu,
         disable_tqdm=False,
     )
+
+
+def stop_on_nonfinite_loss():
+    """A TrainerCallback that ends training at the first NaN or infinite loss it sees.
+
+    Diverged runs are deterministic: restarting or running on wastes the workers' time.
+    The step is recorded so the driver refuses to publish and says why.
+    """
+    import math
+
+    from transformers import TrainerCallback
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def __init__(self):
+            self.step: int | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss) and self.step is None:
+                self.step = state.global_step
+                control.should_training_stop = True
+                control.should_save = False
+
+    return StopOnNonFiniteLoss()
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory (and the GPU's peak allocation where there is one)."""
+    import resource
+
+    import torch
+
+    peak = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        peak["gpu_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return peak
 
 
 def train_loop(config: dict) -> None:
@@ -115,13 +156,14 @@ def train_loop(config: dict) -> None:
     set_seed(spec.train.seed)  # adapters initialise the same way on every run of the spec
     model = build_model(spec, model_ref)
     work = tempfile.mkdtemp(prefix=f"ftservice-{spec.name}-rank{rank}-")
+    guard = stop_on_nonfinite_loss()
     trainer = SFTTrainer(
         model=model,
         args=sft_config(spec, work, config.get("max_steps"), eval_ds is not None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[RayTrainReportCallback()],
+        callbacks=[guard, RayTrainReportCallback()],
     )
     trainer = prepare_trainer(trainer)
 
@@ -151,6 +193,8 @@ def train_loop(config: dict) -> None:
             "train_loss": result.training_loss,
             "global_step": trainer.state.global_step,
             "resumed": checkpoint is not None,
+            "peak_memory": peak_memory(),
+            "nonfinite_loss_step": guard.step,
         }
         (staging / HISTORY).write_text(json.dumps(history, indent=2, default=float))
     shutil.rmtree(work, ignore_errors=True)
