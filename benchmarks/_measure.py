@@ -59,3 +59,10 @@ def measure(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> 
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
     return {"seconds": round(seconds, 2), "peak_mib": round(peak / 2**20, 1), "stdout": out}
+
+
+def json_output(stdout: str) -> dict:
+    """The JSON object a `--json` command printed (libraries may print lines before it)."""
+    import json
+
+    return json.loads(stdout[stdout.index("{\n") :])

@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import json_output
+
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "cluster/jobs/quickstart.yaml"
 
@@ -42,7 +45,7 @@ def run(workers: int, steps: int, tmp: Path) -> dict:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
-    artifact = Path(json.loads(done.stdout)["artifact"])
+    artifact = Path(json_output(done.stdout)["artifact"])
     history = json.loads((artifact / "log_history.json").read_text())
     loop = next(h["train_runtime"] for h in history if "train_runtime" in h)
     return {"wall_s": wall, "train_loop_s": loop, "steps": steps}

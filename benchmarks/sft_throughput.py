@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import json_output
+
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "cluster/jobs/quickstart.yaml"
 THREADS = 2
@@ -122,7 +125,7 @@ def ours(tmp: Path, epochs: float) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
-    artifact = Path(json.loads(done.stdout)["artifact"])
+    artifact = Path(json_output(done.stdout)["artifact"])
     return summarise(json.loads((artifact / "log_history.json").read_text()))
 
 

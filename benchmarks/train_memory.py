@@ -21,6 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import json_output
+
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "cluster/jobs/quickstart.yaml"
 MiB = 2**20
@@ -86,7 +89,7 @@ def train(tmp: Path, steps: int, name: str, *overrides: str, full: bool = False)
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout)["metrics"]
+    return json_output(done.stdout)["metrics"]
 
 
 def main() -> None:

@@ -200,6 +200,59 @@ def data_curate(
 
 
 @app.command()
+def plan(
+    spec: Annotated[str | None, typer.Argument(help="A job spec to plan.")] = None,
+    overrides: Overrides = None,
+    model: Annotated[
+        str | None, typer.Option(help="Instead of a spec: model name, folder or config.json.")
+    ] = None,
+    method: Annotated[str, typer.Option(help="full, lora or qlora.")] = "lora",
+    stage: Annotated[str, typer.Option(help="sft or dpo.")] = "sft",
+    gpus: Annotated[int, typer.Option(help="GPUs per node.")] = 1,
+    gpu_mem: Annotated[float | None, typer.Option(help="Memory of one GPU, GB.")] = None,
+    nodes: Annotated[int, typer.Option(help="Nodes.")] = 1,
+    cpu_mem: Annotated[float | None, typer.Option(help="CPU RAM per node, GB.")] = None,
+    offload: Annotated[str, typer.Option(help="ZeRO-3 optimizer offload: none, cpu, nvme.")] = (
+        "none"
+    ),
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 2048,
+    micro_batch: Annotated[int, typer.Option(help="Sequences per GPU per step.")] = 1,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations.")] = True,
+    as_json: AsJson = False,
+) -> None:
+    """Peak memory per device of a job (a spec, or a model and method), and what fits."""
+    from ftservice import memory
+
+    if spec is not None:
+        from ftservice.config import load_spec
+
+        result = memory.plan_for_spec(load_spec(spec, overrides or []))
+    elif model is not None:
+        for flag, value, allowed in [
+            ("--method", method, ("full", "lora", "qlora")),
+            ("--stage", stage, ("sft", "dpo")),
+            ("--offload", offload, ("none", "cpu", "nvme")),
+        ]:
+            if value not in allowed:
+                raise memory.PlanError(f"{flag} {value}: use one of {', '.join(allowed)}")
+        result = memory.plan_with_verdict(
+            memory.PlanInput(
+                memory.resolve_shape(model), method=method, stage=stage, gpus=gpus,
+                nodes=nodes, device_mem_gb=gpu_mem, cpu_mem_gb=cpu_mem, offload=offload,
+                seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
+                gradient_checkpointing=gradient_checkpointing,
+            )
+        )  # fmt: skip
+    else:
+        raise memory.PlanError("give a job spec, or --model with --method, --gpus, --gpu-mem")
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        print(memory.format_plan(result))
+
+
+@app.command()
 def train(
     spec: str,
     overrides: Overrides = None,
@@ -211,15 +264,34 @@ def train(
     eval_limit: Annotated[
         int | None, typer.Option(help="Evaluate on the first N prompts of each eval set.")
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Start even when the plan says it cannot fit.")
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Fine-tune on Ray Train (resumes the same spec's run), publish the artifact, evaluate."""
+    from ftservice import memory
     from ftservice.config import load_spec
     from ftservice.evaluate import format_report
     from ftservice.raycluster import init_ray
     from ftservice.train.driver import train as run_training
 
     job = load_spec(spec, overrides or [])
+    try:
+        planned = memory.plan_for_spec(job)
+    except memory.PlanError as e:  # a model the planner cannot size must not block training
+        print(f"plan: not available ({e})", file=sys.stderr)
+        planned = None
+    else:
+        print(memory.format_plan(planned), file=sys.stderr)
+    if planned is not None and planned.fits is False and not force:
+        raise memory.PlanError(
+            f"{spec}: the plan needs {planned.total_bytes / memory.GiB:.1f} GiB per device but "
+            f"a device has {planned.device_bytes / memory.GiB:.1f} GiB; lower "
+            "train.micro_batch_size or data.max_seq_length, turn on "
+            "train.gradient_checkpointing, use the method the plan suggests, or pass --force "
+            "to start anyway."
+        )
     init_ray(address)
     result = run_training(job, max_steps=max_steps, evaluate=evaluate, eval_limit=eval_limit)
     if as_json:

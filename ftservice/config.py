@@ -218,7 +218,8 @@ class ScalingSpec(Spec):
     gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu is on.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
     deepspeed: DeepSpeedSpec | None = Field(
-        None, description="DeepSpeed ZeRO settings; unset trains with plain DDP."
+        None,
+        description="DeepSpeed ZeRO settings for method full; unset is ZeRO-3 without offload.",
     )
 
 
@@ -234,6 +235,9 @@ class ClusterSpec(Spec):
         None, ge=1, description="CPUs on each node; unchecked if unset."
     )
     gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of one GPU, in GB.")
+    memory_gb: float | None = Field(
+        None, gt=0, description="CPU RAM of each node, in GB (for offload and CPU workers)."
+    )
 
 
 class CheckpointSpec(Spec):

@@ -254,3 +254,32 @@ def local_ray(tmp_path_factory):
         finally:
             ray.shutdown()
             shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def kill_driver_then_rerun(tmp_path: Path, env: dict, spec) -> dict:
+    """Start `ftservice train` on the spec, kill its whole session (driver and the local Ray
+    it started) once Ray has registered a checkpoint, run the same command again; returns
+    the second run's JSON (artifact path and metadata)."""
+    import json
+
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(json.dumps(spec.model_dump(mode="json")))  # JSON is YAML
+    cmd = [sys.executable, "-m", "ftservice", "train", str(spec_file), "--no-evaluate", "--json"]
+    first = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    runs = Path(spec.output.storage_path)
+    deadline = time.monotonic() + 300
+    # a checkpoint counts once Ray has registered it (its snapshot names it)
+    while not list(runs.glob("*/checkpoint_manager_snapshot.json")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        time.sleep(0.5)
+    _kill_session(first.pid)
+    first.wait(timeout=30)
+    assert list(runs.glob("*/checkpoint_*")), "no checkpoint was written before the deadline"
+    registry = Path(spec.output.registry)
+    assert not registry.exists() or not any(registry.iterdir())  # the killed run published nothing
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return json.loads(second.stdout[second.stdout.index("{\n") :])

@@ -218,44 +218,16 @@ def test_publish_refuses_an_empty_adapter_and_leaves_the_registry_clean(tmp_path
     assert not registry.exists() or list(registry.iterdir()) == []
 
 
-def _session_kill(proc) -> None:
-    from conftest import _kill_session
-
-    _kill_session(proc.pid)
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_killed_driver_resumes_from_its_checkpoint(tmp_path, cli_env, tiny_llama, small_data):
     """Kill the whole driver (and the local Ray it started) after the first checkpoint; the
     same command resumes that run instead of starting again."""
-    import subprocess
-    import sys
-    import time
+    from conftest import kill_driver_then_rerun
 
-    spec_file = tmp_path / "job.yaml"
     spec = make_spec(
         tmp_path, tiny_llama, small_data, train={"max_steps": 12}, checkpoint={"every_steps": 4}
     )
-    spec_file.write_text(json.dumps(spec.model_dump(mode="json")))  # JSON is YAML
-    env = cli_env
-    cmd = [sys.executable, "-m", "ftservice", "train", str(spec_file), "--no-evaluate", "--json"]
-    first = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    runs = tmp_path / "runs"
-    deadline = time.monotonic() + 300
-    # a checkpoint counts once Ray has registered it (its snapshot names it)
-    while not list(runs.glob("*/checkpoint_manager_snapshot.json")) and time.monotonic() < deadline:
-        assert first.poll() is None, first.stdout.read().decode()[-3000:]
-        time.sleep(0.5)
-    _session_kill(first)
-    assert list(runs.glob("*/checkpoint_*")), "no checkpoint was written before the deadline"
-    assert not (tmp_path / "registry").exists()  # nothing published by the killed run
-
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    meta = json.loads(second.stdout[second.stdout.index("{\n") :])
+    meta = kill_driver_then_rerun(tmp_path, cli_env, spec)
     assert meta["metrics"]["global_step"] == 12
     log = json.loads((Path(meta["artifact"]) / "log_history.json").read_text())
     steps = [h["step"] for h in log if "loss" in h]

@@ -3,13 +3,12 @@ two never disagree (batch sizes, accumulation, clipping, precision)."""
 
 from __future__ import annotations
 
-from ftservice.config import JobSpec
+from ftservice.config import DeepSpeedSpec, JobSpec
 
 
-def deepspeed_config(spec: JobSpec) -> dict | None:
-    ds = spec.scaling.deepspeed
-    if ds is None:
-        return None
+def deepspeed_config(spec: JobSpec) -> dict:
+    """Full fine-tuning runs under DeepSpeed; without a deepspeed section, ZeRO-3."""
+    ds = spec.scaling.deepspeed or DeepSpeedSpec()
     zero: dict = {"stage": ds.stage, "overlap_comm": False, "contiguous_gradients": True}
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": True}

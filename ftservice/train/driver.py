@@ -15,13 +15,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftservice.artifacts import Artifact, find_published, publish, update_metrics
+from ftservice.artifacts import (
+    Artifact,
+    ArtifactError,
+    find_published,
+    load_artifact,
+    publish,
+    update_metrics,
+)
 from ftservice.config import JobSpec
 from ftservice.data.curate import content_text, fingerprint
 from ftservice.data.loaders import DataError
 from ftservice.errors import FtserviceError
 from ftservice.models import ResolvedModel, resolve_model
-from ftservice.train import sft
+from ftservice.train import sft, worker
 
 STAGE_KINDS = {"sft": {"chat", "text"}, "dpo": {"preference"}}
 
@@ -37,6 +44,45 @@ class TrainingDiverged(FtserviceError):
             f"train.learning_rate (now {spec.train.learning_rate:g}), keep "
             "train.max_grad_norm small, or train in fp32 (train.precision: fp32)."
         )
+
+
+class ParentMismatch(ArtifactError):
+    """The parent artifact was trained on another base model."""
+
+
+def resolve_parent(spec: JobSpec, base: ResolvedModel) -> Artifact | None:
+    """The artifact a DPO run starts from, checked against the base and the method before
+    any worker starts."""
+    if spec.stage != "dpo" or spec.dpo.parent is None:
+        return None
+    parent = load_artifact(spec.dpo.parent, spec.output.registry)
+    if parent.base_fingerprint != base.fingerprint:
+        raise ParentMismatch(
+            f"dpo.parent '{parent.name}' ({parent.path}) was trained on base model "
+            f"'{parent.meta['base_model']['name']}' (fingerprint "
+            f"{parent.base_fingerprint[:12]}), but this spec's model is '{spec.model.name}' "
+            f"(fingerprint {base.fingerprint[:12]}); set model.name to the parent's base, or "
+            "start from an artifact trained on this one."
+        )
+    if parent.is_adapter != (spec.method in ("lora", "qlora")):
+        raise ArtifactError(
+            f"dpo.parent '{parent.name}' holds {parent.method} weights, which a "
+            f"method '{spec.method}' run cannot start from; use method: "
+            f"{'lora or qlora' if parent.is_adapter else 'full'}."
+        )
+    return parent
+
+
+def preference_metrics(log_history: list[dict]) -> dict:
+    """First and last logged DPO rewards (accuracy, margin, chosen, rejected)."""
+    logs = [h for h in log_history if "rewards/margins" in h]
+    if not logs:
+        return {}
+
+    def pick(h):
+        return {k: v for k, v in h.items() if k.startswith("rewards/")}
+
+    return {"first": pick(logs[0]), "last": pick(logs[-1])}
 
 
 @dataclass
@@ -79,7 +125,7 @@ def check_data(spec: JobSpec) -> list[dict]:
     return rows
 
 
-def _trainer(spec: JobSpec, model: ResolvedModel, name: str, storage: Path, max_steps):
+def _trainer(spec: JobSpec, model: ResolvedModel, parent, name: str, storage: Path, max_steps):
     # Workers stay in the job's working directory (the project folder, or the working_dir
     # that `ftservice submit` uploaded), so the spec's relative data paths mean the same
     # thing to them as to the driver. Ray Train's default moves them into the run folder.
@@ -93,12 +139,13 @@ def _trainer(spec: JobSpec, model: ResolvedModel, name: str, storage: Path, max_
         resources["GPU"] = sc.gpus_per_worker
     scored = bool(spec.data.eval) and spec.eval.every_steps is not None
     return TorchTrainer(
-        sft.train_loop,
+        worker.train_loop,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
             "model": dataclasses.asdict(model) | {"path": str(model.path)},
             "staging": str(storage / name / "staging"),
             "max_steps": max_steps,
+            "parent": {"name": parent.name, "path": str(parent.path.resolve())} if parent else None,
         },
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
@@ -159,6 +206,7 @@ def train(
 
     rows = check_data(spec)
     base = resolve_model(spec.model)
+    parent = resolve_parent(spec, base)
     storage = Path(spec.output.storage_path).resolve()
     staging = storage / name / "staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -168,10 +216,10 @@ def train(
         f"{len(rows)} examples, {spec.scaling.num_workers} worker(s)",
         file=sys.stderr,
     )
-    result = _trainer(spec, base, name, storage, max_steps).fit()
+    result = _trainer(spec, base, parent, name, storage, max_steps).fit()
     if result.error is not None:
         raise result.error
-    history = json.loads((staging / sft.HISTORY).read_text())
+    history = json.loads((staging / worker.HISTORY).read_text())
     if history.get("nonfinite_loss_step") is not None:
         shutil.rmtree(staging, ignore_errors=True)
         raise TrainingDiverged(spec, history["nonfinite_loss_step"], storage / name)
@@ -183,6 +231,7 @@ def train(
             (h["loss"] for h in reversed(history["log_history"]) if "loss" in h), None
         ),
         "resumed": bool(history.get("resumed")),
+        "preference": preference_metrics(history["log_history"]),
         "peak_memory_rank0": history.get("peak_memory"),
         "partition": {
             k: history[k] for k in ("parameters_local", "parameters_total", "world_size")
@@ -191,16 +240,17 @@ def train(
     artifact = publish(
         registry,
         spec.name,
-        staging / sft.FINAL,
+        staging / worker.FINAL,
         spec=spec.model_dump(mode="json"),
         run_name=name,
         base_model={"name": spec.model.name, "fingerprint": base.fingerprint, "kind": base.kind},
         dataset_fingerprint=rows_fingerprint(rows),
         metrics=metrics,
         log_history=history["log_history"],
-        parent=spec.dpo.parent,
+        parent=parent.name if parent else None,
     )
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(storage / name / "data", ignore_errors=True)  # DPO's shared dataset copy
     evaluation: dict = {}
     if evaluate and (spec.eval.domain or spec.eval.general):
         evaluation = evaluate_remote(spec, artifact.path, base, eval_limit)
