@@ -201,6 +201,7 @@ class PlanInput:
     offload_params: str = "none"
     seq_len: int = 2048
     micro_batch: int = 1
+    packing: bool = False  # TRL's padding-free packing: a micro-batch is one long row
     gradient_checkpointing: bool = True
     lora_r: int = 16
     lora_targets: list[str] | str = "all-linear"
@@ -237,9 +238,19 @@ def _activation_bytes(p: PlanInput, tokens: int, elem: int) -> dict[str, int]:
         layers = tokens * elem * (s.layers * s.hidden + per_layer_full)
     else:
         layers = tokens * elem * s.layers * per_layer_full
-    # logits in the compute dtype, upcast to fp32 for the loss, and their fp32 gradient
-    logits = tokens * s.vocab * (elem + 4 + 4)
-    return {"activations": int(layers), "logits": int(logits)}
+    out = {"activations": int(layers)}
+    # the LM head's output in the compute dtype and its fp32 log-softmax (TRL's fused head
+    # chunks this on GPUs; measured here on CPUs it is about one such pair)
+    out["logits"] = int(tokens * s.vocab * (elem + 4))
+    if p.on_cpu:
+        # No flash kernel on a CPU: SDPA with a mask materialises the attention scores, kept
+        # for backward as the fp32 softmax and compute-dtype scores and probabilities. A
+        # packed micro-batch is one row of micro_batch × seq_len tokens (block-diagonal mask).
+        per_seq = 2 if p.stage == "dpo" else 1
+        rows, row_len = (1, tokens) if p.packing else (p.micro_batch * per_seq, p.seq_len)
+        kept = 1 if p.gradient_checkpointing else s.layers
+        out["attention_scores"] = kept * s.heads * rows * row_len**2 * (4 + 2 * elem)
+    return out
 
 
 def zero3_model_states(p: PlanInput) -> tuple[int, int, int]:
@@ -303,6 +314,10 @@ def plan(p: PlanInput) -> Plan:
             parts["weights_unquantized_fp32"] = 4 * (
                 s.embedding_params + s.lm_head_params + s.norm_params
             )
+            if on_cpu:
+                # measured: on a CPU the fp32 weights quantised at load stay in the process
+                # heap (freed, not returned to the OS); a GPU quantises as it loads
+                parts["cpu_load_residue"] = 4 * q
             lora_bytes_per = 2 + 2 + 8  # bf16 adapter and gradient (TRL casts), fp32 moments
         parts["adapters_and_optimizer"] = lora * lora_bytes_per
         if p.stage == "dpo":
@@ -420,6 +435,7 @@ def plan_for_spec(spec) -> Plan:
         offload_params=ds.offload_params if ds else "none",
         seq_len=spec.data.max_seq_length,
         micro_batch=spec.train.micro_batch_size,
+        packing=spec.data.packing and spec.stage == "sft",
         gradient_checkpointing=spec.train.gradient_checkpointing,
         lora_r=lora.r,
         lora_targets=lora.target_modules,

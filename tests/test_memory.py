@@ -110,7 +110,7 @@ def test_dpo_with_adapters_adds_tokens_not_a_model_copy():
     p = PlanInput(resolve_shape("llama-3-8b"), method="lora", seq_len=1024, device_mem_gb=80)
     sft, dpo = plan(p), plan(replace(p, stage="dpo"))
     assert dpo.per_device["weights"] == sft.per_device["weights"]
-    assert dpo.per_device["logits"] == 2 * sft.per_device["logits"]  # chosen + rejected
+    assert dpo.per_device["activations"] == 2 * sft.per_device["activations"]  # chosen + rejected
     assert dpo.per_device["dpo_reference_adapter"] < 0.02 * sft.per_device["weights"]
 
 
