@@ -5,8 +5,9 @@ in its own process with 2 threads: ours (the policy is a PEFT model and the refe
 frozen copy of its adapter on the same base, `ftservice.train.dpo`) against the common
 recipe that passes TRL's DPOTrainer a second copy of the base as `ref_model`. The adapter
 starts at B = 0, so both references are the same function and the loss curves must match.
-Memory is each process's peak resident memory above its own baseline after imports (what
-training adds), and the peak itself.
+Memory: what the models hold before the first step (resident memory after building the
+trainer, above the process's baseline after imports), what training adds at its peak, and
+the peak itself.
 
     .venv/bin/python benchmarks/dpo_reference_memory.py [--steps 8]
 """
@@ -74,10 +75,16 @@ def run(variant: str, steps: int) -> dict:
             train_dataset=dpo.preference_dataset(load_rows(spec.data.train)),
             processing_class=tokenizer,
         )
+    held = rss_now() - baseline  # models (and the tokenised data) before the first step
     trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"peak_mib": peak / MiB, "added_mib": (peak - baseline) / MiB, "losses": losses}
+    return {
+        "held_mib": held / MiB,
+        "peak_mib": peak / MiB,
+        "added_mib": (peak - baseline) / MiB,
+        "losses": losses,
+    }
 
 
 def main() -> None:
@@ -104,6 +111,7 @@ def main() -> None:
         json.dumps(
             results
             | {
+                "held_by_models_ratio": ours["held_mib"] / peer["held_mib"],
                 "added_memory_ratio": ours["added_mib"] / peer["added_mib"],
                 "peak_ratio": ours["peak_mib"] / peer["peak_mib"],
                 "max_loss_difference": max(diffs),

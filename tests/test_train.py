@@ -181,7 +181,8 @@ def test_full_finetune_under_zero3_on_two_workers(local_ray, tmp_path, tiny_llam
     assert same == []  # every parameter trained, and the consolidated weights load
     part = result.artifact.meta["metrics"]["partition"]
     assert part["world_size"] == 2
-    assert part["parameters_local"] < part["parameters_total"] / 2 + 1000  # really sharded
+    # each rank owns half of every parameter (DeepSpeed pads shards to equal sizes)
+    assert part["parameters_local"] == pytest.approx(part["parameters_total"] / 2, rel=0.02)
 
 
 def test_sft_refuses_preference_data_before_any_worker_starts(tmp_path, tiny_llama):

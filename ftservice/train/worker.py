@@ -146,8 +146,9 @@ def train_loop(config: dict) -> None:
         tokenizer.save_pretrained(staging / FINAL)
         params = list(trainer.model_wrapped.parameters())
         history = {
-            # under ZeRO-3 each rank holds a slice: local elements << ds_numel (the whole)
-            "parameters_local": sum(p.numel() for p in params),
+            # under ZeRO-3 each rank owns a shard (ds_tensor) of every parameter; ds_numel
+            # is the whole parameter
+            "parameters_local": sum(_local_elements(p) for p in params),
             "parameters_total": sum(getattr(p, "ds_numel", p.numel()) for p in params),
             "world_size": context.get_world_size(),
             "log_history": trainer.state.log_history,
@@ -159,6 +160,11 @@ def train_loop(config: dict) -> None:
         }
         (staging / HISTORY).write_text(json.dumps(history, indent=2, default=float))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _local_elements(param) -> int:
+    shard = getattr(param, "ds_tensor", None)
+    return shard.numel() if shard is not None else param.numel()
 
 
 def save_final(trainer, folder: Path) -> None:
