@@ -306,6 +306,59 @@ def train(
     print(f"artifact:      {result.artifact.path}")
 
 
+@app.command()
+def sweep(
+    target: Annotated[str, typer.Argument(help="A sweep spec (tune/*.yaml), or 'report'.")],
+    directory: Annotated[
+        str | None, typer.Argument(help="With 'report': the sweep's folder.", show_default=False)
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted sweep.")] = False,
+    address: RayAddress = None,
+    promote: Annotated[
+        str | None, typer.Option(help="With 'report': copy the best artifact into REGISTRY.")
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Sweep a job spec on Ray Tune (ASHA early stopping), or report a finished sweep."""
+    from pathlib import Path
+
+    from ftservice import sweep as sweeps
+
+    if target == "report":
+        if directory is None:
+            raise sweeps.SweepError("usage: ftservice sweep report DIR [--json] [--promote REG]")
+        root = Path(directory)
+        if not (root / "tune").is_dir():
+            raise sweeps.SweepError(f"{root}: not a sweep folder (no tune/ inside)")
+        spec = sweeps.SweepSpec.model_validate(
+            json.loads(next((root / "tune").glob("*/params.json")).read_text())["__sweep"]
+        )
+        summary = sweeps.write_results(root, spec)
+        if promote:
+            print(f"promoted {sweeps.promote(root, promote)}")
+        if as_json:
+            _print_json(summary)
+            return
+        rows = [
+            {"rank": i + 1, "trial": r["trial"], "state": r["state"],
+             spec.scheduler.metric: "-" if r["best"] is None else f"{r['best']:.4f}",
+             "reports": r["reports"],
+             **{k: sweeps._short(v) for k, v in r["params"].items()}}
+            for i, r in enumerate(summary["trials"])
+        ]  # fmt: skip
+        _table(rows, list(rows[0]) if rows else ["rank"])
+        print(f"plots: {root / 'heatmap.png'}, {root / 'curves.png'}")
+        return
+    from ftservice.raycluster import init_ray
+
+    sweeps.load_sweep(target)  # refuse a bad space before Ray starts
+    init_ray(address)
+    sweeps.run_sweep(target, resume=resume)
+    spec, _ = sweeps.load_sweep(target)
+    root = Path(spec.output_dir) / spec.name
+    print(f"sweep finished: `ftservice sweep report {root}` ranks it")
+
+
 @app.command("eval")
 def eval_(
     artifact: str,

@@ -125,7 +125,15 @@ def check_data(spec: JobSpec) -> list[dict]:
     return rows
 
 
-def _trainer(spec: JobSpec, model: ResolvedModel, parent, name: str, storage: Path, max_steps):
+def _trainer(
+    spec: JobSpec,
+    model: ResolvedModel,
+    parent,
+    name: str,
+    storage: Path,
+    max_steps,
+    callbacks: list | None = None,
+):
     # Workers stay in the job's working directory (the project folder, or the working_dir
     # that `ftservice submit` uploaded), so the spec's relative data paths mean the same
     # thing to them as to the driver. Ray Train's default moves them into the run folder.
@@ -154,6 +162,7 @@ def _trainer(spec: JobSpec, model: ResolvedModel, parent, name: str, storage: Pa
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
+            callbacks=callbacks or [],
             failure_config=FailureConfig(max_failures=ck.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=ck.num_to_keep,
@@ -193,6 +202,7 @@ def train(
     max_steps: int | None = None,
     evaluate: bool = True,
     eval_limit: int | None = None,
+    callbacks: list | None = None,
 ) -> TrainResult:
     """Train (or resume) the run the spec names, publish its artifact, evaluate it.
 
@@ -216,7 +226,7 @@ def train(
         f"{len(rows)} examples, {spec.scaling.num_workers} worker(s)",
         file=sys.stderr,
     )
-    result = _trainer(spec, base, parent, name, storage, max_steps).fit()
+    result = _trainer(spec, base, parent, name, storage, max_steps, callbacks).fit()
     if result.error is not None:
         raise result.error
     history = json.loads((staging / worker.HISTORY).read_text())
@@ -232,6 +242,9 @@ def train(
         ),
         "resumed": bool(history.get("resumed")),
         "preference": preference_metrics(history["log_history"]),
+        "best_eval_loss": min(
+            (h["eval_loss"] for h in history["log_history"] if "eval_loss" in h), default=None
+        ),
         "peak_memory_rank0": history.get("peak_memory"),
         "partition": {
             k: history[k] for k in ("parameters_local", "parameters_total", "world_size")

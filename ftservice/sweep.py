@@ -1,0 +1,402 @@
+"""Hyperparameter sweeps on Ray Tune over the same Ray Train recipe as `ftservice train`.
+
+A sweep spec (`tune/*.yaml`) names a base job spec, fixed overrides, a search space over
+any field of the job spec (checked against the job spec's schema before anything starts),
+the search algorithm, the scheduler (ASHA by default) and a budget. Each trial is a Tune
+function that runs the training driver for the job spec with its sampled values (Train V2
+inside Tune: the workers' reports reach Tune through `TuneReportCallback`), so ASHA stops
+bad trials on the metrics the training workers report at every evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from ftservice.config import JobSpec, Spec, SpecError, load_spec, spec_from_dict
+from ftservice.errors import FtserviceError
+
+RESULTS = "sweep.json"
+
+
+class SweepError(FtserviceError):
+    exit_code = 2
+
+
+class Dimension(Spec):
+    """One searched field: exactly one of grid, choice, uniform, loguniform, multiple_of."""
+
+    grid: list[Any] | None = Field(None, description="Every value, each in its own trials.")
+    choice: list[Any] | None = Field(None, description="Values sampled uniformly.")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high], uniform.")
+    loguniform: tuple[float, float] | None = Field(None, description="[low, high], log scale.")
+    multiple_of: str | None = Field(
+        None, description="Another searched field this one is a multiple of (alpha of r)."
+    )
+    factor: float = Field(1.0, gt=0, description="The multiple, with multiple_of.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("grid", "choice", "uniform", "loguniform", "multiple_of")
+                 if getattr(self, k) is not None]  # fmt: skip
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of grid, choice, uniform, loguniform, multiple_of "
+                f"(got {', '.join(given) or 'none'})"
+            )
+        for name in ("uniform", "loguniform"):
+            bounds = getattr(self, name)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{name}: [low, high] needs low < high, got {list(bounds)}")
+            if name == "loguniform" and bounds is not None and bounds[0] <= 0:
+                raise ValueError("loguniform bounds must be positive")
+        return self
+
+    def samples(self) -> list[Any]:
+        """Values that stand for the dimension when checking it against the schema."""
+        if self.grid is not None:
+            return list(self.grid)
+        if self.choice is not None:
+            return list(self.choice)
+        bounds = self.uniform or self.loguniform
+        return list(bounds) if bounds else []
+
+
+class SearchSpec(Spec):
+    algorithm: Literal["grid", "random", "tpe"] = Field(
+        "grid", description="grid (every grid combination), random, or tpe (Optuna)."
+    )
+    num_samples: int = Field(
+        1, ge=1, description="Samples of the space (grid: repeats of the whole grid)."
+    )
+    seed: int = Field(0, description="Seed of the searcher.")
+
+
+class SchedulerSpec(Spec):
+    type: Literal["asha", "fifo"] = Field("asha", description="ASHA early stopping, or none.")
+    metric: str = Field("eval_loss", description="Metric the workers report (eval_ prefix).")
+    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise it.")
+    grace_period: int = Field(1, ge=1, description="Reports a trial gets before it can stop.")
+    reduction_factor: float = Field(2, gt=1, description="ASHA keeps 1/reduction_factor.")
+
+
+class SweepSpec(Spec):
+    name: str = Field("sweep", pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Sweep name.")
+    base: str = Field(description="Job spec the trials start from (path, relative to cwd).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Fixed changes to the base for every trial."
+    )
+    space: dict[str, Dimension] = Field(
+        min_length=1, description="Searched fields of the job spec, by dotted path."
+    )
+    search: SearchSpec = Field(default_factory=SearchSpec, description="Search algorithm.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Scheduler.")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Trials at once; default: what the cluster's CPUs/GPUs allow."
+    )
+    output_dir: str = Field("sweeps", description="Where sweeps keep trials and reports.")
+
+
+def _override(path: str, value: Any) -> str:
+    return f"{path}={json.dumps(value)}"
+
+
+def load_sweep(path: str) -> tuple[SweepSpec, dict]:
+    """The sweep spec and its base job spec (as a dict), every dimension checked against the
+    job spec's schema: a value of each dimension must make a valid job spec."""
+    source = Path(path)
+    try:
+        data = yaml.safe_load(source.read_text())
+        sweep = SweepSpec.model_validate(data)
+    except FileNotFoundError:
+        raise SweepError(f"{path}: file not found") from None
+    except ValidationError as e:
+        lines = [f"{path}: {'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()]
+        raise SweepError("\n".join(lines)) from None
+    base_spec = load_spec(sweep.base, [_override(k, v) for k, v in sweep.overrides.items()])
+    base = base_spec.model_dump(mode="json")
+    problems = []
+    for key, dim in sweep.space.items():
+        if dim.multiple_of is not None:
+            if dim.multiple_of not in sweep.space:
+                problems.append(f"{path}: space.{key}: multiple_of names '{dim.multiple_of}', "
+                                "which is not in the space")  # fmt: skip
+            continue
+        for value in dim.samples():
+            try:
+                spec_from_dict(json.loads(json.dumps(base)), path, None, [_override(key, value)])
+            except SpecError as e:
+                detail = "; ".join(p.message for p in e.problems)
+                problems.append(f"{path}: space.{key}: value {value!r} is not valid: {detail}")
+                break
+    if problems:
+        raise SweepError("\n".join(problems))
+    return sweep, base
+
+
+def trial_spec(base: dict, sweep: SweepSpec, config: dict, trial_id: str, root: Path) -> JobSpec:
+    """The job spec of one trial: base + sampled values, its own name and storage."""
+    values = dict(config)
+    for key, dim in sweep.space.items():
+        if dim.multiple_of is not None:
+            values[key] = values[dim.multiple_of] * dim.factor
+    overrides = [_override(k, v) for k, v in values.items()]
+    overrides += [
+        _override("name", f"{sweep.name}-{trial_id}".lower().replace("_", "-")),
+        _override("output.registry", str(root / "artifacts")),
+        _override("output.storage_path", str(root / "runs")),
+    ]
+    return spec_from_dict(json.loads(json.dumps(base)), f"trial {trial_id}", None, overrides)
+
+
+def param_space(sweep: SweepSpec) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, dim in sweep.space.items():
+        if dim.grid is not None:
+            space[key] = tune.grid_search(dim.grid)
+        elif dim.choice is not None:
+            space[key] = tune.choice(dim.choice)
+        elif dim.uniform is not None:
+            space[key] = tune.uniform(*dim.uniform)
+        elif dim.loguniform is not None:
+            space[key] = tune.loguniform(*dim.loguniform)
+    return space
+
+
+def run_trial(config: dict) -> None:
+    """The Tune function of one trial: the training driver, reports forwarded to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ftservice.train.driver import TrainingDiverged
+    from ftservice.train.driver import train as run_training
+
+    sweep = SweepSpec.model_validate(config.pop("__sweep"))
+    base = config.pop("__base")
+    root = Path(config.pop("__root"))
+    trial_id = tune.get_context().get_trial_id()
+    spec = trial_spec(base, sweep, config, trial_id, root)
+    try:
+        result = run_training(spec, evaluate=False, callbacks=[TuneReportCallback()])
+    except TrainingDiverged as e:
+        worst = math.inf if sweep.scheduler.mode == "min" else -math.inf
+        tune.report({sweep.scheduler.metric: worst, "diverged": True, "diverged_step": e.step})
+        return
+    m = result.artifact.meta["metrics"]
+    tune.report(
+        {
+            sweep.scheduler.metric: m.get("best_" + sweep.scheduler.metric, math.nan),
+            "done": True,
+            "artifact": str(result.artifact.path),
+            "global_step": m["global_step"],
+        }
+    )
+
+
+def concurrency(base: JobSpec, sweep: SweepSpec) -> int:
+    """Trials at once: what the cluster's resources hold of each trial's workers."""
+    import ray
+
+    if sweep.max_concurrent:
+        return sweep.max_concurrent
+    sc = base.scaling
+    total = ray.cluster_resources()
+    if sc.use_gpu:
+        return max(1, int(total.get("GPU", 0) // (sc.num_workers * sc.gpus_per_worker)))
+    return max(1, int(total.get("CPU", 1) // (max(sc.num_workers, 1) * sc.cpus_per_worker)))
+
+
+def run_sweep(path: str, resume: bool = False):
+    """Run (or resume) the sweep; returns Tune's ResultGrid."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sweep, base = load_sweep(path)
+    root = (Path(sweep.output_dir) / sweep.name).resolve()
+    base_spec = JobSpec.model_validate(base)
+    s = sweep.scheduler
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+        )
+        if s.type == "asha"
+        else FIFOScheduler()
+    )
+    search_alg = None
+    if sweep.search.algorithm == "tpe":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=sweep.search.seed)
+    fixed = {"__sweep": sweep.model_dump(mode="json"), "__base": base, "__root": str(root)}
+    trainable = tune.with_resources(run_trial, {"CPU": 0})
+    if resume:
+        if not tune.Tuner.can_restore(str(root / "tune")):
+            raise SweepError(f"no sweep to resume at {root / 'tune'}; run it without --resume")
+        tuner = tune.Tuner.restore(
+            str(root / "tune"), trainable=trainable, param_space=param_space(sweep) | fixed,
+            resume_unfinished=True, resume_errored=False, restart_errored=False,
+        )  # fmt: skip
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(sweep) | fixed,
+            tune_config=tune.TuneConfig(
+                metric=s.metric,
+                mode=s.mode,
+                scheduler=scheduler,
+                search_alg=search_alg,
+                num_samples=sweep.search.num_samples,
+                max_concurrent_trials=concurrency(base_spec, sweep),
+            ),
+            run_config=tune.RunConfig(name="tune", storage_path=str(root)),
+        )
+    grid = tuner.fit()
+    write_results(root, sweep)
+    return grid
+
+
+def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
+    """Every trial of the sweep from Tune's own files: params, state, curve, best metric."""
+    metric, mode = sweep.scheduler.metric, sweep.scheduler.mode
+    records = []
+    for params_file in sorted((root / "tune").glob("*/params.json")):
+        trial_dir = params_file.parent
+        params = {k: v for k, v in json.loads(params_file.read_text()).items()
+                  if not k.startswith("__")}  # fmt: skip
+        rows = []
+        result_file = trial_dir / "result.json"
+        if result_file.is_file():
+            rows = [json.loads(x) for x in result_file.read_text().splitlines() if x.strip()]
+        curve = [(r.get("global_step") or r.get("step") or r["training_iteration"], r[metric])
+                 for r in rows if metric in r and not r.get("done")]  # fmt: skip
+        values = [v for _, v in curve if isinstance(v, (int, float)) and math.isfinite(v)]
+        best = (min(values) if mode == "min" else max(values)) if values else None
+        last = rows[-1] if rows else {}
+        state = ("diverged" if any(r.get("diverged") for r in rows)
+                 else "completed" if any(r.get("done") for r in rows)
+                 else "stopped early" if rows else "errored")  # fmt: skip
+        records.append(
+            {
+                "trial": trial_dir.name.split("_")[1] if "_" in trial_dir.name else trial_dir.name,
+                "params": params,
+                "state": state,
+                "best": best,
+                "reports": len(curve),
+                "curve": curve,
+                "artifact": last.get("artifact"),
+                "error": (trial_dir / "error.txt").read_text()[-500:]
+                if (trial_dir / "error.txt").is_file()
+                else None,
+            }
+        )
+    sign = 1 if mode == "min" else -1
+    records.sort(key=lambda r: (r["best"] is None, sign * (r["best"] or 0)))
+    return records
+
+
+def write_results(root: Path, sweep: SweepSpec) -> dict:
+    records = trial_records(root, sweep)
+    summary = {
+        "sweep": sweep.name,
+        "metric": sweep.scheduler.metric,
+        "mode": sweep.scheduler.mode,
+        "trials": records,
+        "best": records[0] if records and records[0]["best"] is not None else None,
+    }
+    (root / RESULTS).write_text(json.dumps(summary, indent=2, default=str))
+    plot_heatmap(records, sweep, root / "heatmap.png")
+    plot_curves(records, sweep, root / "curves.png")
+    return summary
+
+
+def plot_heatmap(records: list[dict], sweep: SweepSpec, path: Path) -> None:
+    """Best metric over LoRA rank × learning rate (the two most swept fields)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranks = sorted({r["params"].get("lora.r") for r in records} - {None})
+    lrs = sorted({r["params"].get("train.learning_rate") for r in records} - {None})
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * max(len(lrs), 1), 1.2 + 0.8 * max(len(ranks), 1)))
+    if ranks and lrs:
+        import numpy as np
+
+        grid = np.full((len(ranks), len(lrs)), np.nan)
+        for r in records:
+            p = r["params"]
+            if r["best"] is not None and "lora.r" in p and "train.learning_rate" in p:
+                i, j = ranks.index(p["lora.r"]), lrs.index(p["train.learning_rate"])
+                old = grid[i, j]
+                better = min if sweep.scheduler.mode == "min" else max
+                grid[i, j] = r["best"] if np.isnan(old) else better(old, r["best"])
+        image = ax.imshow(grid, cmap="viridis_r" if sweep.scheduler.mode == "min" else "viridis")
+        ax.set_xticks(range(len(lrs)), [f"{x:.0e}" for x in lrs])
+        ax.set_yticks(range(len(ranks)), [str(x) for x in ranks])
+        for i in range(len(ranks)):
+            for j in range(len(lrs)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w")
+        fig.colorbar(image, ax=ax, label=sweep.scheduler.metric)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("LoRA rank")
+    ax.set_title(f"{sweep.name}: best {sweep.scheduler.metric}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _short(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def plot_curves(records: list[dict], sweep: SweepSpec, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in records:
+        if r["curve"]:
+            xs, ys = zip(*r["curve"], strict=True)
+            label = ", ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in r["params"].items())
+            ax.plot(xs, ys, marker="o", label=f"{label} ({r['state']})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(sweep.scheduler.metric)
+    ax.set_title(f"{sweep.name}: learning curves")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def promote(root: Path, registry: str) -> Path:
+    """Copy the best trial's artifact into the registry, with its lineage."""
+    summary = json.loads((root / RESULTS).read_text())
+    best = summary.get("best")
+    if not best or not best.get("artifact"):
+        raise SweepError(f"{root}: no completed trial with an artifact to promote")
+    source = Path(best["artifact"])
+    target = Path(registry) / source.name
+    if target.exists():
+        raise SweepError(f"{target} exists already; remove it or promote to another registry")
+    Path(registry).mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.promoting")
+    shutil.copytree(source, tmp)
+    meta = json.loads((tmp / "ftservice.json").read_text())
+    meta["lineage"] = {"sweep": summary["sweep"], "trial": best["trial"],
+                       "metric": summary["metric"], "value": best["best"]}  # fmt: skip
+    (tmp / "ftservice.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.rename(target)
+    return target
