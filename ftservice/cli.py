@@ -320,6 +320,7 @@ def sweep(
     as_json: AsJson = False,
 ) -> None:
     """Sweep a job spec on Ray Tune (ASHA early stopping), or report a finished sweep."""
+    import os
     from pathlib import Path
 
     from ftservice import sweep as sweeps
@@ -352,6 +353,8 @@ def sweep(
     from ftservice.raycluster import init_ray
 
     sweeps.load_sweep(target)  # refuse a bad space before Ray starts
+    # trials run in the project folder, so relative data paths mean what they mean here
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     init_ray(address)
     sweeps.run_sweep(target, resume=resume)
     spec, _ = sweeps.load_sweep(target)

@@ -282,21 +282,25 @@ def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
         values = [v for _, v in curve if isinstance(v, (int, float)) and math.isfinite(v)]
         best = (min(values) if mode == "min" else max(values)) if values else None
         last = rows[-1] if rows else {}
-        state = ("diverged" if any(r.get("diverged") for r in rows)
-                 else "completed" if any(r.get("done") for r in rows)
-                 else "stopped early" if rows else "errored")  # fmt: skip
+        error = trial_dir / "error.txt"
+        if any(r.get("diverged") for r in rows):
+            state = "diverged"
+        elif any(r.get("done") for r in rows):
+            state = "completed"
+        elif error.is_file():
+            state = "errored"
+        else:
+            state = "stopped early" if rows else "not started"
         records.append(
             {
-                "trial": trial_dir.name.split("_")[1] if "_" in trial_dir.name else trial_dir.name,
+                "trial": last.get("trial_id", trial_dir.name),
                 "params": params,
                 "state": state,
                 "best": best,
                 "reports": len(curve),
                 "curve": curve,
                 "artifact": last.get("artifact"),
-                "error": (trial_dir / "error.txt").read_text()[-500:]
-                if (trial_dir / "error.txt").is_file()
-                else None,
+                "error": error.read_text()[-500:] if error.is_file() else None,
             }
         )
     sign = 1 if mode == "min" else -1

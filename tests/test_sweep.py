@@ -1,0 +1,123 @@
+"""Sweeps on a real local Ray Tune over real Ray Train trials of a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ftservice.sweep import SweepError, load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def base_spec(tmp_path, tiny_llama) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    train = (REPO / "data/domain/train.jsonl").read_text().splitlines()[:32]
+    (data / "train.jsonl").write_text("\n".join(train) + "\n")
+    held = (REPO / "data/domain/eval.jsonl").read_text().splitlines()[:8]
+    (data / "eval.jsonl").write_text("\n".join(held) + "\n")
+    spec = {
+        "name": "tiny",
+        "model": {"name": str(tiny_llama)},
+        "data": {"train": [str(data / "train.jsonl")], "eval": [str(data / "eval.jsonl")],
+                 "max_seq_length": 96},
+        "lora": {"r": 4, "alpha": 8},
+        "train": {"max_steps": 12, "micro_batch_size": 8, "warmup_ratio": 0,
+                  "precision": "fp32"},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "checkpoint": {"every_steps": 3, "num_to_keep": 1},
+        "eval": {"every_steps": 3, "domain": None, "general": None},
+    }  # fmt: skip
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def write_sweep(tmp_path: Path, base: Path, space: dict, **extra) -> Path:
+    sweep = {
+        "name": "tiny-sweep",
+        "base": str(base),
+        "space": space,
+        "scheduler": {"type": "asha", "metric": "eval_loss", "mode": "min",
+                      "grace_period": 1, "reduction_factor": 2},
+        "max_concurrent": 2,
+        "output_dir": str(tmp_path / "sweeps"),
+        **extra,
+    }  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_invalid_spaces_are_refused_before_anything_starts(tmp_path, base_spec):
+    bad_field = write_sweep(tmp_path, base_spec, {"lora.rank": {"grid": [4, 8]}})
+    with pytest.raises(SweepError, match=r"space\.lora\.rank: value 4 is not valid"):
+        load_sweep(str(bad_field))
+    bad_rank = write_sweep(tmp_path, base_spec, {"lora.r": {"grid": [0, 8]}})
+    with pytest.raises(SweepError, match=r"space\.lora\.r: value 0 is not valid.*greater than"):
+        load_sweep(str(bad_rank))
+    two_kinds = write_sweep(
+        tmp_path, base_spec, {"train.learning_rate": {"grid": [1e-3], "loguniform": [1e-4, 1e-3]}}
+    )
+    with pytest.raises(SweepError, match="exactly one of grid"):
+        load_sweep(str(two_kinds))
+    orphan = write_sweep(tmp_path, base_spec, {"lora.alpha": {"multiple_of": "lora.r"}})
+    with pytest.raises(SweepError, match=r"multiple_of names 'lora\.r', which is not in the space"):
+        load_sweep(str(orphan))
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spec, cli_env):
+    sweep = write_sweep(
+        tmp_path, base_spec,
+        {"lora.r": {"grid": [2, 4]}, "lora.alpha": {"multiple_of": "lora.r", "factor": 2},
+         "train.learning_rate": {"grid": [3e-3, 1e-5, 1e30]}},
+    )  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "ftservice", "sweep", str(sweep)],
+        capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=1200,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    root = tmp_path / "sweeps" / "tiny-sweep"
+    report = subprocess.run(
+        [sys.executable, "-m", "ftservice", "sweep", "report", str(root), "--json"],
+        capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    summary = json.loads(report.stdout[report.stdout.index("{\n") :])
+    trials = summary["trials"]
+    assert len(trials) == 6
+    states = [t["state"] for t in trials]
+    # the absurd learning rate diverged, and was marked so, in both of its trials
+    diverged = [t for t in trials if t["params"]["train.learning_rate"] == 1e30]
+    assert [t["state"] for t in diverged] == ["diverged", "diverged"]
+    # ASHA stopped at least one trial before its last report
+    assert "stopped early" in states, states
+    full = max(t["reports"] for t in trials)
+    assert full == 4  # 12 steps, a report every 3
+    assert any(t["state"] == "stopped early" and t["reports"] < full for t in trials)
+    # ranked by the metric, best first, and the best is a finished trial with an artifact
+    bests = [t["best"] for t in trials if t["best"] is not None]
+    assert bests == sorted(bests)
+    assert summary["best"]["best"] == bests[0]
+    assert summary["best"]["params"]["train.learning_rate"] == 3e-3
+    for png in ("heatmap.png", "curves.png"):
+        assert (root / png).read_bytes()[:4] == b"\x89PNG"
+    table = subprocess.run(
+        [sys.executable, "-m", "ftservice", "sweep", "report", str(root), "--promote",
+         str(tmp_path / "registry")],
+        capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert table.stdout.splitlines()[1].split()[0] == "1"  # first row is rank 1
+    promoted = next((tmp_path / "registry").glob("*/ftservice.json"))
+    lineage = json.loads(promoted.read_text())["lineage"]
+    assert lineage["sweep"] == "tiny-sweep" and lineage["trial"] == summary["best"]["trial"]
