@@ -194,7 +194,7 @@ def run_trial(config: dict) -> None:
     tune.report(
         {
             sweep.scheduler.metric: m.get("best_" + sweep.scheduler.metric, math.nan),
-            "done": True,
+            "finished": True,  # not "done": Tune sets that on every trial's last result
             "artifact": str(result.artifact.path),
             "global_step": m["global_step"],
         }
@@ -238,7 +238,9 @@ def run_sweep(path: str, resume: bool = False):
 
         search_alg = OptunaSearch(seed=sweep.search.seed)
     fixed = {"__sweep": sweep.model_dump(mode="json"), "__base": base, "__root": str(root)}
-    trainable = tune.with_resources(run_trial, {"CPU": 0})
+    # the trial function only drives its Ray Train run, whose workers hold the CPUs/GPUs; a
+    # trial must still ask for something, so it asks for a byte of memory
+    trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": 1})
     if resume:
         if not tune.Tuner.can_restore(str(root / "tune")):
             raise SweepError(f"no sweep to resume at {root / 'tune'}; run it without --resume")
@@ -278,14 +280,14 @@ def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
         if result_file.is_file():
             rows = [json.loads(x) for x in result_file.read_text().splitlines() if x.strip()]
         curve = [(r.get("global_step") or r.get("step") or r["training_iteration"], r[metric])
-                 for r in rows if metric in r and not r.get("done")]  # fmt: skip
+                 for r in rows if metric in r and not r.get("finished")]  # fmt: skip
         values = [v for _, v in curve if isinstance(v, (int, float)) and math.isfinite(v)]
         best = (min(values) if mode == "min" else max(values)) if values else None
         last = rows[-1] if rows else {}
         error = trial_dir / "error.txt"
         if any(r.get("diverged") for r in rows):
             state = "diverged"
-        elif any(r.get("done") for r in rows):
+        elif any(r.get("finished") for r in rows):
             state = "completed"
         elif error.is_file():
             state = "errored"

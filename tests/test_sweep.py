@@ -117,7 +117,9 @@ def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spe
         capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=600,
     )  # fmt: skip
     assert table.returncode == 0, table.stderr[-3000:]
-    assert table.stdout.splitlines()[1].split()[0] == "1"  # first row is rank 1
+    lines = table.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("RANK"))
+    assert lines[header + 1].split()[:2] == ["1", summary["best"]["trial"]]  # best first
     promoted = next((tmp_path / "registry").glob("*/ftservice.json"))
     lineage = json.loads(promoted.read_text())["lineage"]
     assert lineage["sweep"] == "tiny-sweep" and lineage["trial"] == summary["best"]["trial"]
