@@ -160,7 +160,9 @@ def param_space(sweep: SweepSpec) -> dict:
 
     space = {}
     for key, dim in sweep.space.items():
-        if dim.grid is not None:
+        if dim.grid is not None and sweep.search.algorithm == "tpe":
+            space[key] = tune.choice(dim.grid)  # a model-based searcher samples, never grids
+        elif dim.grid is not None:
             space[key] = tune.grid_search(dim.grid)
         elif dim.choice is not None:
             space[key] = tune.choice(dim.choice)
@@ -263,8 +265,24 @@ def run_sweep(path: str, resume: bool = False):
             run_config=tune.RunConfig(name="tune", storage_path=str(root)),
         )
     grid = tuner.fit()
-    write_results(root, sweep)
+    summary = write_results(root, sweep)
+    prune_checkpoints(root, sweep, summary["trials"])
     return grid
+
+
+def prune_checkpoints(root: Path, sweep: SweepSpec, records: list[dict]) -> int:
+    """Delete the checkpoints of trials that will never continue (stopped early or
+    diverged), once the sweep is over; returns how many folders went."""
+    removed = 0
+    for record in records:
+        if record["state"] not in ("stopped early", "diverged"):
+            continue
+        prefix = f"{sweep.name}-{record['trial']}".lower().replace("_", "-")
+        for run in (root / "runs").glob(f"{prefix}-*"):
+            for checkpoint in run.glob("checkpoint_*"):
+                shutil.rmtree(checkpoint, ignore_errors=True)
+                removed += 1
+    return removed
 
 
 def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
@@ -282,6 +300,8 @@ def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
         curve = [(r.get("global_step") or r.get("step") or r["training_iteration"], r[metric])
                  for r in rows if metric in r and not r.get("finished")]  # fmt: skip
         values = [v for _, v in curve if isinstance(v, (int, float)) and math.isfinite(v)]
+        if not values:  # a trial restarted after its end: only the final summary is left
+            values = [r[metric] for r in rows if r.get("finished") and math.isfinite(r[metric])]
         best = (min(values) if mode == "min" else max(values)) if values else None
         last = rows[-1] if rows else {}
         error = trial_dir / "error.txt"

@@ -109,6 +109,12 @@ def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spe
     assert bests == sorted(bests)
     assert summary["best"]["best"] == bests[0]
     assert summary["best"]["params"]["train.learning_rate"] == 3e-3
+    # checkpoints of trials that stopped early or diverged are pruned; finished ones publish
+    for t in trials:
+        runs = list((root / "runs").glob(f"tiny-sweep-{t['trial']}-*".replace("_", "-")))
+        kept = [c for r in runs for c in r.glob("checkpoint_*")]
+        if t["state"] in ("stopped early", "diverged"):
+            assert kept == [], t
     for png in ("heatmap.png", "curves.png"):
         assert (root / png).read_bytes()[:4] == b"\x89PNG"
     table = subprocess.run(
@@ -123,3 +129,89 @@ def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spe
     promoted = next((tmp_path / "registry").glob("*/ftservice.json"))
     lineage = json.loads(promoted.read_text())["lineage"]
     assert lineage["sweep"] == "tiny-sweep" and lineage["trial"] == summary["best"]["trial"]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, base_spec, cli_env):
+    import time
+
+    from conftest import _kill_session
+
+    sweep = write_sweep(
+        tmp_path, base_spec,
+        {"lora.r": {"grid": [2, 4]}, "train.learning_rate": {"grid": [3e-3, 1e-3]}},
+        scheduler={"type": "fifo", "metric": "eval_loss", "mode": "min"},
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "ftservice", "sweep", str(sweep)]
+    first = subprocess.Popen(
+        cmd, env=cli_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    root = tmp_path / "sweeps" / "tiny-sweep"
+    deadline = time.monotonic() + 600
+    while not list((root / "artifacts").glob("*/ftservice.json")):
+        assert first.poll() is None and time.monotonic() < deadline, "no trial finished"
+        time.sleep(0.5)
+    _kill_session(first.pid)
+    first.wait(timeout=60)
+    published_before = {
+        p.parent.name: json.loads(p.read_text())["created"]
+        for p in (root / "artifacts").glob("*/ftservice.json")
+    }
+
+    again = subprocess.run(
+        [*cmd, "--resume"], capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=1200
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    summary = json.loads((root / "sweep.json").read_text())
+    assert [t["state"] for t in summary["trials"]] == ["completed"] * 4
+    # the trials that had finished were not trained again: Tune may restart a trial whose end
+    # it had not yet recorded, but the driver finds the run published and returns at once
+    published = {
+        p.parent.name: json.loads(p.read_text())["created"]
+        for p in (root / "artifacts").glob("*/ftservice.json")
+    }
+    assert len(published) == 4  # one artifact per trial, none published twice
+    assert all(published[name] == created for name, created in published_before.items())
+    metas = [json.loads(p.read_text()) for p in (root / "artifacts").glob("*/ftservice.json")]
+    assert all(m["metrics"]["global_step"] == 12 for m in metas)
+
+
+@pytest.mark.slow
+def test_a_crashing_trial_is_marked_errored_with_its_reason_and_the_others_go_on(
+    tmp_path, base_spec, cli_env
+):
+    sweep = write_sweep(
+        tmp_path, base_spec,
+        {"lora.target_modules": {"grid": [["q_proj", "v_proj"], ["no_such_proj"]]}},
+        overrides={"train.max_steps": 3},
+    )  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "ftservice", "sweep", str(sweep)],
+        capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((tmp_path / "sweeps" / "tiny-sweep" / "sweep.json").read_text())
+    by_target = {tuple(t["params"]["lora.target_modules"]): t for t in summary["trials"]}
+    assert by_target[("q_proj", "v_proj")]["state"] == "completed"
+    crashed = by_target[("no_such_proj",)]
+    assert crashed["state"] == "errored"
+    assert "no_such_proj" in crashed["error"]
+
+
+def test_tpe_samples_every_dimension_and_grid_repeats_the_grid(tmp_path, base_spec):
+    from ray.tune.search.sample import Categorical, Float
+
+    from ftservice.sweep import param_space
+
+    path = write_sweep(
+        tmp_path, base_spec,
+        {"lora.r": {"grid": [2, 4]}, "train.learning_rate": {"loguniform": [1e-4, 1e-2]}},
+        search={"algorithm": "tpe", "num_samples": 6},
+    )  # fmt: skip
+    sweep, _ = load_sweep(str(path))
+    space = param_space(sweep)
+    assert isinstance(space["lora.r"], Categorical) and space["lora.r"].categories == [2, 4]
+    assert isinstance(space["train.learning_rate"], Float)
+    grid, _ = load_sweep(str(write_sweep(tmp_path, base_spec, {"lora.r": {"grid": [2, 4]}})))
+    assert param_space(grid)["lora.r"] == {"grid_search": [2, 4]}
