@@ -215,3 +215,10 @@ def test_tpe_samples_every_dimension_and_grid_repeats_the_grid(tmp_path, base_sp
     assert isinstance(space["train.learning_rate"], Float)
     grid, _ = load_sweep(str(write_sweep(tmp_path, base_spec, {"lora.r": {"grid": [2, 4]}})))
     assert param_space(grid)["lora.r"] == {"grid_search": [2, 4]}
+
+
+def test_the_shipped_sweep_is_valid():
+    sweep, base = load_sweep(str(REPO / "tune/lora-rank-lr.yaml"))
+    assert sweep.scheduler.type == "asha"
+    assert base["data"]["eval"] == ["data/domain/eval.jsonl"]
+    assert {k for k in sweep.space} == {"train.learning_rate", "lora.r", "lora.alpha"}
