@@ -280,8 +280,9 @@ def prune_checkpoints(root: Path, sweep: SweepSpec, records: list[dict]) -> int:
         prefix = f"{sweep.name}-{record['trial']}".lower().replace("_", "-")
         for run in (root / "runs").glob(f"{prefix}-*"):
             for checkpoint in run.glob("checkpoint_*"):
-                shutil.rmtree(checkpoint, ignore_errors=True)
-                removed += 1
+                if checkpoint.is_dir():  # not Ray's checkpoint_manager_snapshot.json
+                    shutil.rmtree(checkpoint, ignore_errors=True)
+                    removed += 1
     return removed
 
 

@@ -112,7 +112,7 @@ def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spe
     # checkpoints of trials that stopped early or diverged are pruned; finished ones publish
     for t in trials:
         runs = list((root / "runs").glob(f"tiny-sweep-{t['trial']}-*".replace("_", "-")))
-        kept = [c for r in runs for c in r.glob("checkpoint_*")]
+        kept = [c for r in runs for c in r.glob("checkpoint_*") if c.is_dir()]
         if t["state"] in ("stopped early", "diverged"):
             assert kept == [], t
     for png in ("heatmap.png", "curves.png"):
