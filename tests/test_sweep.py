@@ -40,6 +40,14 @@ def base_spec(tmp_path, tiny_llama) -> Path:
     return path
 
 
+def ftservice(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """The CLI in a subprocess with its own HOME and local Ray (cli_env)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ftservice", *args],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=1200,
+    )  # fmt: skip
+
+
 def write_sweep(tmp_path: Path, base: Path, space: dict, **extra) -> Path:
     sweep = {
         "name": "tiny-sweep",
@@ -81,16 +89,10 @@ def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spe
         {"lora.r": {"grid": [2, 4]}, "lora.alpha": {"multiple_of": "lora.r", "factor": 2},
          "train.learning_rate": {"grid": [3e-3, 1e-5, 1e30]}},
     )  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-m", "ftservice", "sweep", str(sweep)],
-        capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=1200,
-    )  # fmt: skip
+    done = ftservice(cli_env, "sweep", str(sweep))
     assert done.returncode == 0, done.stderr[-4000:]
     root = tmp_path / "sweeps" / "tiny-sweep"
-    report = subprocess.run(
-        [sys.executable, "-m", "ftservice", "sweep", "report", str(root), "--json"],
-        capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=600,
-    )  # fmt: skip
+    report = ftservice(cli_env, "sweep", "report", str(root), "--json")
     assert report.returncode == 0, report.stderr[-3000:]
     summary = json.loads(report.stdout[report.stdout.index("{\n") :])
     trials = summary["trials"]
@@ -117,11 +119,9 @@ def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spe
             assert kept == [], t
     for png in ("heatmap.png", "curves.png"):
         assert (root / png).read_bytes()[:4] == b"\x89PNG"
-    table = subprocess.run(
-        [sys.executable, "-m", "ftservice", "sweep", "report", str(root), "--promote",
-         str(tmp_path / "registry")],
-        capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=600,
-    )  # fmt: skip
+    table = ftservice(
+        cli_env, "sweep", "report", str(root), "--promote", str(tmp_path / "registry")
+    )
     assert table.returncode == 0, table.stderr[-3000:]
     lines = table.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("RANK"))
@@ -159,9 +159,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, base
         for p in (root / "artifacts").glob("*/ftservice.json")
     }
 
-    again = subprocess.run(
-        [*cmd, "--resume"], capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=1200
-    )
+    again = ftservice(cli_env, "sweep", str(sweep), "--resume")
     assert again.returncode == 0, again.stderr[-4000:]
     summary = json.loads((root / "sweep.json").read_text())
     assert [t["state"] for t in summary["trials"]] == ["completed"] * 4
@@ -186,10 +184,7 @@ def test_a_crashing_trial_is_marked_errored_with_its_reason_and_the_others_go_on
         {"lora.target_modules": {"grid": [["q_proj", "v_proj"], ["no_such_proj"]]}},
         overrides={"train.max_steps": 3},
     )  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-m", "ftservice", "sweep", str(sweep)],
-        capture_output=True, text=True, env=cli_env, cwd=REPO, timeout=900,
-    )  # fmt: skip
+    done = ftservice(cli_env, "sweep", str(sweep))
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((tmp_path / "sweeps" / "tiny-sweep" / "sweep.json").read_text())
     by_target = {tuple(t["params"]["lora.target_modules"]): t for t in summary["trials"]}
