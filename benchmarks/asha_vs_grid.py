@@ -5,6 +5,12 @@ once with its ASHA scheduler, once with no early stopping (FIFO: every trial to 
 Prints training steps spent (the last step each trial reached, summed) and the best metric
 each found. Goal: ASHA within 2% of the grid's best with at most 40% of its steps.
 
+One ASHA run is one order of the trials, and asynchronous ASHA depends on that order (it
+never stops the first trial through a rung). So the grid's recorded curves are also replayed
+through Ray's own `ASHAScheduler` in many random orders, with the same number of trials at
+once and each report at the time it took in the grid run: the distribution of steps spent
+and best metric found, without training anything again.
+
     .venv/bin/python benchmarks/asha_vs_grid.py [--sweep tune/lora-rank-lr.yaml]
 """
 
@@ -51,14 +57,127 @@ def run(sweep_file: Path, scheduler: str, out: Path) -> dict:
     }
 
 
+def grid_trials(root: Path, metric: str) -> list[dict]:
+    """Each grid trial's reports: (step, metric, seconds since the trial started)."""
+    trials = []
+    for result in sorted((root / "tune").glob("*/result.json")):
+        rows = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        reports = [(r["step"], r[metric], r["time_total_s"]) for r in rows
+                   if metric in r and "step" in r and not r.get("finished")]  # fmt: skip
+        params = json.loads((result.parent / "params.json").read_text())
+        params = {k: v for k, v in params.items() if not k.startswith("__")}
+        trials.append({"id": result.parent.name, "params": params, "reports": reports})
+    return trials
+
+
+def replay(
+    trials: list[dict], order: list[int], spec: dict, slots: int
+) -> tuple[int, float, float]:
+    """Ray's ASHAScheduler over recorded curves: steps spent, best final metric, and the
+    seconds the trials took (Ray's and Tune's own start not counted)."""
+    import heapq
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    s = spec["scheduler"]
+    asha = ASHAScheduler(
+        time_attr="training_iteration", metric=s["metric"], mode=s["mode"],
+        grace_period=s["grace_period"], reduction_factor=s["reduction_factor"],
+    )  # fmt: skip
+    sign = 1 if s["mode"] == "min" else -1
+    queue, events, steps, finals, now = list(order), [], 0, [], 0.0
+
+    def start(i: int, now: float) -> None:
+        asha.on_trial_add(None, SimpleNamespace(trial_id=str(i)))
+        heapq.heappush(events, (now + trials[i]["reports"][0][2], i, 0))
+
+    for _ in range(slots):
+        if queue:
+            start(queue.pop(0), 0.0)
+    while events:
+        now, i, k = heapq.heappop(events)
+        reports = trials[i]["reports"]
+        step, value, _ = reports[k]
+        result = {"training_iteration": k + 1, s["metric"]: value}
+        action = asha.on_trial_result(None, SimpleNamespace(trial_id=str(i)), result)
+        if action == TrialScheduler.STOP or k + 1 == len(reports):
+            steps += step
+            if k + 1 == len(reports):
+                finals.append(sign * min(sign * v for _, v, _ in reports))
+            if queue:
+                start(queue.pop(0), now)
+        else:
+            heapq.heappush(events, (now + reports[k + 1][2] - reports[k][2], i, k + 1))
+    return steps, sign * min(sign * v for v in finals), now
+
+
+def tunes_grid_order(trials: list[dict], spec: dict) -> list[int]:
+    """The trials in the order Tune's own grid search would have run them."""
+    from ray import tune
+    from ray.tune.search.variant_generator import generate_variants
+
+    space = {k: tune.grid_search(v["grid"]) for k, v in spec["space"].items() if "grid" in v}
+    order = []
+    for resolved, _ in generate_variants(space):
+        point = {path[0]: value for path, value in resolved.items()}
+        order.append(next(i for i, t in enumerate(trials)
+                          if all(t["params"][k] == v for k, v in point.items())))  # fmt: skip
+    return order
+
+
+def replays(root: Path, spec: dict, slots: int, orders: int = 500) -> dict:
+    import random
+
+    import numpy as np
+
+    trials = grid_trials(root, spec["scheduler"]["metric"])
+    total = sum(t["reports"][-1][0] for t in trials)
+    sign = 1 if spec["scheduler"]["mode"] == "min" else -1
+    best = sign * min(sign * v for t in trials for _, v, _ in t["reports"])
+    rng = random.Random(0)
+    ratios, gaps, walls = [], [], []
+    for _ in range(orders):
+        order = rng.sample(range(len(trials)), len(trials))
+        steps, found, wall = replay(trials, order, spec, slots)
+        ratios.append(steps / total)
+        gaps.append(sign * (found / best - 1))
+        walls.append(wall)
+    ours = replay(trials, list(range(len(trials))), spec, slots)  # the run's seeded order
+    tune_order = replay(trials, tunes_grid_order(trials, spec), spec, slots)
+    ratios, gaps = np.array(ratios), np.array(gaps)
+    return {
+        "orders": orders,
+        "steps_ratio_mean": float(ratios.mean()),
+        "steps_ratio_p10_p50_p90": [float(x) for x in np.percentile(ratios, [10, 50, 90])],
+        "best_gap_mean": float(gaps.mean()),
+        "share_within_2pct": float((gaps <= 0.02).mean()),
+        "share_meeting_goal": float(((gaps <= 0.02) & (ratios <= 0.40)).mean()),
+        "trial_seconds_p10_p50_p90": [float(x) for x in np.percentile(walls, [10, 50, 90])],
+        "in_the_runs_order": {
+            "steps_ratio": ours[0] / total,
+            "best_gap": sign * (ours[1] / best - 1),
+            "trial_seconds": ours[2],
+        },
+        "in_tunes_grid_order": {
+            "steps_ratio": tune_order[0] / total,
+            "best_gap": sign * (tune_order[1] / best - 1),
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", default="tune/lora-rank-lr.yaml")
+    parser.add_argument("--slots", type=int, default=2, help="Trials at once (as in the runs).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ftb-", dir="/tmp") as tmp:
         tmp = Path(tmp)
         grid = run(REPO / args.sweep, "fifo", tmp)
         asha = run(REPO / args.sweep, "asha", tmp)
+        spec = yaml.safe_load((REPO / args.sweep).read_text())
+        spec["name"] += "-fifo"
+        replayed = replays(tmp / spec["name"], spec, args.slots)
     print(
         json.dumps(
             {
@@ -66,6 +185,7 @@ def main() -> None:
                 "asha": asha,
                 "steps_ratio": asha["steps_spent"] / grid["steps_spent"],
                 "best_gap": asha["best"] / grid["best"] - 1,
+                "asha_replayed_in_random_orders": replayed,
             },
             indent=2,
         )

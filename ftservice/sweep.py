@@ -100,6 +100,9 @@ class SweepSpec(Spec):
     max_concurrent: int | None = Field(
         None, ge=1, description="Trials at once; default: what the cluster's CPUs/GPUs allow."
     )
+    time_budget_minutes: float | None = Field(
+        None, gt=0, description="Total wall-clock budget; trials still running then are stopped."
+    )
     output_dir: str = Field("sweeps", description="Where sweeps keep trials and reports.")
 
 
@@ -173,6 +176,25 @@ def param_space(sweep: SweepSpec) -> dict:
     return space
 
 
+def grid_points(sweep: SweepSpec) -> list[dict]:
+    """The grid's points in the order the trials run: seeded random, each point once per
+    `num_samples`. Tune's own grid order is fixed (keys sorted, the first varying fastest)
+    and monotone in each swept value, so every new trial beats the ones before it, and ASHA,
+    which never stops the first trial through a rung, stops almost nothing. Like Optuna's
+    GridSampler, run the points in random order; non-grid dimensions are sampled per point."""
+    import itertools
+    import random
+
+    keys = [k for k, d in sweep.space.items() if d.grid is not None]
+    points = [dict(zip(keys, values, strict=True))
+              for values in itertools.product(*(sweep.space[k].grid for k in keys))]  # fmt: skip
+    rng = random.Random(sweep.search.seed)
+    order = []
+    for _ in range(sweep.search.num_samples):
+        order += rng.sample(points, len(points))
+    return order
+
+
 def run_trial(config: dict) -> None:
     """The Tune function of one trial: the training driver, reports forwarded to Tune."""
     from ray import tune
@@ -234,8 +256,16 @@ def run_sweep(path: str, resume: bool = False):
         if s.type == "asha"
         else FIFOScheduler()
     )
-    search_alg = None
-    if sweep.search.algorithm == "tpe":
+    search_alg, num_samples = None, sweep.search.num_samples
+    if sweep.search.algorithm == "grid":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        points = grid_points(sweep)  # each point replaces one sample of the space
+        search_alg = BasicVariantGenerator(
+            points_to_evaluate=points, random_state=sweep.search.seed
+        )
+        num_samples = len(points)
+    elif sweep.search.algorithm == "tpe":
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=sweep.search.seed)
@@ -259,8 +289,9 @@ def run_sweep(path: str, resume: bool = False):
                 mode=s.mode,
                 scheduler=scheduler,
                 search_alg=search_alg,
-                num_samples=sweep.search.num_samples,
+                num_samples=num_samples,
                 max_concurrent_trials=concurrency(base_spec, sweep),
+                time_budget_s=sweep.time_budget_minutes and sweep.time_budget_minutes * 60,
             ),
             run_config=tune.RunConfig(name="tune", storage_path=str(root)),
         )

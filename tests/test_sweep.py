@@ -97,6 +97,8 @@ def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spe
     summary = json.loads(report.stdout[report.stdout.index("{\n") :])
     trials = summary["trials"]
     assert len(trials) == 6
+    combos = {(t["params"]["lora.r"], t["params"]["train.learning_rate"]) for t in trials}
+    assert len(combos) == 6  # every grid point once
     states = [t["state"] for t in trials]
     # the absurd learning rate diverged, and was marked so, in both of its trials
     diverged = [t for t in trials if t["params"]["train.learning_rate"] == 1e30]
@@ -212,8 +214,42 @@ def test_tpe_samples_every_dimension_and_grid_repeats_the_grid(tmp_path, base_sp
     assert param_space(grid)["lora.r"] == {"grid_search": [2, 4]}
 
 
+def test_the_grid_runs_every_point_once_per_sample_in_a_seeded_random_order(tmp_path, base_spec):
+    import itertools
+
+    from ftservice.sweep import grid_points
+
+    space = {"lora.r": {"grid": [2, 4, 8]}, "train.learning_rate": {"grid": [1e-4, 1e-3, 1e-2]},
+             "lora.dropout": {"uniform": [0.0, 0.1]}}  # fmt: skip
+    sweep, _ = load_sweep(str(write_sweep(tmp_path, base_spec, space, search={"num_samples": 2})))
+    points = grid_points(sweep)
+    product = [{"lora.r": r, "train.learning_rate": lr}
+               for r, lr in itertools.product([2, 4, 8], [1e-4, 1e-3, 1e-2])]  # fmt: skip
+    first, second = points[:9], points[9:]
+    key = lambda p: (p["lora.r"], p["train.learning_rate"])  # noqa: E731
+    assert sorted(first, key=key) == product and sorted(second, key=key) == product
+    # not the fixed order, in which each later trial tends to beat the earlier ones
+    assert first != product and first != second
+    assert grid_points(sweep) == points  # the same seed gives the same order (resume)
+
+
 def test_the_shipped_sweep_is_valid():
     sweep, base = load_sweep(str(REPO / "tune/lora-rank-lr.yaml"))
     assert sweep.scheduler.type == "asha"
     assert base["data"]["eval"] == ["data/domain/eval.jsonl"]
     assert {k for k in sweep.space} == {"train.learning_rate", "lora.r", "lora.alpha"}
+
+
+@pytest.mark.slow
+def test_the_time_budget_stops_the_sweep_and_keeps_what_ran(tmp_path, base_spec, cli_env):
+    # 100,000 steps cannot end inside a budget of 20 s: every trial is stopped by the budget
+    sweep = write_sweep(
+        tmp_path, base_spec, {"train.learning_rate": {"grid": [3e-3, 1e-3, 3e-4]}},
+        overrides={"train.max_steps": 100_000}, time_budget_minutes=1 / 3, max_concurrent=1,
+    )  # fmt: skip
+    done = ftservice(cli_env, "sweep", str(sweep))
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((tmp_path / "sweeps" / "tiny-sweep" / "sweep.json").read_text())
+    states = [t["state"] for t in summary["trials"]]
+    assert "completed" not in states, states
+    assert set(states) <= {"stopped early", "not started"}, states
