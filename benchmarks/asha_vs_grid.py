@@ -45,6 +45,7 @@ def run(sweep_file: Path, scheduler: str, out: Path) -> dict:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
+    print(done.stdout[-4000:], file=sys.stderr)  # the end of the sweep's live table
     summary = json.loads((out / spec["name"] / "sweep.json").read_text())
     steps = sum(max((x for x, _ in t["curve"]), default=0) for t in summary["trials"])
     return {

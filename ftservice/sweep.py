@@ -181,11 +181,15 @@ def grid_points(sweep: SweepSpec) -> list[dict]:
     `num_samples`. Tune's own grid order is fixed (keys sorted, the first varying fastest)
     and monotone in each swept value, so every new trial beats the ones before it, and ASHA,
     which never stops the first trial through a rung, stops almost nothing. Like Optuna's
-    GridSampler, run the points in random order; non-grid dimensions are sampled per point."""
+    GridSampler, run the points in random order; non-grid dimensions are sampled per point.
+    Grids of lists or mappings (target modules) stay Tune grids inside each point: Tune's
+    preset points take scalars only."""
     import itertools
     import random
 
-    keys = [k for k, d in sweep.space.items() if d.grid is not None]
+    scalar = (str, int, float, bool)
+    keys = [k for k, d in sweep.space.items()
+            if d.grid is not None and all(isinstance(v, scalar) for v in d.grid)]  # fmt: skip
     points = [dict(zip(keys, values, strict=True))
               for values in itertools.product(*(sweep.space[k].grid for k in keys))]  # fmt: skip
     rng = random.Random(sweep.search.seed)
@@ -198,10 +202,10 @@ def grid_points(sweep: SweepSpec) -> list[dict]:
 def run_trial(config: dict) -> None:
     """The Tune function of one trial: the training driver, reports forwarded to Tune."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from ftservice.train.driver import TrainingDiverged
     from ftservice.train.driver import train as run_training
+    from ftservice.tune_report import MetricFirstReportCallback
 
     sweep = SweepSpec.model_validate(config.pop("__sweep"))
     base = config.pop("__base")
@@ -209,7 +213,8 @@ def run_trial(config: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(base, sweep, config, trial_id, root)
     try:
-        result = run_training(spec, evaluate=False, callbacks=[TuneReportCallback()])
+        report = MetricFirstReportCallback([sweep.scheduler.metric, "step"])  # the live table
+        result = run_training(spec, evaluate=False, callbacks=[report])
     except TrainingDiverged as e:
         worst = math.inf if sweep.scheduler.mode == "min" else -math.inf
         tune.report({sweep.scheduler.metric: worst, "diverged": True, "diverged_step": e.step})
@@ -257,12 +262,15 @@ def run_sweep(path: str, resume: bool = False):
         else FIFOScheduler()
     )
     search_alg, num_samples = None, sweep.search.num_samples
+    at_once = concurrency(base_spec, sweep)
     if sweep.search.algorithm == "grid":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         points = grid_points(sweep)  # each point replaces one sample of the space
         search_alg = BasicVariantGenerator(
-            points_to_evaluate=points, random_state=sweep.search.seed
+            points_to_evaluate=points,
+            random_state=sweep.search.seed,
+            max_concurrent=at_once,  # Tune applies max_concurrent_trials to Searchers only
         )
         num_samples = len(points)
     elif sweep.search.algorithm == "tpe":
@@ -290,7 +298,7 @@ def run_sweep(path: str, resume: bool = False):
                 scheduler=scheduler,
                 search_alg=search_alg,
                 num_samples=num_samples,
-                max_concurrent_trials=concurrency(base_spec, sweep),
+                max_concurrent_trials=None if sweep.search.algorithm == "grid" else at_once,
                 time_budget_s=sweep.time_budget_minutes and sweep.time_budget_minutes * 60,
             ),
             run_config=tune.RunConfig(name="tune", storage_path=str(root)),
