@@ -113,6 +113,9 @@ class DataSpec(Spec):
     eval: list[str] = Field(
         default_factory=list, description="Held-out files for the eval loss during training."
     )
+    max_eval_samples: int | None = Field(
+        None, ge=1, description="Only the first N held-out examples (quicker evaluations)."
+    )
     format: Literal["auto", "alpaca", "sharegpt", "openai", "text", "preference", "openai_dpo"] = (
         Field("auto", description="Record format; 'auto' recognises it from the fields.")
     )

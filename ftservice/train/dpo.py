@@ -95,7 +95,9 @@ def dpo_trainer(
     train_ds = on_shared_disk(train_ds, shared and shared / "train")
     eval_ds = None
     if d.eval:
-        eval_ds = preference_dataset(load_rows(d.eval, d.format, d.system_prompt))
+        eval_ds = preference_dataset(
+            load_rows(d.eval, d.format, d.system_prompt)[: d.max_eval_samples]
+        )
         eval_ds = on_shared_disk(eval_ds, shared and shared / "eval")
     return DPOTrainer(
         model=policy_model(spec, model_ref, parent),

@@ -61,8 +61,8 @@ def sft_trainer(spec, model_ref, parent, tokenizer, work, max_steps, callbacks, 
     eval_ds = None
     if d.eval:
         eval_ds = tokenized(
-            load_rows(d.eval, d.format, d.system_prompt), tokenizer, d.max_seq_length,
-            d.completion_only_loss,
+            load_rows(d.eval, d.format, d.system_prompt)[: d.max_eval_samples], tokenizer,
+            d.max_seq_length, d.completion_only_loss,
         )  # fmt: skip
     return SFTTrainer(
         model=build_model(spec, model_ref),
