@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ from ftservice.config import JobSpec, Spec, SpecError, load_spec, spec_from_dict
 from ftservice.errors import FtserviceError
 
 RESULTS = "sweep.json"
+RUNG = "rung_step"  # = ftservice.asha.RUNG (importing that module imports Ray)
+ASHA_STATE = "asha.json"
 
 
 class SweepError(FtserviceError):
@@ -79,11 +82,15 @@ class SearchSpec(Spec):
 
 
 class SchedulerSpec(Spec):
-    type: Literal["asha", "fifo"] = Field("asha", description="ASHA early stopping, or none.")
+    type: Literal["asha", "fifo"] = Field(
+        "asha", description="ASHA (trials wait at rungs, the best are promoted), or none."
+    )
     metric: str = Field("eval_loss", description="Metric the workers report (eval_ prefix).")
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise it.")
-    grace_period: int = Field(1, ge=1, description="Reports a trial gets before it can stop.")
-    reduction_factor: float = Field(2, gt=1, description="ASHA keeps 1/reduction_factor.")
+    grace_period: int = Field(
+        1, ge=1, description="Reports (evaluations) before the first rung; rungs at grace·η^k."
+    )
+    reduction_factor: float = Field(2, gt=1, description="η: a rung promotes its top 1/η.")
 
 
 class SweepSpec(Spec):
@@ -138,9 +145,27 @@ def load_sweep(path: str) -> tuple[SweepSpec, dict]:
                 detail = "; ".join(p.message for p in e.problems)
                 problems.append(f"{path}: space.{key}: value {value!r} is not valid: {detail}")
                 break
+    if sweep.scheduler.type == "asha" and not (
+        base["data"]["eval"] and base["eval"]["every_steps"]
+    ):
+        problems.append(
+            f"{path}: scheduler: asha compares trials at evaluations, but the base job has no "
+            "held-out data or evaluation interval; set data.eval and eval.every_steps in "
+            "overrides (or use scheduler.type: fifo)"
+        )
     if problems:
         raise SweepError("\n".join(problems))
     return sweep, base
+
+
+def rungs(sweep: SweepSpec, spec: JobSpec) -> list[int]:
+    """The steps at which ASHA's trials wait (none without ASHA)."""
+    from ftservice.asha import rung_steps
+
+    s = sweep.scheduler
+    if s.type != "asha":
+        return []
+    return rung_steps(s.grace_period, s.reduction_factor, spec.eval.every_steps)
 
 
 def trial_spec(base: dict, sweep: SweepSpec, config: dict, trial_id: str, root: Path) -> JobSpec:
@@ -203,6 +228,7 @@ def run_trial(config: dict) -> None:
     """The Tune function of one trial: the training driver, reports forwarded to Tune."""
     from ray import tune
 
+    from ftservice.asha import promoted_from
     from ftservice.train.driver import TrainingDiverged
     from ftservice.train.driver import train as run_training
     from ftservice.tune_report import MetricFirstReportCallback
@@ -212,13 +238,27 @@ def run_trial(config: dict) -> None:
     root = Path(config.pop("__root"))
     trial_id = tune.get_context().get_trial_id()
     spec = trial_spec(base, sweep, config, trial_id, root)
-    try:
-        report = MetricFirstReportCallback([sweep.scheduler.metric, "step"])  # the live table
-        result = run_training(spec, evaluate=False, callbacks=[report])
-    except TrainingDiverged as e:
-        worst = math.inf if sweep.scheduler.mode == "min" else -math.inf
-        tune.report({sweep.scheduler.metric: worst, "diverged": True, "diverged_step": e.step})
-        return
+    metric = sweep.scheduler.metric
+    report = MetricFirstReportCallback([metric, "step"])  # the live table
+    while True:
+        done = promoted_from(root / ASHA_STATE, trial_id) if sweep.scheduler.type == "asha" else ()
+        wait_at = [step for step in rungs(sweep, spec) if step not in done]
+        try:
+            result = run_training(spec, evaluate=False, callbacks=[report], pause_at=wait_at)
+        except TrainingDiverged as e:
+            worst = math.inf if sweep.scheduler.mode == "min" else -math.inf
+            tune.report({metric: worst, "diverged": True, "diverged_step": e.step})
+            return
+        if result.paused_at is None:
+            break
+        # at a rung: ASHA either promotes the trial at once (it trains on from here), or
+        # pauses it, which ends this function's actor (it starts afresh on promotion). Tune
+        # does not wait for the decision before `report` returns, so wait for it here.
+        at = [h for h in result.log_history if h.get("step") == result.paused_at and metric in h]
+        value = at[-1][metric] if at else math.nan
+        tune.report({metric: value, "step": result.paused_at, RUNG: result.paused_at})
+        while result.paused_at not in promoted_from(root / ASHA_STATE, trial_id):
+            time.sleep(0.5)
     m = result.artifact.meta["metrics"]
     tune.report(
         {
@@ -246,37 +286,40 @@ def concurrency(base: JobSpec, sweep: SweepSpec) -> int:
 def run_sweep(path: str, resume: bool = False):
     """Run (or resume) the sweep; returns Tune's ResultGrid."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from ftservice.asha import GatedLimiter, GatedVariants, PromotingASHA
 
     sweep, base = load_sweep(path)
     root = (Path(sweep.output_dir) / sweep.name).resolve()
     base_spec = JobSpec.model_validate(base)
-    s = sweep.scheduler
-    scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            grace_period=s.grace_period,
-            reduction_factor=s.reduction_factor,
-        )
-        if s.type == "asha"
-        else FIFOScheduler()
-    )
-    search_alg, num_samples = None, sweep.search.num_samples
+    s, algorithm = sweep.scheduler, sweep.search.algorithm
     at_once = concurrency(base_spec, sweep)
-    if sweep.search.algorithm == "grid":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+    num_samples = sweep.search.num_samples
+    scheduler = FIFOScheduler()
+    variants = {"random_state": sweep.search.seed}
+    if algorithm == "grid":
+        variants["points_to_evaluate"] = grid_points(sweep)  # each replaces one sample
+        num_samples = len(variants["points_to_evaluate"])
+    if s.type == "asha":
+        # ASHA decides which trial runs next, so it also gates the searcher (asha.py)
+        scheduler = PromotingASHA(rungs(sweep, base_spec), s.reduction_factor, at_once,
+                                  str(root / ASHA_STATE))  # fmt: skip
+        if algorithm == "tpe":
+            from ray.tune.search.optuna import OptunaSearch
 
-        points = grid_points(sweep)  # each point replaces one sample of the space
-        search_alg = BasicVariantGenerator(
-            points_to_evaluate=points,
-            random_state=sweep.search.seed,
-            max_concurrent=at_once,  # Tune applies max_concurrent_trials to Searchers only
-        )
-        num_samples = len(points)
-    elif sweep.search.algorithm == "tpe":
+            search_alg = GatedLimiter(OptunaSearch(seed=sweep.search.seed), scheduler.gate,
+                                      max_concurrent=num_samples)  # fmt: skip
+        else:
+            search_alg = GatedVariants(scheduler.gate, **variants)
+        limit = None
+    elif algorithm == "tpe":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(seed=sweep.search.seed)
+        search_alg, limit = OptunaSearch(seed=sweep.search.seed), at_once
+    else:  # Tune applies max_concurrent_trials to Searchers only, not to its generator
+        search_alg, limit = BasicVariantGenerator(max_concurrent=at_once, **variants), None
     fixed = {"__sweep": sweep.model_dump(mode="json"), "__base": base, "__root": str(root)}
     # the trial function only drives its Ray Train run, whose workers hold the CPUs/GPUs; a
     # trial must still ask for something, so it asks for a byte of memory
@@ -298,7 +341,7 @@ def run_sweep(path: str, resume: bool = False):
                 scheduler=scheduler,
                 search_alg=search_alg,
                 num_samples=num_samples,
-                max_concurrent_trials=None if sweep.search.algorithm == "grid" else at_once,
+                max_concurrent_trials=limit,
                 time_budget_s=sweep.time_budget_minutes and sweep.time_budget_minutes * 60,
             ),
             run_config=tune.RunConfig(name="tune", storage_path=str(root)),
@@ -327,18 +370,32 @@ def prune_checkpoints(root: Path, sweep: SweepSpec, records: list[dict]) -> int:
 
 def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
     """Every trial of the sweep from Tune's own files: params, state, curve, best metric."""
+    import re
+
     metric, mode = sweep.scheduler.metric, sweep.scheduler.mode
+    # ASHA's own record of every rung value, written at each decision: Tune's result files
+    # lose their last rows when the sweep's driver is killed
+    at_rungs: dict[str, dict[int, float]] = {}
+    if (root / ASHA_STATE).is_file():
+        state = json.loads((root / ASHA_STATE).read_text())
+        for step, values in zip(state["rungs"], state["recorded"], strict=True):
+            for tid, v in values.items():
+                at_rungs.setdefault(tid, {})[step] = v if mode == "min" else -v
     records = []
     for params_file in sorted((root / "tune").glob("*/params.json")):
         trial_dir = params_file.parent
+        found = re.search(r"_([0-9a-f]+_\d{5})_", trial_dir.name)
+        trial_id = found.group(1) if found else trial_dir.name
         params = {k: v for k, v in json.loads(params_file.read_text()).items()
                   if not k.startswith("__")}  # fmt: skip
         rows = []
         result_file = trial_dir / "result.json"
         if result_file.is_file():
             rows = [json.loads(x) for x in result_file.read_text().splitlines() if x.strip()]
-        curve = [(r.get("global_step") or r.get("step") or r["training_iteration"], r[metric])
-                 for r in rows if metric in r and not r.get("finished")]  # fmt: skip
+        reported = {(r.get("global_step") or r.get("step") or r["training_iteration"]): r[metric]
+                    for r in rows
+                    if metric in r and not (r.get("finished") or r.get(RUNG))}  # fmt: skip
+        curve = sorted((at_rungs.get(trial_id, {}) | reported).items())
         values = [v for _, v in curve if isinstance(v, (int, float)) and math.isfinite(v)]
         if not values:  # a trial restarted after its end: only the final summary is left
             values = [r[metric] for r in rows if r.get("finished") and math.isfinite(r[metric])]
@@ -352,10 +409,10 @@ def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
         elif error.is_file():
             state = "errored"
         else:
-            state = "stopped early" if rows else "not started"
+            state = "stopped early" if rows or curve else "not started"
         records.append(
             {
-                "trial": last.get("trial_id", trial_dir.name),
+                "trial": trial_id,
                 "params": params,
                 "state": state,
                 "best": best,

@@ -88,13 +88,28 @@ def short_tmp():
 
 
 @pytest.fixture
-def cli_env(tmp_path, short_tmp) -> dict:
+def cli_env(tmp_path, short_tmp):
     """Environment for an `ftservice` subprocess that starts its own local Ray: its own HOME,
     short Ray temp dir, auth off, and none of the caller's RAY_* settings."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    return env | {"HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(short_tmp)}
+    yield env | {"HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(short_tmp)}
+    # Ray's shutdown can leave a worker behind whose raylet is gone (seen with a Train
+    # controller); anything still running with this test's Ray folder is stopped here
+    _stop_processes_with_env(f"RAY_TMPDIR={short_tmp}")
+
+
+def _stop_processes_with_env(entry: str) -> None:
+    needle = entry.encode() + b"\0"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
 
 
 def short_dir(prefix: str) -> Path:

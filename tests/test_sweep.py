@@ -79,19 +79,47 @@ def test_invalid_spaces_are_refused_before_anything_starts(tmp_path, base_spec):
     orphan = write_sweep(tmp_path, base_spec, {"lora.alpha": {"multiple_of": "lora.r"}})
     with pytest.raises(SweepError, match=r"multiple_of names 'lora\.r', which is not in the space"):
         load_sweep(str(orphan))
+    no_eval = write_sweep(tmp_path, base_spec, {"lora.r": {"grid": [2, 4]}},
+                          overrides={"data.eval": []})  # fmt: skip
+    with pytest.raises(SweepError, match=r"scheduler: asha compares trials at evaluations"):
+        load_sweep(str(no_eval))
     assert not (tmp_path / "sweeps").exists()
 
 
 @pytest.mark.slow
-def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spec, cli_env):
+def test_a_sweep_halves_the_trials_marks_nan_resumes_after_a_kill_and_reports(
+    tmp_path, base_spec, cli_env
+):
+    import time
+
+    from conftest import _kill_session
+
     sweep = write_sweep(
         tmp_path, base_spec,
         {"lora.r": {"grid": [2, 4]}, "lora.alpha": {"multiple_of": "lora.r", "factor": 2},
-         "train.learning_rate": {"grid": [3e-3, 1e-5, 1e30]}},
+         "train.learning_rate": {"grid": [3e-3, 1e-3, 1e30]}},
     )  # fmt: skip
-    done = ftservice(cli_env, "sweep", str(sweep))
-    assert done.returncode == 0, done.stderr[-4000:]
     root = tmp_path / "sweeps" / "tiny-sweep"
+    state = root / "asha.json"
+
+    def waiting() -> dict:
+        return json.loads(state.read_text())["waiting"] if state.is_file() else {}
+
+    # kill the sweep's driver (and its Ray) while a trial waits at a rung, then resume
+    cmd = [sys.executable, "-m", "ftservice", "sweep", str(sweep)]
+    first = subprocess.Popen(
+        cmd, env=cli_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not waiting():
+        assert first.poll() is None and time.monotonic() < deadline, "no trial reached a rung"
+        time.sleep(0.5)
+    _kill_session(first.pid)
+    first.wait(timeout=60)
+    again = ftservice(cli_env, "sweep", str(sweep), "--resume")
+    assert again.returncode == 0, again.stderr[-4000:]
+
     report = ftservice(cli_env, "sweep", "report", str(root), "--json")
     assert report.returncode == 0, report.stderr[-3000:]
     summary = json.loads(report.stdout[report.stdout.index("{\n") :])
@@ -99,21 +127,27 @@ def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spe
     assert len(trials) == 6
     combos = {(t["params"]["lora.r"], t["params"]["train.learning_rate"]) for t in trials}
     assert len(combos) == 6  # every grid point once
-    states = [t["state"] for t in trials]
     # the absurd learning rate diverged, and was marked so, in both of its trials
     diverged = [t for t in trials if t["params"]["train.learning_rate"] == 1e30]
     assert [t["state"] for t in diverged] == ["diverged", "diverged"]
-    # ASHA stopped at least one trial before its last report
-    assert "stopped early" in states, states
-    full = max(t["reports"] for t in trials)
-    assert full == 4  # 12 steps, a report every 3
-    assert any(t["state"] == "stopped early" and t["reports"] < full for t in trials)
-    # ranked by the metric, best first, and the best is a finished trial with an artifact
+    # successive halving (η = 2) of the other 4: all 4 to step 3 (a report every 3 steps),
+    # the best 2 on to step 6, the best of those to the end (step 12). Nothing was trained
+    # twice: each trial's reports are at distinct steps, so none restarted from scratch or
+    # went past a rung it waited at, before or after the kill
+    halved = [t for t in trials if t not in diverged]
+    assert sorted(t["state"] for t in halved) == ["completed"] + ["stopped early"] * 3
+    assert sorted(t["reports"] for t in halved) == [1, 1, 2, 4]
+    for t in halved:
+        steps = [s for s, _ in t["curve"]]
+        assert steps == sorted(set(steps)) and steps[0] == 3, t
+    # ranked by the metric, best first, and the best is the finished trial, with an artifact
     bests = [t["best"] for t in trials if t["best"] is not None]
     assert bests == sorted(bests)
-    assert summary["best"]["best"] == bests[0]
+    assert summary["best"]["best"] == bests[0] and summary["best"]["state"] == "completed"
     assert summary["best"]["params"]["train.learning_rate"] == 3e-3
-    # checkpoints of trials that stopped early or diverged are pruned; finished ones publish
+    artifacts = [json.loads(p.read_text()) for p in (root / "artifacts").glob("*/ftservice.json")]
+    assert [m["metrics"]["global_step"] for m in artifacts] == [12]
+    # checkpoints of trials that stopped early or diverged are pruned
     for t in trials:
         runs = list((root / "runs").glob(f"tiny-sweep-{t['trial']}-*".replace("_", "-")))
         kept = [c for r in runs for c in r.glob("checkpoint_*") if c.is_dir()]
@@ -131,50 +165,6 @@ def test_a_sweep_stops_bad_trials_early_marks_nan_and_reports(tmp_path, base_spe
     promoted = next((tmp_path / "registry").glob("*/ftservice.json"))
     lineage = json.loads(promoted.read_text())["lineage"]
     assert lineage["sweep"] == "tiny-sweep" and lineage["trial"] == summary["best"]["trial"]
-
-
-@pytest.mark.slow
-def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, base_spec, cli_env):
-    import time
-
-    from conftest import _kill_session
-
-    sweep = write_sweep(
-        tmp_path, base_spec,
-        {"lora.r": {"grid": [2, 4]}, "train.learning_rate": {"grid": [3e-3, 1e-3]}},
-        scheduler={"type": "fifo", "metric": "eval_loss", "mode": "min"},
-    )  # fmt: skip
-    cmd = [sys.executable, "-m", "ftservice", "sweep", str(sweep)]
-    first = subprocess.Popen(
-        cmd, env=cli_env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    root = tmp_path / "sweeps" / "tiny-sweep"
-    deadline = time.monotonic() + 600
-    while not list((root / "artifacts").glob("*/ftservice.json")):
-        assert first.poll() is None and time.monotonic() < deadline, "no trial finished"
-        time.sleep(0.5)
-    _kill_session(first.pid)
-    first.wait(timeout=60)
-    published_before = {
-        p.parent.name: json.loads(p.read_text())["created"]
-        for p in (root / "artifacts").glob("*/ftservice.json")
-    }
-
-    again = ftservice(cli_env, "sweep", str(sweep), "--resume")
-    assert again.returncode == 0, again.stderr[-4000:]
-    summary = json.loads((root / "sweep.json").read_text())
-    assert [t["state"] for t in summary["trials"]] == ["completed"] * 4
-    # the trials that had finished were not trained again: Tune may restart a trial whose end
-    # it had not yet recorded, but the driver finds the run published and returns at once
-    published = {
-        p.parent.name: json.loads(p.read_text())["created"]
-        for p in (root / "artifacts").glob("*/ftservice.json")
-    }
-    assert len(published) == 4  # one artifact per trial, none published twice
-    assert all(published[name] == created for name, created in published_before.items())
-    metas = [json.loads(p.read_text()) for p in (root / "artifacts").glob("*/ftservice.json")]
-    assert all(m["metrics"]["global_step"] == 12 for m in metas)
 
 
 @pytest.mark.slow
@@ -243,8 +233,10 @@ def test_the_shipped_sweep_is_valid():
 @pytest.mark.slow
 def test_the_time_budget_stops_the_sweep_and_keeps_what_ran(tmp_path, base_spec, cli_env):
     # 100,000 steps cannot end inside a budget of 20 s: every trial is stopped by the budget
+    # (TPE suggests the trials, through ASHA's gate)
     sweep = write_sweep(
-        tmp_path, base_spec, {"train.learning_rate": {"grid": [3e-3, 1e-3, 3e-4]}},
+        tmp_path, base_spec, {"train.learning_rate": {"loguniform": [3e-4, 3e-3]}},
+        search={"algorithm": "tpe", "num_samples": 3},
         overrides={"train.max_steps": 100_000}, time_budget_minutes=1 / 3, max_concurrent=1,
     )  # fmt: skip
     done = ftservice(cli_env, "sweep", str(sweep))

@@ -87,9 +87,11 @@ def preference_metrics(log_history: list[dict]) -> dict:
 
 @dataclass
 class TrainResult:
-    artifact: Artifact
+    artifact: Artifact | None  # None while paused at a rung
     evaluation: dict
     resumed: bool
+    paused_at: int | None = None  # the step a sweep's trial stopped at, to wait there
+    log_history: list | None = None
 
 
 def run_name(spec: JobSpec) -> str:
@@ -133,6 +135,7 @@ def _trainer(
     storage: Path,
     max_steps,
     callbacks: list | None = None,
+    pause_at: list[int] | None = None,
 ):
     # Workers stay in the job's working directory (the project folder, or the working_dir
     # that `ftservice submit` uploaded), so the spec's relative data paths mean the same
@@ -153,6 +156,7 @@ def _trainer(
             "model": dataclasses.asdict(model) | {"path": str(model.path)},
             "staging": str(storage / name / "staging"),
             "max_steps": max_steps,
+            "pause_at": pause_at,
             "parent": {"name": parent.name, "path": str(parent.path.resolve())} if parent else None,
         },
         scaling_config=ScalingConfig(
@@ -203,8 +207,13 @@ def train(
     evaluate: bool = True,
     eval_limit: int | None = None,
     callbacks: list | None = None,
+    pause_at: list[int] | None = None,
 ) -> TrainResult:
     """Train (or resume) the run the spec names, publish its artifact, evaluate it.
+
+    With `pause_at` (a sweep's rungs), training stops at the first of those steps after the
+    one it resumed from, with a checkpoint there, and nothing is published: the result has
+    `paused_at`, and training the same spec again goes on from that step.
 
     Ray must be initialised (ftservice.raycluster.init_ray)."""
     name = run_name(spec) if max_steps is None else f"{run_name(spec)}-steps{max_steps}"
@@ -226,13 +235,17 @@ def train(
         f"{len(rows)} examples, {spec.scaling.num_workers} worker(s)",
         file=sys.stderr,
     )
-    result = _trainer(spec, base, parent, name, storage, max_steps, callbacks).fit()
+    result = _trainer(spec, base, parent, name, storage, max_steps, callbacks, pause_at).fit()
     if result.error is not None:
         raise result.error
     history = json.loads((staging / worker.HISTORY).read_text())
     if history.get("nonfinite_loss_step") is not None:
         shutil.rmtree(staging, ignore_errors=True)
         raise TrainingDiverged(spec, history["nonfinite_loss_step"], storage / name)
+    if history.get("paused_at") is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+        return TrainResult(None, {}, bool(history.get("resumed")), history["paused_at"],
+                           history["log_history"])  # fmt: skip
     metrics = {
         "train_loss": history["train_loss"],
         "global_step": history["global_step"],

@@ -87,6 +87,31 @@ def stop_on_nonfinite_loss():
     return StopOnNonFiniteLoss()
 
 
+def pause_at_rungs(steps: list[int], evaluate: bool):
+    """A TrainerCallback that ends training at the first of `steps` after the step it
+    started (or resumed) from, short of the last step, with an evaluation and a checkpoint
+    there: a sweep's trial waits at that rung, and its next run resumes from it."""
+    from transformers import TrainerCallback
+
+    class PauseAtRung(TrainerCallback):
+        def __init__(self):
+            self.start = 0
+            self.step: int | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if step in steps and self.start < step < state.max_steps:
+                self.step = step
+                control.should_training_stop = True
+                control.should_save = True
+                control.should_evaluate = evaluate
+
+    return PauseAtRung()
+
+
 def peak_memory() -> dict:
     """This process's peak resident memory (and the GPU's peak allocation where there is one)."""
     import resource
@@ -118,7 +143,10 @@ def train_loop(config: dict) -> None:
     set_seed(spec.train.seed)  # adapters initialise the same way on every run of the spec
     work = tempfile.mkdtemp(prefix=f"ftservice-{spec.name}-rank{rank}-")
     guard = stop_on_nonfinite_loss()
-    callbacks = [guard, RayTrainReportCallback()]
+    scored = bool(spec.data.eval) and spec.eval.every_steps is not None
+    pause_steps = config.get("pause_at") or []
+    pause = pause_at_rungs(pause_steps, scored)
+    callbacks = [guard, pause, RayTrainReportCallback()]
     if spec.stage == "dpo":
         from ftservice.train.dpo import dpo_trainer as build
     else:
@@ -135,15 +163,26 @@ def train_loop(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             resume = Path(work) / "resume"
             shutil.copytree(Path(folder) / RayTrainReportCallback.CHECKPOINT_NAME, resume)
-        result = trainer.train(resume_from_checkpoint=str(resume))
+        saved = json.loads((resume / "trainer_state.json").read_text())
+        if saved["global_step"] in pause_steps and saved["global_step"] < saved["max_steps"]:
+            # a sweep trial stopped at a rung whose report never reached Tune (its driver was
+            # killed): it waits there again instead of training past it
+            pause.step = saved["global_step"]
+            result = None
+            trainer.state.log_history = saved["log_history"]
+            trainer.state.global_step = saved["global_step"]
+        else:
+            result = trainer.train(resume_from_checkpoint=str(resume))
     else:
         result = trainer.train()
 
     staging = Path(config["staging"])
-    # Every rank takes part: under ZeRO-3 saving gathers the sharded weights.
-    save_final(trainer, staging / FINAL)
+    if pause.step is None:
+        # Every rank takes part: under ZeRO-3 saving gathers the sharded weights.
+        save_final(trainer, staging / FINAL)
     if rank == 0:
-        tokenizer.save_pretrained(staging / FINAL)
+        if pause.step is None:
+            tokenizer.save_pretrained(staging / FINAL)
         params = list(trainer.model_wrapped.parameters())
         history = {
             # under ZeRO-3 each rank owns a shard (ds_tensor) of every parameter; ds_numel
@@ -152,11 +191,12 @@ def train_loop(config: dict) -> None:
             "parameters_total": sum(getattr(p, "ds_numel", p.numel()) for p in params),
             "world_size": context.get_world_size(),
             "log_history": trainer.state.log_history,
-            "train_loss": result.training_loss,
+            "train_loss": result.training_loss if result else None,
             "global_step": trainer.state.global_step,
             "resumed": checkpoint is not None,
             "peak_memory": peak_memory(),
             "nonfinite_loss_step": guard.step,
+            "paused_at": pause.step,
         }
         (staging / HISTORY).write_text(json.dumps(history, indent=2, default=float))
     shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,279 @@
+"""Asynchronous successive halving with promotions (ASHA, Li et al., MLSys 2020) for Tune.
+
+Ray's `ASHAScheduler` is the stopping variant: a trial reaching a rung goes on unless it is
+below the top 1/η of the trials recorded there so far. The first trials through a rung have
+nothing to be compared with, so they always go on, and on a small grid that costs most of
+the savings (measured in benchmarks/README.md). The paper's ASHA promotes instead: a trial
+trains to a rung (grace_period · η^k reports) and waits there, its Ray Train checkpoint kept,
+and a new trial starts only when no waiting trial can be promoted. The paper promotes a
+trial ranked in the top 1/η of the trials recorded at its rung so far; on a sweep of a known
+size (every Tune sweep has one) that still promotes trials that later ones beat. Here a
+trial is promoted once it is sure to rank in the top 1/η (at least one) of all the trials
+that reach its rung, even if every trial that may still arrive there beats it. A sweep so
+spends exactly what synchronous successive halving would, without waiting at rungs while
+new trials can run; when nothing can arrive at a rung any more and nothing can be promoted,
+the waiting trials stop and the sweep ends.
+
+Tune pauses a waiting trial (its actor ends; `pause_trial` without a Tune checkpoint) and
+starts it again on promotion; the trial's function trains the same Ray Train run, which
+resumes from the checkpoint written at the rung. New trials are gated at the searcher
+(`gate`), because Tune starts every pending trial it has resources for, and a trial that
+only drives a Train run asks for almost none. The scheduler's state is kept in a JSON file
+beside the sweep: `--resume` keeps waiting trials waiting, and a trial's function reads
+which rungs it was promoted from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+RUNG = "rung_step"  # the result key a trial function reports when it stops at a rung
+
+
+def rung_steps(grace_period: int, reduction_factor: float, every_steps: int, limit=10**7):
+    """The training steps at which trials stop and wait: grace · η^k reports of every_steps."""
+    steps, k = [], 0
+    while True:
+        step = round(grace_period * reduction_factor**k) * every_steps
+        if step >= limit:
+            return steps
+        if not steps or step > steps[-1]:
+            steps.append(step)
+        k += 1
+
+
+def promoted_from(state_file: str | Path, trial_id: str) -> set[int]:
+    """The rung steps the trial was promoted from (read by the trial's own function, which
+    then waits at every other rung it reaches, even one it restarts at after a crash)."""
+    path = Path(state_file)
+    if not path.is_file():
+        return set()
+    state = json.loads(path.read_text())
+    return {step for step, ids in zip(state["rungs"], state["promoted"], strict=True)
+            if trial_id in ids}  # fmt: skip
+
+
+class PromotingASHA(FIFOScheduler):
+    def __init__(
+        self,
+        rungs: list[int],
+        reduction_factor: float,
+        max_running: int,
+        state_file: str,
+    ):
+        super().__init__()  # metric and mode come from the TuneConfig
+        self.rungs = list(rungs)
+        self.eta = reduction_factor
+        self.max_running = max_running
+        self.state_file = state_file
+        self.recorded: list[dict[str, float]] = [{} for _ in self.rungs]
+        self.promoted: list[set[str]] = [set() for _ in self.rungs]
+        self.waiting: dict[str, int] = {}  # trial id -> rung index it waits at
+        self.heading: dict[str, int] = {}  # trial id -> rung index it trains towards
+        self._loaded = False
+        self._controller = None
+
+    def __getstate__(self):
+        return self.__dict__ | {"_controller": None}
+
+    # --- state kept beside the sweep, for --resume
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        path = Path(self.state_file)
+        if not path.is_file():
+            return
+        state = json.loads(path.read_text())
+        if state.get("rungs") != self.rungs:
+            return
+        self.recorded = [dict(r) for r in state["recorded"]]
+        self.promoted = [set(p) for p in state["promoted"]]
+        self.waiting = dict(state["waiting"])
+        self.heading = dict(state["heading"])
+
+    def _save(self) -> None:
+        state = {
+            "rungs": self.rungs,
+            "recorded": self.recorded,
+            "promoted": [sorted(p) for p in self.promoted],
+            "waiting": self.waiting,
+            "heading": self.heading,
+        }
+        path = Path(self.state_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(path)
+
+    # --- what Tune calls
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        return True
+
+    def on_trial_add(self, tune_controller, trial: Trial) -> None:
+        self._load()
+        self._controller = tune_controller
+        self.heading.setdefault(trial.trial_id, 0)
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        self._load()
+        step = result.get(RUNG)
+        if step not in self.rungs:
+            return TrialScheduler.CONTINUE
+        k = self.rungs.index(step)
+        value = result.get(self._metric)
+        score = math.inf  # lower is better; a missing or NaN metric ranks last
+        if isinstance(value, (int, float)) and not math.isnan(value):
+            score = value if self._mode == "min" else -value
+        self.recorded[k][trial.trial_id] = score
+        self.waiting[trial.trial_id] = k
+        self.heading.pop(trial.trial_id, None)
+        pick = self._promotable(tune_controller.get_trials(), exclude=trial)
+        if pick is trial:  # promoted at once: its function trains on to the next rung
+            self._promote(trial)
+            self._save()
+            return TrialScheduler.CONTINUE
+        self._save()
+        tune_controller.pause_trial(trial, should_checkpoint=False)
+        return TrialScheduler.NOOP
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
+        self._forget(trial)
+
+    def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        self._forget(trial)
+
+    def on_trial_remove(self, tune_controller, trial: Trial) -> None:
+        self._forget(trial)
+
+    def _forget(self, trial: Trial) -> None:
+        self._load()
+        self.waiting.pop(trial.trial_id, None)
+        self.heading.pop(trial.trial_id, None)
+        self._save()
+
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        self._load()
+        self._controller = tune_controller
+        trials = tune_controller.get_trials()
+        for t in trials:  # restored by --resume as pending: they wait at their rung again
+            if t.status == Trial.PENDING and t.trial_id in self.waiting:
+                tune_controller._set_trial_status(t, Trial.PAUSED)
+        active = [t for t in trials if t.status in (Trial.RUNNING, Trial.PENDING)]
+        if len(active) >= self.max_running:
+            return None
+        pick = self._promotable(trials)
+        if pick is not None:
+            self._promote(pick)
+            self._save()
+            return pick
+        if not active and self._all_added(tune_controller):
+            # no trial can arrive at any rung any more, and none can go on: the sweep ends
+            for t in trials:
+                if t.trial_id in self.waiting and t.status == Trial.PAUSED:
+                    tune_controller.stop_trial(t)
+        return None
+
+    # --- the algorithm
+    def _all_added(self, tune_controller) -> bool:
+        return tune_controller.search_alg.is_finished()
+
+    def _promotable(self, trials: list[Trial], exclude: Trial | None = None) -> Trial | None:
+        """The waiting trial to promote next, from the highest rung down, or None.
+
+        A trial is promoted once it is sure to rank in the top 1/η (at least one) of every
+        trial of the sweep that reaches its rung: even if all the trials that may still
+        arrive there (not started yet, or running below it) beat it."""
+        by_id = {t.trial_id: t for t in trials}
+        active = [t.trial_id for t in trials
+                  if t.status in (Trial.RUNNING, Trial.PENDING) and t is not exclude]  # fmt: skip
+        total = getattr(self._search_alg(), "total_samples", 0) or len(trials)
+        for k in reversed(range(len(self.rungs))):
+            values = self.recorded[k]
+            unknown = max(0, total - len(trials)) + sum(self.heading.get(a, 0) <= k for a in active)
+            quota = max(1, int(len(values) // self.eta))
+            for rank, tid in enumerate(sorted(values, key=values.get)):
+                if rank + unknown >= quota:
+                    break
+                if tid in self.promoted[k] or self.waiting.get(tid) != k:
+                    continue
+                if tid in by_id and math.isfinite(values[tid]):
+                    return by_id[tid]
+        return None
+
+    def _search_alg(self):
+        return self._controller.search_alg if self._controller is not None else None
+
+    def _promote(self, trial: Trial) -> None:
+        k = self.waiting.pop(trial.trial_id)
+        self.promoted[k].add(trial.trial_id)
+        self.heading[trial.trial_id] = k + 1
+
+    def gate(self) -> bool:
+        """May the searcher add a new trial now? Only into a free slot that no waiting
+        trial can be promoted into."""
+        controller = self._controller
+        if controller is None:
+            return True
+        self._load()
+        trials = controller.get_trials()
+        active = [t for t in trials if t.status in (Trial.RUNNING, Trial.PENDING)]
+        if len(active) >= self.max_running:
+            return False
+        return self._promotable(trials) is None
+
+    def debug_string(self) -> str:
+        waiting = ", ".join(f"{n} at step {s}" for s, n in
+                            zip(self.rungs, [list(self.waiting.values()).count(k)
+                                             for k in range(len(self.rungs))], strict=True)
+                            if n)  # fmt: skip
+        return f"Using ASHA with promotions: rungs at steps {self.rungs}; waiting: {waiting or 0}"
+
+
+class GatedVariants(BasicVariantGenerator):
+    """Tune's grid/random generator, adding a trial only when the scheduler's gate opens."""
+
+    def __init__(self, gate, **kwargs):
+        super().__init__(**kwargs)
+        self._gate = gate
+
+    def next_trial(self):
+        if not self._gate():
+            return None
+        return super().next_trial()
+
+    def get_state(self):
+        state = super().get_state()
+        if state:
+            state.pop("_gate", None)
+        return state
+
+
+class GatedLimiter(ConcurrencyLimiter):
+    """A model-based searcher, suggesting only when the scheduler's gate opens."""
+
+    def __init__(self, searcher, gate, max_concurrent: int):
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self._gate = gate
+
+    def suggest(self, trial_id: str):
+        if not self._gate():
+            return None
+        return super().suggest(trial_id)
+
+    def get_state(self):
+        gate, self._gate = self._gate, None
+        try:
+            state = super().get_state()
+        finally:
+            self._gate = gate
+        state.pop("_gate", None)
+        return state
