@@ -5,11 +5,13 @@ once with its ASHA scheduler, once with no early stopping (FIFO: every trial to 
 Prints training steps spent (the last step each trial reached, summed) and the best metric
 each found. Goal: ASHA within 2% of the grid's best with at most 40% of its steps.
 
-One ASHA run is one order of the trials, and asynchronous ASHA depends on that order (it
-never stops the first trial through a rung). So the grid's recorded curves are also replayed
-through Ray's own `ASHAScheduler` in many random orders, with the same number of trials at
-once and each report at the time it took in the grid run: the distribution of steps spent
-and best metric found, without training anything again.
+One ASHA run is one order of the trials, and asynchronous schedulers depend on that order.
+So the grid's recorded curves are also replayed, in many random orders, with the same number
+of trials at once and each report at the time it took in the grid run, through our ASHA
+(`ftservice/asha.py`: trials wait at rungs and the best are promoted; each new start of a
+trial's Train run costs the start-up time its first report took) and through Ray's own
+`ASHAScheduler` (the stopping variant, for comparison): the distribution of steps spent and
+best metric found, without training anything again.
 
     .venv/bin/python benchmarks/asha_vs_grid.py [--sweep tune/lora-rank-lr.yaml]
 """
@@ -113,6 +115,92 @@ def replay(
     return steps, sign * min(sign * v for v in finals), now
 
 
+def replay_promoting(
+    trials: list[dict], order: list[int], spec: dict, slots: int
+) -> tuple[int, float, float]:
+    """Our PromotingASHA over recorded curves, driven as Tune drives it: steps spent, best
+    final metric, and the seconds the trials took."""
+    import heapq
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from ftservice.asha import RUNG, PromotingASHA, rung_steps
+
+    s = spec["scheduler"]
+    every = spec["overrides"]["eval.every_steps"]
+    asha = PromotingASHA(rung_steps(s["grace_period"], s["reduction_factor"], every),
+                         s["reduction_factor"], slots, "/nonexistent/asha.json")  # fmt: skip
+    asha.set_search_properties(s["metric"], s["mode"])
+    asha._save = lambda: None  # nothing to resume here
+    queue, added, events, now = list(order), [], [], 0.0
+    sign = 1 if s["mode"] == "min" else -1
+    reached: dict[int, int] = {}  # trial -> last report index reached
+    finals: list[float] = []
+
+    class Controller:
+        search_alg = SimpleNamespace(is_finished=lambda: not queue, total_samples=len(order))
+
+        def get_trials(self):
+            return added
+
+        def pause_trial(self, trial, should_checkpoint=True):
+            trial.status = Trial.PAUSED
+
+        def stop_trial(self, trial):
+            trial.status = Trial.TERMINATED
+            asha.on_trial_remove(self, trial)
+
+        def _set_trial_status(self, trial, status):
+            trial.status = status
+
+    ctrl = Controller()
+
+    def launch(trial, now: float) -> None:
+        """A (re)start of the trial's Train run: start-up, then training to its next report."""
+        i, k = trial.index, reached.get(trial.index, -1) + 1
+        reports = trials[i]["reports"]
+        startup = reports[0][2] - (reports[1][2] - reports[0][2])
+        took = reports[k][2] - (reports[k - 1][2] if k else 0.0)
+        trial.status = Trial.RUNNING
+        heapq.heappush(events, (now + (startup if k else 0.0) + took, i, k, trial))
+
+    def fill(now: float) -> None:
+        while True:
+            pick = asha.choose_trial_to_run(ctrl)
+            if pick is not None:
+                launch(pick, now)
+            elif queue and asha.gate():
+                trial = SimpleNamespace(trial_id=str(queue[0]), index=queue.pop(0),
+                                        status=Trial.PENDING)  # fmt: skip
+                added.append(trial)
+                asha.on_trial_add(ctrl, trial)
+                launch(trial, now)
+            else:
+                return
+
+    fill(0.0)
+    while events:
+        now, i, k, trial = heapq.heappop(events)
+        reached[i] = k
+        step, value, _ = trials[i]["reports"][k]
+        last = k + 1 == len(trials[i]["reports"])
+        if last:
+            trial.status = Trial.TERMINATED
+            asha.on_trial_complete(ctrl, trial, {})
+            finals.append(value)
+        elif step in asha.rungs:
+            if asha.on_trial_result(ctrl, trial, {s["metric"]: value, RUNG: step}) == "CONTINUE":
+                launch(trial, now)  # promoted at once: its function starts the next segment
+        else:
+            reports = trials[i]["reports"]
+            heapq.heappush(events, (now + reports[k + 1][2] - reports[k][2], i, k + 1, trial))
+            continue
+        fill(now)
+    steps = sum(trials[i]["reports"][k][0] for i, k in reached.items())
+    return steps, sign * min(sign * v for v in finals), now
+
+
 def tunes_grid_order(trials: list[dict], spec: dict) -> list[int]:
     """The trials in the order Tune's own grid search would have run them."""
     from ray import tune
@@ -127,7 +215,7 @@ def tunes_grid_order(trials: list[dict], spec: dict) -> list[int]:
     return order
 
 
-def replays(root: Path, spec: dict, slots: int, orders: int = 500) -> dict:
+def replays(root: Path, spec: dict, slots: int, replay=replay, orders: int = 500) -> dict:
     import random
 
     import numpy as np
@@ -171,14 +259,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", default="tune/lora-rank-lr.yaml")
     parser.add_argument("--slots", type=int, default=2, help="Trials at once (as in the runs).")
+    parser.add_argument("--out", help="Keep the sweeps here (default: a temporary folder).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ftb-", dir="/tmp") as tmp:
-        tmp = Path(tmp)
+        tmp = Path(args.out or tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
         grid = run(REPO / args.sweep, "fifo", tmp)
         asha = run(REPO / args.sweep, "asha", tmp)
         spec = yaml.safe_load((REPO / args.sweep).read_text())
         spec["name"] += "-fifo"
-        replayed = replays(tmp / spec["name"], spec, args.slots)
+        replayed = replays(tmp / spec["name"], spec, args.slots, replay_promoting)
+        ray_asha = replays(tmp / spec["name"], spec, args.slots, replay)
+        by_eta = {}  # our ASHA over the grid's curves with other reduction factors
+        for eta in (2, 3, 4):
+            other = json.loads(json.dumps(spec))
+            other["scheduler"]["reduction_factor"] = eta
+            one = replays(tmp / spec["name"], other, args.slots, replay_promoting, orders=50)
+            by_eta[eta] = {k: one[k] for k in ("steps_ratio_mean", "best_gap_mean")}
     print(
         json.dumps(
             {
@@ -187,6 +284,8 @@ def main() -> None:
                 "steps_ratio": asha["steps_spent"] / grid["steps_spent"],
                 "best_gap": asha["best"] / grid["best"] - 1,
                 "asha_replayed_in_random_orders": replayed,
+                "rays_stopping_asha_replayed": ray_asha,
+                "asha_replayed_by_reduction_factor": by_eta,
             },
             indent=2,
         )
