@@ -34,7 +34,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-RUNG = "rung_step"  # the result key a trial function reports when it stops at a rung
+from ftservice.sweep import RUNG  # the result key a trial function reports at a rung
 
 
 def rung_steps(grace_period: int, reduction_factor: float, every_steps: int, limit=10**7):
@@ -66,17 +66,16 @@ class PromotingASHA(FIFOScheduler):
         rungs: list[int],
         reduction_factor: float,
         max_running: int,
-        state_file: str,
+        state_file: str | None,
     ):
         super().__init__()  # metric and mode come from the TuneConfig
         self.rungs = list(rungs)
         self.eta = reduction_factor
         self.max_running = max_running
-        self.state_file = state_file
-        self.recorded: list[dict[str, float]] = [{} for _ in self.rungs]
+        self.state_file = state_file  # None: nothing kept (a replay)
+        self.recorded: list[dict[str, float]] = [{} for _ in self.rungs]  # metric at rung k
         self.promoted: list[set[str]] = [set() for _ in self.rungs]
         self.waiting: dict[str, int] = {}  # trial id -> rung index it waits at
-        self.heading: dict[str, int] = {}  # trial id -> rung index it trains towards
         self._loaded = False
         self._controller = None
 
@@ -88,24 +87,23 @@ class PromotingASHA(FIFOScheduler):
         if self._loaded:
             return
         self._loaded = True
-        path = Path(self.state_file)
-        if not path.is_file():
+        if self.state_file is None or not Path(self.state_file).is_file():
             return
-        state = json.loads(path.read_text())
+        state = json.loads(Path(self.state_file).read_text())
         if state.get("rungs") != self.rungs:
             return
         self.recorded = [dict(r) for r in state["recorded"]]
         self.promoted = [set(p) for p in state["promoted"]]
         self.waiting = dict(state["waiting"])
-        self.heading = dict(state["heading"])
 
     def _save(self) -> None:
+        if self.state_file is None:
+            return
         state = {
             "rungs": self.rungs,
             "recorded": self.recorded,
             "promoted": [sorted(p) for p in self.promoted],
             "waiting": self.waiting,
-            "heading": self.heading,
         }
         path = Path(self.state_file)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +119,6 @@ class PromotingASHA(FIFOScheduler):
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         self._load()
         self._controller = tune_controller
-        self.heading.setdefault(trial.trial_id, 0)
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         self._load()
@@ -130,12 +127,10 @@ class PromotingASHA(FIFOScheduler):
             return TrialScheduler.CONTINUE
         k = self.rungs.index(step)
         value = result.get(self._metric)
-        score = math.inf  # lower is better; a missing or NaN metric ranks last
-        if isinstance(value, (int, float)) and not math.isnan(value):
-            score = value if self._mode == "min" else -value
-        self.recorded[k][trial.trial_id] = score
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            value = math.inf if self._mode == "min" else -math.inf  # ranks last
+        self.recorded[k][trial.trial_id] = value
         self.waiting[trial.trial_id] = k
-        self.heading.pop(trial.trial_id, None)
         pick = self._promotable(tune_controller.get_trials(), exclude=trial)
         if pick is trial:  # promoted at once: its function trains on to the next rung
             self._promote(trial)
@@ -156,9 +151,8 @@ class PromotingASHA(FIFOScheduler):
 
     def _forget(self, trial: Trial) -> None:
         self._load()
-        self.waiting.pop(trial.trial_id, None)
-        self.heading.pop(trial.trial_id, None)
-        self._save()
+        if self.waiting.pop(trial.trial_id, None) is not None:
+            self._save()
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
         self._load()
@@ -167,25 +161,31 @@ class PromotingASHA(FIFOScheduler):
         for t in trials:  # restored by --resume as pending: they wait at their rung again
             if t.status == Trial.PENDING and t.trial_id in self.waiting:
                 tune_controller._set_trial_status(t, Trial.PAUSED)
-        active = [t for t in trials if t.status in (Trial.RUNNING, Trial.PENDING)]
-        if len(active) >= self.max_running:
+        running = _running(trials)
+        if len(running) >= self.max_running:
             return None
         pick = self._promotable(trials)
         if pick is not None:
             self._promote(pick)
             self._save()
             return pick
-        if not active and self._all_added(tune_controller):
+        if not running and tune_controller.search_alg.is_finished():
             # no trial can arrive at any rung any more, and none can go on: the sweep ends
             for t in trials:
                 if t.trial_id in self.waiting and t.status == Trial.PAUSED:
                     tune_controller.stop_trial(t)
         return None
 
-    # --- the algorithm
-    def _all_added(self, tune_controller) -> bool:
-        return tune_controller.search_alg.is_finished()
+    def gate(self) -> bool:
+        """May the searcher add a new trial now? Only into a free slot that no waiting
+        trial can be promoted into."""
+        if self._controller is None:
+            return True
+        self._load()
+        trials = self._controller.get_trials()
+        return len(_running(trials)) < self.max_running and self._promotable(trials) is None
 
+    # --- the algorithm
     def _promotable(self, trials: list[Trial], exclude: Trial | None = None) -> Trial | None:
         """The waiting trial to promote next, from the highest rung down, or None.
 
@@ -193,14 +193,14 @@ class PromotingASHA(FIFOScheduler):
         trial of the sweep that reaches its rung: even if all the trials that may still
         arrive there (not started yet, or running below it) beat it."""
         by_id = {t.trial_id: t for t in trials}
-        active = [t.trial_id for t in trials
-                  if t.status in (Trial.RUNNING, Trial.PENDING) and t is not exclude]  # fmt: skip
-        total = getattr(self._search_alg(), "total_samples", 0) or len(trials)
+        heading = [self._heading(t.trial_id) for t in _running(trials) if t is not exclude]
+        total = getattr(self._controller.search_alg, "total_samples", 0) or len(trials)
+        sign = 1 if self._mode == "min" else -1
         for k in reversed(range(len(self.rungs))):
             values = self.recorded[k]
-            unknown = max(0, total - len(trials)) + sum(self.heading.get(a, 0) <= k for a in active)
+            unknown = max(0, total - len(trials)) + sum(h <= k for h in heading)
             quota = max(1, int(len(values) // self.eta))
-            for rank, tid in enumerate(sorted(values, key=values.get)):
+            for rank, tid in enumerate(sorted(values, key=lambda t: sign * values[t])):
                 if rank + unknown >= quota:
                     break
                 if tid in self.promoted[k] or self.waiting.get(tid) != k:
@@ -209,33 +209,22 @@ class PromotingASHA(FIFOScheduler):
                     return by_id[tid]
         return None
 
-    def _search_alg(self):
-        return self._controller.search_alg if self._controller is not None else None
+    def _heading(self, trial_id: str) -> int:
+        """The rung a running trial trains towards: the one after its last promotion."""
+        return max((k + 1 for k, ids in enumerate(self.promoted) if trial_id in ids), default=0)
 
     def _promote(self, trial: Trial) -> None:
-        k = self.waiting.pop(trial.trial_id)
-        self.promoted[k].add(trial.trial_id)
-        self.heading[trial.trial_id] = k + 1
-
-    def gate(self) -> bool:
-        """May the searcher add a new trial now? Only into a free slot that no waiting
-        trial can be promoted into."""
-        controller = self._controller
-        if controller is None:
-            return True
-        self._load()
-        trials = controller.get_trials()
-        active = [t for t in trials if t.status in (Trial.RUNNING, Trial.PENDING)]
-        if len(active) >= self.max_running:
-            return False
-        return self._promotable(trials) is None
+        self.promoted[self.waiting.pop(trial.trial_id)].add(trial.trial_id)
 
     def debug_string(self) -> str:
-        waiting = ", ".join(f"{n} at step {s}" for s, n in
-                            zip(self.rungs, [list(self.waiting.values()).count(k)
-                                             for k in range(len(self.rungs))], strict=True)
-                            if n)  # fmt: skip
+        at = list(self.waiting.values())
+        waiting = ", ".join(f"{at.count(k)} at step {s}" for k, s in enumerate(self.rungs)
+                            if k in at)  # fmt: skip
         return f"Using ASHA with promotions: rungs at steps {self.rungs}; waiting: {waiting or 0}"
+
+
+def _running(trials: list[Trial]) -> list[Trial]:
+    return [t for t in trials if t.status in (Trial.RUNNING, Trial.PENDING)]
 
 
 class GatedVariants(BasicVariantGenerator):

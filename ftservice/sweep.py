@@ -24,7 +24,7 @@ from ftservice.config import JobSpec, Spec, SpecError, load_spec, spec_from_dict
 from ftservice.errors import FtserviceError
 
 RESULTS = "sweep.json"
-RUNG = "rung_step"  # = ftservice.asha.RUNG (importing that module imports Ray)
+RUNG = "rung_step"  # the result key of a trial's report at an ASHA rung (asha.py)
 ASHA_STATE = "asha.json"
 
 
@@ -241,7 +241,7 @@ def run_trial(config: dict) -> None:
     metric = sweep.scheduler.metric
     report = MetricFirstReportCallback([metric, "step"])  # the live table
     while True:
-        done = promoted_from(root / ASHA_STATE, trial_id) if sweep.scheduler.type == "asha" else ()
+        done = promoted_from(root / ASHA_STATE, trial_id)
         wait_at = [step for step in rungs(sweep, spec) if step not in done]
         try:
             result = run_training(spec, evaluate=False, callbacks=[report], pause_at=wait_at)
@@ -380,7 +380,7 @@ def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
         state = json.loads((root / ASHA_STATE).read_text())
         for step, values in zip(state["rungs"], state["recorded"], strict=True):
             for tid, v in values.items():
-                at_rungs.setdefault(tid, {})[step] = v if mode == "min" else -v
+                at_rungs.setdefault(tid, {})[step] = v
     records = []
     for params_file in sorted((root / "tune").glob("*/params.json")):
         trial_dir = params_file.parent
