@@ -51,7 +51,7 @@ def main() -> None:
     from ftservice.config import ModelSpec
     from ftservice.models import cache_dir, resolve_model
 
-    tokenizer_dir = str(resolve_model(ModelSpec()).path)
+    tokenizer_dir = str(resolve_model(ModelSpec(name="smollm2-135m-instruct")).path)
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

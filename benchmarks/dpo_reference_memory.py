@@ -39,13 +39,14 @@ def run(variant: str, steps: int) -> dict:
 
     torch.set_num_threads(2)
     from ftservice.config import spec_from_dict
+    from ftservice.data.loaders import load_rows
     from ftservice.models import build_model, load_causal_lm, load_tokenizer, resolve_model
     from ftservice.train import dpo
-    from ftservice.train.sft import load_rows
 
     spec = spec_from_dict(
         {
             "name": "dpo-mem",
+            "model": {"name": "smollm2-135m-instruct"},
             "stage": "dpo",
             "method": "lora",
             "data": {"train": ["data/preference/seeds.jsonl"], "max_seq_length": 256},

@@ -107,6 +107,7 @@ def main() -> None:
             spec = spec_from_dict(
                 {
                     "name": "neardup",
+                    "model": {"name": "smollm2-135m-instruct"},
                     "data": {
                         "train": [str(train)],
                         "curate": {"decontaminate": {"enabled": False}, **settings},

@@ -69,7 +69,7 @@ def peer(model_path: str, out: str, epochs: float) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from ftservice.config import load_spec
-    from ftservice.train.sft import load_rows
+    from ftservice.data.loaders import load_rows
 
     torch.set_num_threads(THREADS)
     spec = load_spec(SPEC)
@@ -137,7 +137,7 @@ def main() -> None:
     from ftservice.config import ModelSpec
     from ftservice.models import resolve_model
 
-    model_path = str(resolve_model(ModelSpec()).path)
+    model_path = str(resolve_model(ModelSpec(name="smollm2-135m-instruct")).path)
     if args.peer_only:
         print(json.dumps(peer(model_path, args.peer_only, args.epochs)))
         return

@@ -51,7 +51,7 @@ def base_bytes() -> dict:
     from ftservice.config import ModelSpec
     from ftservice.models import resolve_model
 
-    path = resolve_model(ModelSpec()).path
+    path = resolve_model(ModelSpec(name="smollm2-135m-instruct")).path
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         out[name] = tensor_bytes(AutoModelForCausalLM.from_pretrained(path, dtype=dtype))

@@ -18,31 +18,84 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from ftservice.config import NAME_PATTERN
+from ftservice.data.loaders import DataSource
 from ftservice.errors import FtserviceError
+from ftservice.records import Record, Strict
 
 META = "ftservice.json"
 LOSS_PLOT = "loss.png"
-FORMAT_VERSION = 1
+CARD = "README.md"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class ArtifactError(FtserviceError):
     """An artifact that is missing, incomplete, or does not fit where it is used."""
 
 
+class BaseModelRef(Strict):
+    name: str = Field(description="model.name as the spec said it.")
+    fingerprint: str = Field(description="sha256 of the base's source weights and config.")
+    kind: Literal["builtin", "gguf", "folder", "hub"]
+    load_as: str | None = Field(
+        None,
+        description="How a user elsewhere loads the base (hub id, or the local folder): what "
+        "adapter_config.json's base_model_name_or_path says. None in format version 1.",
+    )
+    path: str | None = Field(None, description="The resolved folder on the training machine.")
+
+
+class SweepLineage(Strict):
+    sweep: str
+    trial: str
+    metric: str
+    value: float | None
+
+
+class ArtifactMeta(Record):
+    """`ftservice.json`: what an artifact is, where it came from, and how good it is."""
+
+    format_version: int = 2
+    name: str
+    run_name: str
+    spec: dict = Field(description="The resolved job spec the artifact was trained with.")
+    base_model: BaseModelRef
+    dataset_fingerprint: str = Field(
+        description="Of the training data: the curated dataset's own when it is one curated "
+        "dataset, else of the rows trained on."
+    )
+    data: list[DataSource] = Field(default_factory=list, description="Each training input.")
+    metrics: dict
+    parent: str | None = Field(None, description="The artifact this one was trained from.")
+    created: str
+    lineage: SweepLineage | None = Field(None, description="The sweep trial it was promoted from.")
+
+    @classmethod
+    def upgrade(cls, data: dict, found) -> dict | None:
+        # version 1 (stops 1-10) lacks data and base_model.load_as: both have defaults
+        return data | {"format_version": 2} if found == 1 else None
+
+
 @dataclass(frozen=True)
 class Artifact:
     path: Path
-    meta: dict
+    meta: ArtifactMeta
 
     @property
     def name(self) -> str:
-        return self.meta["name"]
+        return self.meta.name
 
     @property
     def method(self) -> str:
-        return self.meta["spec"]["method"]
+        return self.meta.spec["method"]
+
+    @property
+    def stage(self) -> str:
+        return self.meta.spec["stage"]
 
     @property
     def is_adapter(self) -> bool:
@@ -50,7 +103,7 @@ class Artifact:
 
     @property
     def base_fingerprint(self) -> str:
-        return self.meta["base_model"]["fingerprint"]
+        return self.meta.base_model.fingerprint
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -124,17 +177,22 @@ def _free_name(registry: Path, name: str) -> str:
     return f"{name}-{n}"
 
 
+def list_artifacts(registry: str | Path) -> list[Artifact]:
+    """Every complete artifact in a registry, by name. Folders being assembled (hidden
+    temporary names) and folders without ftservice.json are not artifacts."""
+    registry = Path(registry)
+    if not registry.is_dir():
+        return []
+    return [
+        Artifact(folder, ArtifactMeta.read(folder / META))
+        for folder in sorted(registry.iterdir())
+        if not folder.name.startswith(".") and (folder / META).is_file()
+    ]
+
+
 def find_published(registry: Path, run_name: str) -> Artifact | None:
     """The artifact a run already published (reruns of a finished run publish nothing new)."""
-    if not registry.is_dir():
-        return None
-    for folder in sorted(registry.iterdir()):
-        meta_file = folder / META
-        if meta_file.is_file():
-            meta = json.loads(meta_file.read_text())
-            if meta.get("run_name") == run_name:
-                return Artifact(folder, meta)
-    return None
+    return next((a for a in list_artifacts(registry) if a.meta.run_name == run_name), None)
 
 
 def publish(
@@ -144,8 +202,9 @@ def publish(
     *,
     spec: dict,
     run_name: str,
-    base_model: dict,
+    base_model: BaseModelRef,
     dataset_fingerprint: str,
+    data: list[DataSource],
     metrics: dict,
     log_history: list[dict],
     parent: str | None = None,
@@ -155,6 +214,12 @@ def publish(
         raise ArtifactError(f"artifact name '{name}' must match {NAME_PATTERN}")
     adapter = spec["method"] in ("lora", "qlora")
     check_weights(weights, adapter)
+    pickles = sorted(p.name for p in weights.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ArtifactError(
+            f"{weights}: holds pickle files ({', '.join(pickles)}); an artifact carries "
+            "safetensors and JSON only, so nothing was published."
+        )
     registry.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=registry))
     tmp.chmod(0o755)
@@ -166,18 +231,21 @@ def publish(
             else:
                 shutil.copy2(item, target)
         final_name = _free_name(registry, name)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "name": final_name,
-            "run_name": run_name,
-            "spec": spec,
-            "base_model": base_model,
-            "dataset_fingerprint": dataset_fingerprint,
-            "metrics": _finite(metrics),
-            "parent": parent,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        meta = ArtifactMeta(
+            name=final_name,
+            run_name=run_name,
+            spec=spec,
+            base_model=base_model,
+            dataset_fingerprint=dataset_fingerprint,
+            data=data,
+            metrics=_finite(metrics),
+            parent=parent,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        if adapter:
+            _point_adapter_at_base(tmp, base_model.load_as)
+        meta.write(tmp / META)
+        (tmp / CARD).write_text(model_card(meta))
         (tmp / "log_history.json").write_text(json.dumps(log_history, indent=1, default=float))
         plot_loss(log_history, tmp / LOSS_PLOT, f"{final_name}: {spec['method']} {spec['stage']}")
         os.rename(tmp, registry / final_name)
@@ -185,6 +253,15 @@ def publish(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Artifact(registry / final_name, meta)
+
+
+def _point_adapter_at_base(folder: Path, load_as: str | None) -> None:
+    """adapter_config.json names the base as a user elsewhere loads it, not the trainer's
+    cache folder (PEFT, vLLM and `AutoPeftModelForCausalLM` read it from there)."""
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = load_as
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _finite(metrics: dict) -> dict:
@@ -208,19 +285,227 @@ def load_artifact(ref: str, registry: str | Path = "artifacts") -> Artifact:
     if not (path / META).is_file():
         raise ArtifactError(
             f"no artifact '{ref}': neither a folder with {META} nor a name in the registry "
-            f"{registry}; `ls {registry}` lists the artifacts there."
+            f"{registry}; `ftservice artifacts list {registry}` lists the artifacts there."
         )
-    return Artifact(path, json.loads((path / META).read_text()))
+    return Artifact(path, ArtifactMeta.read(path / META))
 
 
 def update_metrics(artifact: Artifact, metrics: dict) -> Artifact:
-    """Add metrics (e.g. a later evaluation) to an artifact's ftservice.json, atomically."""
-    meta = dict(artifact.meta)
-    meta["metrics"] = {**meta.get("metrics", {}), **_finite(metrics)}
-    tmp = artifact.path / f".{META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, artifact.path / META)
+    """Add metrics (e.g. a later evaluation) to an artifact's ftservice.json and its model
+    card, each atomically."""
+    meta = artifact.meta.model_copy(
+        update={"metrics": {**artifact.meta.metrics, **_finite(metrics)}}
+    )
+    meta.write(artifact.path / META)
+    tmp = artifact.path / f".{CARD}.tmp"
+    tmp.write_text(model_card(meta))
+    os.replace(tmp, artifact.path / CARD)
     return Artifact(artifact.path, meta)
+
+
+# ---- the model card -----------------------------------------------------------------------
+
+
+def _hyperparameters(spec: dict) -> list[tuple[str, object]]:
+    t, d = spec["train"], spec["data"]
+    rows: list[tuple[str, object]] = [("method", spec["method"]), ("stage", spec["stage"])]
+    if spec["method"] in ("lora", "qlora"):
+        lo = spec["lora"]
+        targets = lo["target_modules"]
+        rows += [
+            ("LoRA rank r", lo["r"]),
+            ("LoRA alpha", lo["alpha"]),
+            ("LoRA dropout", lo["dropout"]),
+            ("target modules", targets if isinstance(targets, str) else ", ".join(targets)),
+            ("rsLoRA / DoRA", f"{lo['use_rslora']} / {lo['use_dora']}"),
+        ]
+    if spec["method"] == "qlora":
+        q = spec["quantization"]
+        rows.append(("4-bit base", f"{q['quant_type']}, double quant {q['double_quant']}"))
+    if spec["stage"] == "dpo":
+        rows += [("DPO beta", spec["dpo"]["beta"]), ("DPO loss", spec["dpo"]["loss_type"])]
+    rows += [
+        ("learning rate", t["learning_rate"]),
+        ("schedule", f"{t['lr_scheduler']}, warm-up ratio {t['warmup_ratio']}"),
+        ("epochs / max steps", f"{t['epochs']} / {t['max_steps']}"),
+        (
+            "micro batch × accumulation",
+            f"{t['micro_batch_size']} × {t['gradient_accumulation_steps']}",
+        ),
+        ("workers", spec["scaling"]["num_workers"]),
+        ("max sequence length", d["max_seq_length"]),
+        ("packing", d["packing"]),
+        ("precision", t["precision"]),
+        ("seed", t["seed"]),
+    ]
+    return rows
+
+
+def _evaluation_lines(evaluation: dict) -> list[str]:
+    if not evaluation:
+        return ["Not evaluated yet: `ftservice eval ARTIFACT` fills this in."]
+    lines = ["| | base | tuned |", "| --- | ---: | ---: |"]
+    if "domain" in evaluation:
+        b, t = evaluation["domain_base"], evaluation["domain"]
+        lines.append(
+            f"| held-out domain score | {b['accuracy']:.1%} ({b['correct']} of {b['total']}) "
+            f"| {t['accuracy']:.1%} ({t['correct']} of {t['total']}) |"
+        )
+        lines.append(f"| domain answer loss | {b['loss']:.3f} | {t['loss']:.3f} |")
+    if "forgetting" in evaluation:
+        f = evaluation["forgetting"]
+        lines.append(
+            f"| KL(base‖tuned) on {f['prompts']} general prompts, nats/token "
+            f"| {f['kl_base_from_itself']:.4f} | {f['kl_from_base']:.4f} |"
+        )
+        lines.append(
+            f"| perplexity of the base's answers | {f['perplexity_base']:.2f} "
+            f"| {f['perplexity_tuned']:.2f} |"
+        )
+    return lines
+
+
+def model_card(meta: ArtifactMeta) -> str:
+    """README.md of an artifact: a Hugging Face model card with what a user needs to trust
+    and load it."""
+    from ftservice.models import BUILTIN_MODELS
+
+    spec, base = meta.spec, meta.base_model
+    adapter = spec["method"] in ("lora", "qlora")
+    load_as = base.load_as or base.name
+    front = [
+        "---",
+        f"base_model: {load_as}" if base.kind in ("builtin", "hub") else None,
+        f"library_name: {'peft' if adapter else 'transformers'}",
+        "pipeline_tag: text-generation",
+        f"tags: [ftservice, {spec['method']}, {spec['stage']}]",
+        "---",
+    ]
+    if base.kind == "builtin":
+        gguf = BUILTIN_MODELS[base.name].gguf_file
+        about_base = (
+            f"`{load_as}` (ftservice's built-in `{base.name}`). The weights trained on are "
+            f"dequantized from the GGUF `{gguf}` (fingerprint `{base.fingerprint[:16]}`), so "
+            "they differ slightly from the hub's: for exact results load the base through "
+            f"ftservice (`model.name: {base.name}`)."
+        )
+    else:
+        about_base = f"`{load_as}` ({base.kind}, fingerprint `{base.fingerprint[:16]}`)."
+    what = f"A {spec['method'].upper()} adapter" if adapter else "Fully fine-tuned weights"
+    lines = [
+        *(x for x in front if x is not None),
+        "",
+        f"# {meta.name}",
+        "",
+        f"{what} ({spec['stage'].upper()}) trained by ftservice on {meta.created}"
+        + (f", from the artifact `{meta.parent}`." if meta.parent else "."),
+        "",
+        "## Base model",
+        "",
+        about_base,
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        *(f"| {k} | {v} |" for k, v in _hyperparameters(spec)),
+        "",
+        "## Data",
+        "",
+        f"Dataset fingerprint `{meta.dataset_fingerprint}`.",
+        "",
+        *(f"- `{d.path}` ({d.kind}, fingerprint `{d.fingerprint[:16]}`)" for d in meta.data),
+        "",
+        "## Evaluation",
+        "",
+        *_evaluation_lines(meta.metrics.get("evaluation") or {}),
+        "",
+        "## Use",
+        "",
+        "```python",
+    ]
+    if adapter:
+        lines += [
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            "# the base named in adapter_config.json is loaded, then this adapter on it",
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{meta.name}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{meta.name}")',
+        ]
+    else:
+        lines += [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{meta.name}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{meta.name}")',
+        ]
+    lines += ["```", ""]
+    if adapter:
+        lines += [
+            "Serve it beside other adapters on one base with vLLM: "
+            f"`vllm serve {load_as} --enable-lora --max-lora-rank {spec['lora']['r']} "
+            f"--lora-modules {meta.name}=./{meta.name}`, or merge it into plain weights with "
+            f"`ftservice export {meta.name} --merge OUT`.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# ---- the registry -------------------------------------------------------------------------
+
+
+def key_metric(artifact: Artifact) -> str:
+    """The one number that says how good an artifact is, by what it is."""
+    m = artifact.meta.metrics
+    domain = (m.get("evaluation") or {}).get("domain")
+    if domain:
+        return f"domain score {domain['accuracy']:.1%}"
+    last = (m.get("preference") or {}).get("last")
+    if last and "rewards/accuracies" in last:
+        return f"reward accuracy {last['rewards/accuracies']:.2f}"
+    if artifact.meta.lineage and artifact.meta.lineage.value is not None:
+        return f"{artifact.meta.lineage.metric} {artifact.meta.lineage.value:.4f}"
+    if m.get("best_eval_loss") is not None:
+        return f"eval loss {m['best_eval_loss']:.4f}"
+    if m.get("last_loss") is not None:
+        return f"train loss {m['last_loss']:.4f}"
+    return "-"
+
+
+def lineage(artifact: Artifact, registry: str | Path) -> list[Artifact]:
+    """The chain of artifacts from the first one trained on the base to `artifact`."""
+    chain = [artifact]
+    seen = {artifact.path.resolve()}
+    while chain[-1].meta.parent is not None:
+        parent = load_artifact(chain[-1].meta.parent, registry)
+        if parent.path.resolve() in seen:
+            raise ArtifactError(f"{parent.path}: the lineage of {artifact.name} is a cycle")
+        seen.add(parent.path.resolve())
+        chain.append(parent)
+    return chain[::-1]
+
+
+def children(name: str, registry: str | Path) -> list[Artifact]:
+    return [a for a in list_artifacts(registry) if a.meta.parent == name]
+
+
+def remove(name: str, registry: str | Path, force: bool = False) -> Path:
+    """Delete an artifact from its registry; refused while another names it as its parent."""
+    artifact = load_artifact(name, registry)
+    if Path(registry).resolve() not in artifact.path.resolve().parents:
+        raise ArtifactError(f"{name}: not an artifact of the registry {registry}")
+    kids = children(artifact.name, registry)
+    if kids and not force:
+        raise ArtifactError(
+            f"{artifact.name} is the parent of {', '.join(k.name for k in kids)}; removing it "
+            "would break their lineage. Remove those first, or pass --force."
+        )
+    # rename away first, so a reader never sees a half-deleted artifact
+    doomed = artifact.path.with_name(f".{artifact.name}.removing")
+    os.rename(artifact.path, doomed)
+    shutil.rmtree(doomed)
+    return artifact.path
 
 
 def export_merged(artifact: Artifact, out: str | Path) -> Path:
@@ -241,7 +526,7 @@ def export_merged(artifact: Artifact, out: str | Path) -> Path:
     import torch
     from peft import PeftModel
 
-    spec = JobSpec.model_validate(artifact.meta["spec"])
+    spec = JobSpec.model_validate(artifact.meta.spec)
     base = load_causal_lm(resolve_model(spec.model), dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, artifact.path).merge_and_unload()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

@@ -25,7 +25,6 @@ which rungs it was promoted from.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -34,7 +33,22 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from ftservice.sweep import RUNG  # the result key a trial function reports at a rung
+from ftservice.records import Record
+
+RUNG = "rung_step"  # the result key of a trial's report at a rung (the trial function's)
+
+
+class AshaState(Record):
+    """`asha.json` beside a sweep: what the scheduler decided, for --resume and the report."""
+
+    format_version: int = 1
+    rungs: list[int]
+    recorded: list[dict[str, float]]
+    """Per rung: trial id -> the metric it reported there."""
+    promoted: list[list[str]]
+    """Per rung: the trial ids promoted from it."""
+    waiting: dict[str, int]
+    """Trial id -> index of the rung it waits at."""
 
 
 def rung_steps(grace_period: int, reduction_factor: float, every_steps: int, limit=10**7):
@@ -55,8 +69,8 @@ def promoted_from(state_file: str | Path, trial_id: str) -> set[int]:
     path = Path(state_file)
     if not path.is_file():
         return set()
-    state = json.loads(path.read_text())
-    return {step for step, ids in zip(state["rungs"], state["promoted"], strict=True)
+    state = AshaState.read(path)
+    return {step for step, ids in zip(state.rungs, state.promoted, strict=True)
             if trial_id in ids}  # fmt: skip
 
 
@@ -89,27 +103,24 @@ class PromotingASHA(FIFOScheduler):
         self._loaded = True
         if self.state_file is None or not Path(self.state_file).is_file():
             return
-        state = json.loads(Path(self.state_file).read_text())
-        if state.get("rungs") != self.rungs:
+        state = AshaState.read(self.state_file)
+        if state.rungs != self.rungs:
             return
-        self.recorded = [dict(r) for r in state["recorded"]]
-        self.promoted = [set(p) for p in state["promoted"]]
-        self.waiting = dict(state["waiting"])
+        self.recorded = [dict(r) for r in state.recorded]
+        self.promoted = [set(p) for p in state.promoted]
+        self.waiting = dict(state.waiting)
 
     def _save(self) -> None:
         if self.state_file is None:
             return
-        state = {
-            "rungs": self.rungs,
-            "recorded": self.recorded,
-            "promoted": [sorted(p) for p in self.promoted],
-            "waiting": self.waiting,
-        }
         path = Path(self.state_file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(path)
+        AshaState(
+            rungs=self.rungs,
+            recorded=self.recorded,
+            promoted=[sorted(p) for p in self.promoted],
+            waiting=self.waiting,
+        ).write(path)
 
     # --- what Tune calls
     def set_search_properties(self, metric, mode, **spec) -> bool:

@@ -22,6 +22,8 @@ models_app = typer.Typer(no_args_is_help=True, help="Base models: built-in, loca
 app.add_typer(models_app, name="models")
 data_app = typer.Typer(no_args_is_help=True, help="Check, show and curate training data.")
 app.add_typer(data_app, name="data")
+artifacts_app = typer.Typer(no_args_is_help=True, help="See and tidy a registry of artifacts.")
+app.add_typer(artifacts_app, name="artifacts")
 
 Overrides = Annotated[
     list[str] | None,
@@ -78,7 +80,7 @@ def validate(spec: str, overrides: Overrides = None, as_json: AsJson = False) ->
     """Check a job spec; print it fully resolved, or every problem (exit code 2)."""
     from ftservice.config import dump_spec, load_spec
 
-    resolved = load_spec(spec, overrides or [])
+    resolved = load_spec(spec, overrides or [], check_inputs=True)
     if as_json:
         _print_json(resolved.model_dump(mode="json"))
     else:
@@ -157,21 +159,28 @@ def data_show(
     system_prompt: Annotated[str | None, typer.Option(help="System turn to add.")] = None,
 ) -> None:
     """Print normalised examples with the model's chat template applied."""
-    from pathlib import Path
-
     from ftservice.config import ModelSpec
     from ftservice.data.formats import to_trl
-    from ftservice.data.loaders import iter_examples
+    from ftservice.data.loaders import expand, iter_examples
     from ftservice.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(ModelSpec(name=model)))
-    for i, (loc, fmt, row) in enumerate(iter_examples(Path(file), data_format, system_prompt)):
+    paths = expand([file])
+    examples = (x for p in paths for x in iter_examples(p, data_format, system_prompt))
+    for i, (loc, fmt, row) in enumerate(examples):
         if i >= n:
             break
         print(f"--- {row['id']} ({loc}, {fmt})")
         print(json.dumps(to_trl(row), ensure_ascii=False))
         if row["kind"] == "text":
             print(row["text"])
+            continue
+        if row["kind"] == "prompt":  # what the model is asked: its turn is left open
+            print(
+                tokenizer.apply_chat_template(
+                    row["messages"], tokenize=False, add_generation_prompt=True
+                )
+            )
             continue
         answer = [] if row["kind"] == "chat" else [{"role": "assistant", "content": row["chosen"]}]
         print(tokenizer.apply_chat_template([*row["messages"], *answer], tokenize=False))
@@ -190,7 +199,7 @@ def data_curate(
     from ftservice.data.curate import curate
     from ftservice.raycluster import init_ray
 
-    job = load_spec(spec, overrides or [])
+    job = load_spec(spec, overrides or [], check_inputs=True)
     init_ray(address)
     report = curate(job, output_dir=output, progress=not as_json)
     if as_json:
@@ -276,7 +285,7 @@ def train(
     from ftservice.raycluster import init_ray
     from ftservice.train.driver import train as run_training
 
-    job = load_spec(spec, overrides or [])
+    job = load_spec(spec, overrides or [], check_inputs=True)
     try:
         planned = memory.plan_for_spec(job)
     except memory.PlanError as e:  # a model the planner cannot size must not block training
@@ -295,9 +304,9 @@ def train(
     init_ray(address)
     result = run_training(job, max_steps=max_steps, evaluate=evaluate, eval_limit=eval_limit)
     if as_json:
-        _print_json({"artifact": str(result.artifact.path), **result.artifact.meta})
+        _print_json({"artifact": str(result.artifact.path), **result.artifact.meta.model_dump()})
         return
-    m = result.artifact.meta["metrics"]
+    m = result.artifact.meta.metrics
     print(f"\n== {result.artifact.name}: {job.method} {job.stage} of {job.model.name}")
     first, last = m.get("first_loss") or float("nan"), m.get("last_loss") or float("nan")
     print(f"loss:          {first:.3f} → {last:.3f} over {m.get('global_step')} steps")
@@ -376,7 +385,7 @@ def eval_(
     from ftservice.models import resolve_model
 
     art = load_artifact(artifact, registry)
-    job = JobSpec.model_validate(art.meta["spec"])
+    job = JobSpec.model_validate(art.meta.spec)
     base = resolve_model(job.model)
     report = evaluate_artifact_folder(
         str(art.path), str(base.path), art.is_adapter, job.eval.domain, job.eval.general,
@@ -401,6 +410,100 @@ def export(
 
     out = export_merged(load_artifact(artifact, registry), merge)
     print(f"merged weights written to {out}")
+
+
+Registry = Annotated[str, typer.Option(help="Registry folder (or URI) the artifacts are in.")]
+
+
+@artifacts_app.command("list")
+def artifacts_list(
+    registry: Annotated[str, typer.Argument(help="Registry folder (or URI).")] = "artifacts",
+    as_json: AsJson = False,
+) -> None:
+    """Every artifact in a registry: method, stage, parent, key metric, created."""
+    from ftservice.artifacts import key_metric, list_artifacts
+
+    rows = [
+        {"name": a.name, "method": a.method, "stage": a.stage, "parent": a.meta.parent or "-",
+         "metric": key_metric(a), "created": a.meta.created}
+        for a in list_artifacts(registry)
+    ]  # fmt: skip
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["name", "method", "stage", "parent", "metric", "created"])
+
+
+@artifacts_app.command("show")
+def artifacts_show(name: str, registry: Registry = "artifacts", as_json: AsJson = False) -> None:
+    """One artifact: its spec in short, metrics, fingerprints, base and data."""
+    from ftservice.artifacts import key_metric, load_artifact
+
+    art = load_artifact(name, registry)
+    meta = art.meta
+    if as_json:
+        _print_json({"path": str(art.path), **meta.model_dump(mode="json")})
+        return
+    spec, m = meta.spec, meta.metrics
+    rows = [
+        ("name", meta.name),
+        ("path", art.path),
+        ("method / stage", f"{art.method} / {art.stage}"),
+        ("base model", f"{meta.base_model.name} (loads as {meta.base_model.load_as})"),
+        ("base fingerprint", meta.base_model.fingerprint),
+        ("dataset fingerprint", meta.dataset_fingerprint),
+        *((f"data: {d.kind}", f"{d.path} ({d.fingerprint[:16]})") for d in meta.data),
+        ("parent", meta.parent or "-"),
+        ("sweep trial", f"{meta.lineage.sweep}/{meta.lineage.trial}" if meta.lineage else "-"),
+        ("learning rate", spec["train"]["learning_rate"]),
+        ("lora r / alpha", f"{spec['lora']['r']} / {spec['lora']['alpha']}"
+         if art.is_adapter else "-"),
+        ("steps", m.get("global_step")),
+        ("loss", f"{m.get('first_loss')} → {m.get('last_loss')}"),
+        ("key metric", key_metric(art)),
+        ("created", meta.created),
+    ]  # fmt: skip
+    for key, value in rows:
+        print(f"{key:>20}: {value}")
+    if m.get("evaluation"):
+        from ftservice.evaluate import format_report
+
+        print(format_report(m["evaluation"]))
+
+
+@artifacts_app.command("lineage")
+def artifacts_lineage(name: str, registry: Registry = "artifacts", as_json: AsJson = False) -> None:
+    """The chain from the base model through SFT, a sweep trial and DPO rounds to NAME."""
+    from ftservice.artifacts import key_metric, lineage, load_artifact
+
+    chain = lineage(load_artifact(name, registry), registry)
+    base = chain[0].meta.base_model
+    steps = [
+        {"name": a.name, "method": a.method, "stage": a.stage, "metric": key_metric(a),
+         "sweep": f"{a.meta.lineage.sweep}/{a.meta.lineage.trial}" if a.meta.lineage else None,
+         "parent": a.meta.parent, "path": str(a.path)}
+        for a in chain
+    ]  # fmt: skip
+    if as_json:
+        _print_json({"base": base.model_dump(mode="json"), "chain": steps})
+        return
+    print(f"base  {base.name}  ({base.load_as}, fingerprint {base.fingerprint[:12]})")
+    for depth, step in enumerate(steps, 1):
+        sweep = f"  [sweep {step['sweep']}]" if step["sweep"] else ""
+        print(f"{'  ' * depth}└─ {step['name']}  {step['method']} {step['stage']}  "
+              f"{step['metric']}{sweep}")  # fmt: skip
+
+
+@artifacts_app.command("rm")
+def artifacts_rm(
+    name: str,
+    registry: Registry = "artifacts",
+    force: Annotated[bool, typer.Option("--force", help="Remove even if it is a parent.")] = False,
+) -> None:
+    """Remove an artifact (refused while another artifact names it as its parent)."""
+    from ftservice.artifacts import remove
+
+    print(f"removed {remove(name, registry, force)}")
 
 
 @app.command()

@@ -32,9 +32,8 @@ class Spec(BaseModel):
 
 class ModelSpec(Spec):
     name: str = Field(
-        "smollm2-135m-instruct",
-        description="Base model: a built-in alias, a local Hugging Face folder, a .gguf file, "
-        "or a hub id (org/name).",
+        description="Base model (required): a built-in alias, a local Hugging Face folder, a "
+        ".gguf file, or a hub id (org/name).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(
@@ -290,7 +289,7 @@ class JobSpec(Spec):
     method: Literal["lora", "qlora", "full"] = Field(
         "lora", description="Adapters on a frozen base, on a 4-bit base, or every parameter."
     )
-    model: ModelSpec = Field(default_factory=ModelSpec, description="The base model.")
+    model: ModelSpec = Field(description="The base model (required: no default is assumed).")
     data: DataSpec = Field(default_factory=DataSpec, description="Training data.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter shape (lora, qlora).")
     quantization: QuantSpec = Field(
@@ -478,6 +477,45 @@ def _capacity_problems(spec: JobSpec) -> list[Problem]:
     return problems
 
 
+def _missing(path: str) -> str | None:
+    """Why `path` cannot be read, or None when it can."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return f"'{path}' does not exist (relative paths start at {Path.cwd()})"
+    if not os.access(p, os.R_OK):
+        return f"'{path}' is not readable by this user"
+    return None
+
+
+def input_problems(spec: JobSpec) -> list[Problem]:
+    """Every file, folder and artifact the spec names that cannot be read; all together, so
+    `validate` and `submit` catch them before a run (or an upload) starts."""
+    named: list[tuple[str, str]] = [(f"data.train.{i}", p) for i, p in enumerate(spec.data.train)]
+    named += [(f"data.eval.{i}", p) for i, p in enumerate(spec.data.eval)]
+    named += [
+        (f"data.curate.decontaminate.benchmarks.{i}", p)
+        for i, p in enumerate(spec.data.curate.decontaminate.benchmarks)
+    ]
+    named += [(f"eval.{k}", p) for k in ("domain", "general") if (p := getattr(spec.eval, k))]
+    name = spec.model.name
+    if name.endswith(".gguf") or name.startswith((".", "/", "~")):
+        named.append(("model.name", name))
+    problems = [Problem(field, why) for field, path in named if (why := _missing(path)) is not None]
+    parent = spec.dpo.parent
+    if parent is not None:
+        candidates = [Path(parent), Path(spec.output.registry) / parent]
+        if not any((c / "ftservice.json").is_file() for c in candidates):
+            problems.append(
+                Problem(
+                    "dpo.parent",
+                    f"no artifact '{parent}': neither a folder with ftservice.json nor a name "
+                    f"in the registry {spec.output.registry} (output.registry); train the "
+                    f"parent first, or `ftservice artifacts list {spec.output.registry}`",
+                )
+            )
+    return problems
+
+
 # ---- loading ---------------------------------------------------------------------------
 
 
@@ -538,10 +576,22 @@ def _problems_from_validation(err: ValidationError, lines: dict) -> list[Problem
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
             msg = f"unknown key '{loc[-1]}'"
             msg += f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+        elif e["type"] == "missing" and loc in (("model",), ("model", "name")):
+            path = "model.name"
+            msg = (
+                "required: name the base model to fine-tune (a built-in alias such as "
+                "smollm2-135m-instruct, a local Hugging Face folder, a .gguf file, or a hub "
+                "id org/name); there is no default, so a spec never trains a model by accident"
+            )
         elif "input" in e and e["type"] != "missing":
             msg = f"{msg} (got {e['input']!r})"
         problems.append(Problem(path, msg, _nearest_line(lines, loc)))
     return problems
+
+
+def _path_tuple(path: str) -> tuple:
+    """'data.train.0' -> ('data', 'train', 0), the shape of the YAML line index's keys."""
+    return tuple(int(k) if k.isdigit() else k for k in path.split("."))
 
 
 def _drop_paths(data: dict, locs: list[tuple]) -> dict:
@@ -588,8 +638,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
     return sources
 
 
-def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
-    """Read a YAML job spec, apply `key.sub=value` overrides, and check it all.
+def load_spec(
+    path: str | os.PathLike, overrides: list[str] | None = None, check_inputs: bool = False
+) -> JobSpec:
+    """Read a YAML job spec, apply `key.sub=value` overrides, and check it all; with
+    `check_inputs`, also that every file and artifact it names can be read.
 
     Raises SpecError listing every problem (file, field path, line) when it is not usable.
     """
@@ -614,7 +667,7 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Jo
             source, [Problem("", f"a job spec is a mapping of keys, got {type(data).__name__}", 1)]
         )
     lines = _line_index(root) if root is not None else {}
-    return spec_from_dict(data, source, lines, overrides or [])
+    return spec_from_dict(data, source, lines, overrides or [], check_inputs)
 
 
 def spec_from_dict(
@@ -622,6 +675,7 @@ def spec_from_dict(
     source: str = "<spec>",
     lines: dict | None = None,
     overrides: list[str] | None = None,
+    check_inputs: bool = False,
 ) -> JobSpec:
     """Validate a spec given as a dict (after YAML) plus overrides; raises SpecError."""
     lines = lines or {}
@@ -638,14 +692,19 @@ def spec_from_dict(
         except ValidationError as e:
             problems += _problems_from_validation(e, lines)
             candidate = _drop_paths(candidate, [_error_loc(x) for x in e.errors()])
+            # a required field has no default to stand in: a placeholder does, so that the
+            # checks between fields still run (its own problem is reported above)
+            if any(x["type"] == "missing" and _error_loc(x)[:1] == ("model",) for x in e.errors()):
+                model = candidate.get("model") if isinstance(candidate.get("model"), dict) else {}
+                candidate = {**candidate, "model": {**model, "name": "(missing)"}}
     if spec is not None:
-        for p in cross_field_problems(spec):
-            loc = tuple(p.path.split("."))
+        for p in cross_field_problems(spec) + (input_problems(spec) if check_inputs else []):
+            loc = _path_tuple(p.path)
             problems.append(Problem(p.path, p.message, _nearest_line(lines, loc)))
     if problems:
         located = []
         for p in problems:
-            loc = tuple(p.path.split("."))
+            loc = _path_tuple(p.path)
             src = next((t for k, t in override_sources.items() if loc[: len(k)] == k), None)
             located.append(dataclasses.replace(p, override=src))
         raise SpecError(source, located)

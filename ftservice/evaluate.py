@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ftservice.data.loaders import DataError, load_rows
+
 _NON_WORD = re.compile(r"[^0-9a-z]+")
 
 
@@ -160,7 +162,7 @@ def evaluate_models(
     base_view,
     tokenizer,
     domain_records: list[dict] | None,
-    general_records: list[dict] | None,
+    general_prompts: list[list[dict]] | None,
     max_new_tokens: int,
     system_prompt: str | None = None,
 ) -> dict:
@@ -173,8 +175,8 @@ def evaluate_models(
             report["domain_base"] = domain_score(base, *args)
         with _phase(f"domain score of the tuned model, {n} questions"):
             report["domain"] = domain_score(tuned, *args)
-    if general_records:
-        prompts = [_prompt(r, system_prompt) for r in general_records]
+    if general_prompts:
+        prompts = general_prompts
         with base_view() as base, _phase(f"base answers to {len(prompts)} general prompts"):
             base_answers = generate(base, tokenizer, prompts, max_new_tokens)
             base_stats = answer_stats(base, tokenizer, prompts, base_answers, base=base_view)
@@ -236,10 +238,30 @@ def evaluate_artifact_folder(
     torch.manual_seed(0)
     tuned, base_view, tokenizer = load_for_eval(Path(artifact_path), Path(base_path), adapter)
     domain_records = read_jsonl(domain)[:limit] if domain and Path(domain).is_file() else None
-    general_records = read_jsonl(general)[:limit] if general and Path(general).is_file() else None
+    general_prompts = load_prompts(general, system_prompt)[:limit] if general else None
     return evaluate_models(
-        tuned, base_view, tokenizer, domain_records, general_records, max_new_tokens, system_prompt
+        tuned, base_view, tokenizer, domain_records, general_prompts, max_new_tokens, system_prompt
     )
+
+
+def load_prompts(path: str, system_prompt: str | None = None) -> list[list[dict]]:
+    """The prompt turns of every record of a prompt set: prompt-only data (the `prompts`
+    format), or any data with answers, whose answers are left out."""
+    prompts = []
+    for row in load_rows([path], system_prompt=system_prompt, split="eval"):
+        if row["kind"] == "text":
+            raise DataError(
+                f"{path}: plain text records ({row['id']}) are not prompts; use instructions "
+                "without outputs, or chat messages ending in a user turn"
+            )
+        turns = row["messages"]
+        if row["kind"] == "chat":  # up to the last user turn
+            users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+            if not users:
+                raise DataError(f"{path}: record {row['id']} has no user turn to prompt with")
+            turns = turns[: users[-1] + 1]
+        prompts.append(turns)
+    return prompts
 
 
 def format_report(report: dict) -> str:

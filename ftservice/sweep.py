@@ -20,11 +20,24 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from ftservice.artifacts import META, ArtifactMeta, SweepLineage
+from ftservice.asha import (
+    RUNG,
+    AshaState,
+    GatedLimiter,
+    GatedVariants,
+    PromotingASHA,
+    promoted_from,
+    rung_steps,
+)
 from ftservice.config import JobSpec, Spec, SpecError, load_spec, spec_from_dict
 from ftservice.errors import FtserviceError
+from ftservice.records import Record, Strict
+from ftservice.train.driver import TrainingDiverged
+from ftservice.train.driver import train as run_training
+from ftservice.tune_report import MetricFirstReportCallback
 
 RESULTS = "sweep.json"
-RUNG = "rung_step"  # the result key of a trial's report at an ASHA rung (asha.py)
 ASHA_STATE = "asha.json"
 
 
@@ -129,7 +142,9 @@ def load_sweep(path: str) -> tuple[SweepSpec, dict]:
     except ValidationError as e:
         lines = [f"{path}: {'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()]
         raise SweepError("\n".join(lines)) from None
-    base_spec = load_spec(sweep.base, [_override(k, v) for k, v in sweep.overrides.items()])
+    base_spec = load_spec(
+        sweep.base, [_override(k, v) for k, v in sweep.overrides.items()], check_inputs=True
+    )
     base = base_spec.model_dump(mode="json")
     problems = []
     for key, dim in sweep.space.items():
@@ -160,7 +175,6 @@ def load_sweep(path: str) -> tuple[SweepSpec, dict]:
 
 def rungs(sweep: SweepSpec, spec: JobSpec) -> list[int]:
     """The steps at which ASHA's trials wait (none without ASHA)."""
-    from ftservice.asha import rung_steps
 
     s = sweep.scheduler
     if s.type != "asha":
@@ -228,11 +242,6 @@ def run_trial(config: dict) -> None:
     """The Tune function of one trial: the training driver, reports forwarded to Tune."""
     from ray import tune
 
-    from ftservice.asha import promoted_from
-    from ftservice.train.driver import TrainingDiverged
-    from ftservice.train.driver import train as run_training
-    from ftservice.tune_report import MetricFirstReportCallback
-
     sweep = SweepSpec.model_validate(config.pop("__sweep"))
     base = config.pop("__base")
     root = Path(config.pop("__root"))
@@ -259,7 +268,7 @@ def run_trial(config: dict) -> None:
         tune.report({metric: value, "step": result.paused_at, RUNG: result.paused_at})
         while result.paused_at not in promoted_from(root / ASHA_STATE, trial_id):
             time.sleep(0.5)
-    m = result.artifact.meta["metrics"]
+    m = result.artifact.meta.metrics
     tune.report(
         {
             sweep.scheduler.metric: m.get("best_" + sweep.scheduler.metric, math.nan),
@@ -288,8 +297,6 @@ def run_sweep(path: str, resume: bool = False):
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    from ftservice.asha import GatedLimiter, GatedVariants, PromotingASHA
 
     sweep, base = load_sweep(path)
     root = (Path(sweep.output_dir) / sweep.name).resolve()
@@ -377,8 +384,8 @@ def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
     # lose their last rows when the sweep's driver is killed
     at_rungs: dict[str, dict[int, float]] = {}
     if (root / ASHA_STATE).is_file():
-        state = json.loads((root / ASHA_STATE).read_text())
-        for step, values in zip(state["rungs"], state["recorded"], strict=True):
+        state = AshaState.read(root / ASHA_STATE)
+        for step, values in zip(state.rungs, state.recorded, strict=True):
             for tid, v in values.items():
                 at_rungs.setdefault(tid, {})[step] = v
     records = []
@@ -427,16 +434,39 @@ def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
     return records
 
 
+class TrialRecord(Strict):
+    trial: str
+    params: dict[str, Any]
+    state: Literal["completed", "diverged", "errored", "stopped early", "not started"]
+    best: float | None
+    reports: int
+    curve: list[tuple[int, float | str | None]]
+    artifact: str | None
+    error: str | None
+
+
+class SweepSummary(Record):
+    """`sweep.json`: the ranked trials of a sweep, what `sweep report` and promote read."""
+
+    format_version: int = 1
+    sweep: str
+    metric: str
+    mode: Literal["min", "max"]
+    trials: list[TrialRecord]
+    best: TrialRecord | None
+
+
 def write_results(root: Path, sweep: SweepSpec) -> dict:
     records = trial_records(root, sweep)
-    summary = {
-        "sweep": sweep.name,
-        "metric": sweep.scheduler.metric,
-        "mode": sweep.scheduler.mode,
-        "trials": records,
-        "best": records[0] if records and records[0]["best"] is not None else None,
-    }
-    (root / RESULTS).write_text(json.dumps(summary, indent=2, default=str))
+    summary = SweepSummary(
+        sweep=sweep.name,
+        metric=sweep.scheduler.metric,
+        mode=sweep.scheduler.mode,
+        trials=records,
+        best=records[0] if records and records[0]["best"] is not None else None,
+    )
+    summary.write(root / RESULTS)
+    summary = summary.model_dump(mode="json")
     plot_heatmap(records, sweep, root / "heatmap.png")
     plot_curves(records, sweep, root / "curves.png")
     return summary
@@ -506,20 +536,21 @@ def plot_curves(records: list[dict], sweep: SweepSpec, path: Path) -> None:
 
 def promote(root: Path, registry: str) -> Path:
     """Copy the best trial's artifact into the registry, with its lineage."""
-    summary = json.loads((root / RESULTS).read_text())
-    best = summary.get("best")
-    if not best or not best.get("artifact"):
+    summary = SweepSummary.read(root / RESULTS)
+    best = summary.best
+    if best is None or best.artifact is None:
         raise SweepError(f"{root}: no completed trial with an artifact to promote")
-    source = Path(best["artifact"])
+    source = Path(best.artifact)
     target = Path(registry) / source.name
     if target.exists():
         raise SweepError(f"{target} exists already; remove it or promote to another registry")
     Path(registry).mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.promoting")
     shutil.copytree(source, tmp)
-    meta = json.loads((tmp / "ftservice.json").read_text())
-    meta["lineage"] = {"sweep": summary["sweep"], "trial": best["trial"],
-                       "metric": summary["metric"], "value": best["best"]}  # fmt: skip
-    (tmp / "ftservice.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = ArtifactMeta.read(tmp / META)
+    meta.lineage = SweepLineage(
+        sweep=summary.sweep, trial=best.trial, metric=summary.metric, value=best.best
+    )
+    meta.write(tmp / META)
     tmp.rename(target)
     return target

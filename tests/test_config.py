@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "cluster" / "jobs" / "quickstart.yaml"
 
 
-def write(tmp_path: Path, text: str) -> Path:
+def write(tmp_path: Path, text: str, model: bool = True) -> Path:
+    """A spec file; the required base model is added at the end (lines above stay put)."""
     path = tmp_path / "job.yaml"
-    path.write_text(text)
+    path.write_text(text + ("model:\n  name: smollm2-135m-instruct\n" if model else ""))
     return path
 
 
@@ -105,16 +106,18 @@ def test_every_problem_is_reported_together(tmp_path):
         tmp_path,
         "name: Bad_Name\nmethod: qlora\nmodel:\n  nme: x\ntrain:\n  learning_rate: -1\n"
         "scaling:\n  deepspeed:\n    stage: 3\n",
+        model=False,
     )
     found = problems(path)
     assert [m.split(": ")[1] for m in found] == [
         "name",
+        "model.name",
         "model.nme",
         "train.learning_rate",
         "scaling.deepspeed.stage",
     ]
     lines = [int(m.split(":")[1]) for m in found]
-    assert lines == [1, 4, 6, 9]
+    assert lines == [1, 3, 4, 6, 9]
 
 
 def test_override_errors_point_at_the_command_line(tmp_path):
@@ -126,10 +129,52 @@ def test_override_errors_point_at_the_command_line(tmp_path):
 def test_malformed_override_and_yaml(tmp_path):
     with pytest.raises(SpecError, match="is not KEY=VALUE"):
         load_spec(write(tmp_path, "name: a\n"), ["lora.r"])
-    path = write(tmp_path, "name: a\ntrain: [1,\n")
+    path = write(tmp_path, "name: a\ntrain: [1,\n", model=False)
     with pytest.raises(SpecError) as err:
         load_spec(path)
     assert "not valid YAML" in str(err.value) and err.value.problems[0].line == 3
+
+
+def test_a_spec_without_a_base_model_is_refused_with_the_field_and_line(tmp_path):
+    assert problems(write(tmp_path, "name: a\n", model=False)) == [
+        f"{tmp_path / 'job.yaml'}: model.name: required: name the base model to fine-tune (a "
+        "built-in alias such as smollm2-135m-instruct, a local Hugging Face folder, a .gguf "
+        "file, or a hub id org/name); there is no default, so a spec never trains a model by "
+        "accident"
+    ]
+    found = problems(write(tmp_path, "name: a\nmodel: {}\nmethod: full\nlora: {r: 4}\n", False))
+    assert found[0].startswith(f"{tmp_path / 'job.yaml'}:2: model.name: required")
+    assert any("method is 'full'" in p for p in found)  # the other checks still ran
+
+
+def test_validate_reports_every_missing_input_with_its_field_and_line(tmp_path):
+    (tmp_path / "here.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    path = write(
+        tmp_path,
+        "name: a\n"
+        "data:\n"
+        f"  train: [{tmp_path / 'here.jsonl'}, {tmp_path / 'gone.jsonl'}]\n"
+        f"  eval: [{tmp_path / 'held-out'}]\n"
+        "eval:\n"
+        f"  domain: {tmp_path / 'domain.jsonl'}\n"
+        "  general: null\n"
+        "stage: dpo\n"
+        "dpo:\n"
+        "  parent: no-such-artifact\n"
+        f"output:\n  registry: {tmp_path / 'registry'}\n",
+    )
+    load_spec(path)  # the shape is fine: only reading the inputs finds the problems
+    with pytest.raises(SpecError) as err:
+        load_spec(path, check_inputs=True)
+    found = {p.path: p.line for p in err.value.problems}
+    assert found == {"data.train.1": 3, "data.eval.0": 4, "eval.domain": 6, "dpo.parent": 10}
+    text = str(err.value)
+    assert f"'{tmp_path / 'gone.jsonl'}' does not exist" in text
+    assert "no artifact 'no-such-artifact'" in text and str(tmp_path / "registry") in text
+    result = subprocess.run(
+        [sys.executable, "-m", "ftservice", "validate", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "4 problems in" in result.stderr
 
 
 def test_every_field_has_a_description():

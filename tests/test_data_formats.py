@@ -236,8 +236,11 @@ def test_named_format_is_checked_on_every_record(tmp_path):
 def test_bad_roles_and_missing_assistant(tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
     assert "'messages[0].role' is 'robot'; use one of assistant, system, user" in error_of(path)
-    path = write_jsonl(tmp_path / "u.jsonl", [{"messages": [USER_ASSISTANT[0]]}])
+    path = write_jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "system", "content": "s"}]}])
     assert "conversation has no assistant turn to learn from" in error_of(path)
+    # a conversation ending in a user turn is a prompt, unless the spec says it is chat data
+    path = write_jsonl(tmp_path / "p.jsonl", [{"messages": [USER_ASSISTANT[0]]}])
+    assert "conversation has no assistant turn to learn from" in error_of(path, "openai")
 
 
 def test_input_files_are_never_modified(tmp_path):

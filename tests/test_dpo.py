@@ -72,9 +72,9 @@ def test_dpo_from_an_sft_adapter_learns_the_preference(local_ray, tiny_llama, da
 
     result = train(dpo_spec(data, tiny_llama, sft_artifact), evaluate=False)
     meta = result.artifact.meta
-    assert meta["parent"] == sft_artifact.name
-    assert meta["spec"]["stage"] == "dpo"
-    m = meta["metrics"]
+    assert meta.parent == sft_artifact.name
+    assert meta.spec["stage"] == "dpo"
+    m = meta.metrics
     assert m["global_step"] == 12
     assert m["last_loss"] < m["first_loss"] < 0.7  # starts near log 2: policy == reference
     prefs = m["preference"]
@@ -131,7 +131,7 @@ def test_dpo_full_under_zero3_uses_precomputed_reference_log_probs(local_ray, ti
         scaling={"num_workers": 2, "cpus_per_worker": 1, "deepspeed": {"stage": 3}},
     )  # fmt: skip
     result = train(spec, evaluate=False)
-    m = result.artifact.meta["metrics"]
+    m = result.artifact.meta.metrics
     assert m["partition"]["world_size"] == 2
     assert m["partition"]["parameters_local"] == pytest.approx(
         m["partition"]["parameters_total"] / 2, rel=0.02
@@ -168,6 +168,7 @@ def test_dpo_refuses_a_parent_trained_on_another_base(
         train(spec, evaluate=False)
     message = str(caught.value)
     assert str(other_tiny_llama) in message and str(tiny_llama) in message
-    assert sft_artifact.meta["base_model"]["fingerprint"][:12] in message
+    assert sft_artifact.meta.base_model.fingerprint[:12] in message
     assert not (Path(spec.output.storage_path) / "dpo").exists()  # no worker ever started
-    assert json.loads((sft_artifact.path / "ftservice.json").read_text()) == sft_artifact.meta
+    stored = json.loads((sft_artifact.path / "ftservice.json").read_text())
+    assert stored == sft_artifact.meta.model_dump(mode="json")

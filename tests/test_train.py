@@ -63,7 +63,7 @@ def initial_adapter(spec, tiny_llama) -> dict[str, torch.Tensor]:
 
 
 def assert_learned(result, n_steps: int) -> None:
-    m = result.artifact.meta["metrics"]
+    m = result.artifact.meta.metrics
     assert m["global_step"] == n_steps
     assert m["last_loss"] < m["first_loss"], m
 
@@ -179,7 +179,7 @@ def test_full_finetune_under_zero3_on_two_workers(local_ray, tmp_path, tiny_llam
     base_state = base.state_dict()
     same = [k for k, v in tuned.state_dict().items() if torch.equal(v, base_state[k])]
     assert same == []  # every parameter trained, and the consolidated weights load
-    part = result.artifact.meta["metrics"]["partition"]
+    part = result.artifact.meta.metrics["partition"]
     assert part["world_size"] == 2
     # each rank owns half of every parameter (DeepSpeed pads shards to equal sizes)
     assert part["parameters_local"] == pytest.approx(part["parameters_total"] / 2, rel=0.02)
@@ -199,6 +199,9 @@ def test_sft_refuses_preference_data_before_any_worker_starts(tmp_path, tiny_lla
 def test_publish_refuses_an_empty_adapter_and_leaves_the_registry_clean(tmp_path):
     from safetensors.torch import save_file
 
+    from ftservice.artifacts import BaseModelRef
+
+    BASE = BaseModelRef(name="m", fingerprint="0" * 64, kind="folder")
     staged = tmp_path / "staged"
     staged.mkdir()
     (staged / "adapter_config.json").write_text("{}")
@@ -207,14 +210,14 @@ def test_publish_refuses_an_empty_adapter_and_leaves_the_registry_clean(tmp_path
     with pytest.raises(ArtifactError, match=r"no tensors|empty"):
         publish(
             registry, "x", staged, spec={"method": "lora", "stage": "sft"}, run_name="r",
-            base_model={}, dataset_fingerprint="", metrics={}, log_history=[],
+            base_model=BASE, dataset_fingerprint="", data=[], metrics={}, log_history=[],
         )  # fmt: skip
     assert not registry.exists() or list(registry.iterdir()) == []
     save_file({"w": torch.tensor([float("nan")])}, staged / "adapter_model.safetensors")
     with pytest.raises(ArtifactError, match="NaN"):
         publish(
             registry, "x", staged, spec={"method": "lora", "stage": "sft"}, run_name="r",
-            base_model={}, dataset_fingerprint="", metrics={}, log_history=[],
+            base_model=BASE, dataset_fingerprint="", data=[], metrics={}, log_history=[],
         )  # fmt: skip
     assert not registry.exists() or list(registry.iterdir()) == []
 
@@ -289,7 +292,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(
     result = train(spec, evaluate=False)
     killer.join()
     assert killed, "the worker was never killed"
-    m = result.artifact.meta["metrics"]
+    m = result.artifact.meta.metrics
     assert m["resumed"] is True and m["global_step"] == 12
     log = json.loads((result.artifact.path / "log_history.json").read_text())
     steps = [h["step"] for h in log if "loss" in h]

@@ -13,7 +13,6 @@ later, as if the steps ran one after the other.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -29,7 +28,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ftservice.config import CurateSpec, JobSpec
-from ftservice.data.formats import SCHEMA, response_text
+from ftservice.data.formats import (
+    REPORT,
+    SCHEMA,
+    CuratedReport,
+    CuratedStep,
+    content_text,
+    fingerprint,
+    response_text,
+)
 from ftservice.data.loaders import (
     DataError,
     Piece,
@@ -107,25 +114,12 @@ def _map_text(row: dict, fn) -> dict:
     return row
 
 
-def content_text(row: dict) -> str:
-    """The row as one canonical string: what exact dedup, MinHash and the split look at."""
-    parts = [f"{m['role']}: {m['content']}" for m in row["messages"]]
-    parts += [f"{k}: {row[k]}" for k in ("chosen", "rejected", "text") if row[k] is not None]
-    return "\n".join(parts)
-
-
 def word_ngrams(text: str, n: int) -> set[int]:
     words = _WORDS.findall(text.lower())
     return {
         int.from_bytes(hashlib.blake2b(" ".join(words[i : i + n]).encode(), digest_size=8).digest())
         for i in range(len(words) - n + 1)
     }
-
-
-def fingerprint(split_hashes) -> str:
-    """sha256 of a dataset's content: its (split, content hash) pairs, in no particular order."""
-    lines = sorted(f"{split}:{digest}" for split, digest in split_hashes)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def split_of(content_hash: str, fraction: float, seed: int) -> str:
@@ -167,8 +161,12 @@ class CurateRows:
                 row = _map_text(row, normalise_text)
             if cfg.pii:
                 row = _map_text(row, lambda t, c=counts: scrub_pii(t, c))
-            empty = not response_text(row).strip() or (
-                row["kind"] == "preference" and not (row["rejected"] or "").strip()
+            # a prompt has no answer by design: only an empty prompt is empty
+            empty = (
+                not (row["messages"][-1]["content"] if row["messages"] else "").strip()
+                if row["kind"] == "prompt"
+                else not response_text(row).strip()
+                or (row["kind"] == "preference" and not (row["rejected"] or "").strip())
             )
             rows.append(row)
             flags.append("empty_response" if cfg.drop_empty and empty else None)
@@ -331,22 +329,25 @@ class CurationReport:
     files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {
-            "inputs": self.inputs,
-            "output_dir": self.output_dir,
-            "fingerprint": self.fingerprint,
-            "rows_in": self.rows_in,
-            "rows_out": sum(self.split.values()),
-            "steps": [
-                {"step": s.step, "in": s.rows_in, "out": s.rows_out, "removed": s.removed}
+        return self.to_record().model_dump(mode="json", by_alias=True)
+
+    def to_record(self) -> CuratedReport:
+        return CuratedReport(
+            inputs=self.inputs,
+            output_dir=self.output_dir,
+            fingerprint=self.fingerprint,
+            rows_in=self.rows_in,
+            rows_out=sum(self.split.values()),
+            steps=[
+                CuratedStep(step=s.step, rows_in=s.rows_in, rows_out=s.rows_out, removed=s.removed)
                 for s in self.steps
             ],
-            "removed": self.removed,
-            "pii": self.pii,
-            "split": self.split,
-            "token_lengths": self.token_lengths,
-            "files": self.files,
-        }
+            removed=self.removed,
+            pii=self.pii,
+            split=self.split,
+            token_lengths=self.token_lengths,
+            files=self.files,
+        )
 
     def table(self) -> str:
         lines = [f"{'step':<16}{'in':>9}{'removed':>9}{'out':>9}"]
@@ -545,15 +546,14 @@ def _finish(spec, cfg: CurateSpec, ds, meta, inputs, out: Path) -> CurationRepor
             pii={k: int(sum(meta[f"pii_{k}"])) for k in PII_PATTERNS},
             split={s: sum(1 for v in splits.values() if v == s) for s in ("train", "eval")},
             token_lengths=_length_stats(lengths),
-            files=files
-            | {"report": str(out / "report.json"), "histogram": str(out / "lengths.png")},
+            files=files | {"report": str(out / REPORT), "histogram": str(out / "lengths.png")},
         )
         plot_lengths(
             lengths,
             max_tokens=cfg.length.max_tokens or spec.data.max_seq_length,
             path=tmp / "lengths.png",
         )
-        (tmp / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        report.to_record().write(tmp / REPORT)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -2,20 +2,32 @@
 
 Internal form (one Arrow schema for every format, see `SCHEMA`):
   id        - the record's own "id", else "<file>:<line>"
-  kind      - "chat" (SFT conversation), "preference" (prompt + chosen/rejected), "text"
-  messages  - chat turns [{role, content}]; for preferences the prompt turns only
+  kind      - "chat" (SFT conversation), "preference" (prompt + chosen/rejected), "text",
+              "prompt" (turns ending in a user turn: no answer, for stages that need prompts)
+  messages  - chat turns [{role, content}]; for preferences and prompts the prompt turns only
   chosen    - preferred assistant answer (preferences)
   rejected  - the other answer (preferences)
   text      - raw text (continued pre-training)
+
+`ftservice data curate` writes rows in this form (the `curated` format), with a `report.json`
+beside them (`CuratedReport`) whose fingerprint training records.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import pyarrow as pa
+from pydantic import ConfigDict, Field
 
-FORMATS = ("alpaca", "sharegpt", "openai", "text", "preference", "openai_dpo")
+from ftservice.records import Record, Strict
+
+FORMATS = (
+    "alpaca", "sharegpt", "openai", "text", "preference", "openai_dpo", "prompts", "curated",
+)  # fmt: skip
+KINDS = ("chat", "preference", "text", "prompt")
+REPORT = "report.json"  # beside curated data: the CuratedReport
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
 SCHEMA = pa.schema(
@@ -37,7 +49,13 @@ FIELDS = {
     "text": (["text"], []),
     "preference": (["prompt", "chosen", "rejected"], []),
     "openai_dpo": (["input", "preferred_output", "non_preferred_output"], []),
+    "prompts": (["instruction"], ["input", "system"]),
+    "curated": (["kind", "messages"], ["id", "chosen", "rejected", "text"]),
 }
+# how a prompt-only record may look, for messages
+PROMPTS_FORMS = (
+    "'instruction' without 'output', 'prompt' alone, or 'messages' ending in a user turn"
+)
 SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -74,22 +92,30 @@ class Location:
 def recognise(record: dict) -> str | None:
     """The format a record is in, from its distinctive keys; None if none fits."""
     keys = record.keys()
+    if "kind" in keys and "messages" in keys:
+        return "curated"  # our own rows, as `data curate` writes them
     if "preferred_output" in keys or "non_preferred_output" in keys:
         return "openai_dpo"
     if "chosen" in keys or "rejected" in keys:
         return "preference"
     if "messages" in keys:
-        return "openai"
+        turns = record["messages"]
+        ends_with_user = isinstance(turns, list) and turns and isinstance(turns[-1], dict)
+        return "prompts" if ends_with_user and turns[-1].get("role") == "user" else "openai"
     if "conversations" in keys:
         return "sharegpt"
     if "instruction" in keys:
-        return "alpaca"
+        return "alpaca" if "output" in keys else "prompts"
+    if "prompt" in keys:
+        return "prompts"
     if "text" in keys:
         return "text"
     return None
 
 
 def describe_format(fmt: str) -> str:
+    if fmt == "prompts":
+        return PROMPTS_FORMS
     required, optional = FIELDS[fmt]
     text = ", ".join(required)
     return f"{text} (optional: {', '.join(optional)})" if optional else text
@@ -148,11 +174,62 @@ def _answer(value, field: str) -> str:
     return turns[-1]["content"]
 
 
+def _prompt_turns(record: dict) -> list:
+    """The turns of a prompt-only record (ending in a user turn)."""
+    if "messages" in record:
+        turns = _messages(record["messages"], "messages")
+        if turns[-1]["role"] != "user":
+            raise RecordError(f"a prompt's messages must end with a user turn ({PROMPTS_FORMS})")
+        return turns
+    if record.get("instruction") is not None:
+        instruction = _text(record["instruction"], "instruction")
+        extra = _text(record.get("input") or "", "input")
+        return [
+            {
+                "role": "user",
+                "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction,
+            }
+        ]
+    if record.get("prompt") is not None:
+        prompt = record["prompt"]
+        if isinstance(prompt, str):
+            return [{"role": "user", "content": prompt}]
+        turns = _messages(prompt, "prompt")
+        if turns[-1]["role"] != "user":
+            raise RecordError("'prompt' must end with a user turn")
+        return turns
+    raise RecordError(f"a prompt-only record needs {PROMPTS_FORMS}")
+
+
+def _curated(record: dict, row: dict) -> dict:
+    """A row as `data curate` wrote it, checked like any other input."""
+    kind = record["kind"]
+    if kind not in KINDS:
+        raise RecordError(f"'kind' is {kind!r}; curated rows are one of {', '.join(KINDS)}")
+    turns = _messages(record["messages"], "messages") if kind != "text" else []
+    row |= {"kind": kind, "messages": turns}
+    if kind == "preference":
+        row |= {"chosen": _text(record.get("chosen"), "chosen"),
+                "rejected": _text(record.get("rejected"), "rejected")}  # fmt: skip
+    elif kind == "text":
+        row["text"] = _text(record.get("text"), "text")
+    elif kind == "prompt" and turns[-1]["role"] != "user":
+        raise RecordError("a curated prompt's messages must end with a user turn")
+    return row
+
+
 def normalise(record: dict, fmt: str, rid: str, system_prompt: str | None = None) -> dict:
     """One record in format `fmt` -> the internal form. Raises RecordError."""
-    _need(record, fmt)
-    row = {"id": str(record.get("id", rid)), "chosen": None, "rejected": None, "text": None}
-    if fmt == "alpaca":
+    if fmt != "prompts":
+        _need(record, fmt)
+    row = {"id": str(record.get("id") or rid), "chosen": None, "rejected": None, "text": None}
+    if fmt == "curated":
+        row = _curated(record, row)
+        row["messages"] = _with_system(row["messages"], system_prompt) if row["messages"] else []
+    elif fmt == "prompts":
+        system = record.get("system") or system_prompt
+        row |= {"kind": "prompt", "messages": _with_system(_prompt_turns(record), system)}
+    elif fmt == "alpaca":
         instruction = _text(record["instruction"], "instruction")
         extra = _text(record.get("input") or "", "input")
         user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
@@ -211,7 +288,27 @@ def response_text(row: dict) -> str:
         return row["text"] or ""
     if row["kind"] == "preference":
         return row["chosen"] or ""
+    if row["kind"] == "prompt":
+        return ""
     return "\n".join(m["content"] for m in row["messages"] if m["role"] == "assistant")
+
+
+def content_text(row: dict) -> str:
+    """The row as one canonical string: what exact dedup, MinHash and the split look at."""
+    parts = [f"{m['role']}: {m['content']}" for m in row["messages"]]
+    parts += [f"{k}: {row[k]}" for k in ("chosen", "rejected", "text") if row[k] is not None]
+    return "\n".join(parts)
+
+
+def fingerprint(split_hashes) -> str:
+    """sha256 of a dataset's content: its (split, content hash) pairs, in no particular order."""
+    lines = sorted(f"{split}:{digest}" for split, digest in split_hashes)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def rows_fingerprint(rows: list[dict], split: str = "train") -> str:
+    """sha256 of the content of rows, independent of their order (as curation computes it)."""
+    return fingerprint((split, hashlib.sha256(content_text(r).encode()).hexdigest()) for r in rows)
 
 
 def to_trl(row: dict) -> dict:
@@ -234,3 +331,33 @@ def to_openai_dpo(row: dict) -> dict:
         "preferred_output": [{"role": "assistant", "content": row["chosen"]}],
         "non_preferred_output": [{"role": "assistant", "content": row["rejected"]}],
     }
+
+
+# ---- the curated dataset's report ---------------------------------------------------------
+
+
+class CuratedStep(Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    step: str
+    rows_in: int = Field(alias="in")
+    rows_out: int = Field(alias="out")
+    removed: int
+
+
+class CuratedReport(Record):
+    """`report.json` of a curated dataset: counts per step, removed ids, and the fingerprint
+    of what was kept (its (split, content hash) pairs), which training records."""
+
+    format_version: int = 1
+    inputs: list[str]
+    output_dir: str
+    fingerprint: str
+    rows_in: int
+    rows_out: int
+    steps: list[CuratedStep]
+    removed: dict[str, list[str]]
+    pii: dict[str, int]
+    split: dict[str, int]
+    token_lengths: dict[str, float]
+    files: dict[str, str]

@@ -7,20 +7,30 @@ Memory stays bounded by one chunk or batch, never the whole file.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from ftservice.data.formats import (
     FORMATS,
+    REPORT,
+    CuratedReport,
     Location,
     RecordError,
+    content_text,
     describe_format,
+    fingerprint,
     normalise,
     recognise,
+    rows_fingerprint,
 )
 from ftservice.errors import FtserviceError
+from ftservice.records import Strict
 
 SUFFIXES = {
     ".jsonl": "jsonl",
@@ -40,8 +50,33 @@ def _is_datasets_folder(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def expand(paths: list[str | Path]) -> list[Path]:
-    """Files (and `datasets` folders) behind the given paths, folders searched in name order."""
+def is_curated(path: Path) -> bool:
+    """A folder `ftservice data curate` wrote: its splits beside a report.json."""
+    return path.is_dir() and (path / REPORT).is_file()
+
+
+def curated_split(path: Path, split: str) -> Path:
+    """The folder of one split of a curated dataset."""
+    part = path / split
+    if not part.is_dir():
+        report = CuratedReport.read(path / REPORT)
+        kept = ", ".join(f"{k} {v}" for k, v in report.split.items())
+        raise DataError(
+            f"{path}: this curated dataset has no {split} split (its rows: {kept}); "
+            + (
+                "curate with data.curate.eval_fraction above 0 to split some off, or name "
+                "held-out files in data.eval"
+                if split == "eval"
+                else f"name {path}/<split> directly"
+            )
+        )
+    return part
+
+
+def expand(paths: list[str | Path], split: str = "train") -> list[Path]:
+    """Files (and `datasets` folders) behind the given paths, folders searched in name order.
+    A curated dataset's folder stands for its `split` (train for training data, eval for
+    held-out data)."""
     out: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
@@ -49,6 +84,8 @@ def expand(paths: list[str | Path]) -> list[Path]:
                 f"{p}: no such file or folder; check the path "
                 f"(relative paths start at {Path.cwd()})."
             )
+        if is_curated(p):
+            p = curated_split(p, split)
         if p.is_file():
             if p.suffix.lower() not in SUFFIXES:
                 raise DataError(
@@ -333,7 +370,9 @@ def iter_examples(
             if seen is None:
                 raise DataError(_unrecognised(loc, record))
             file_fmt, first_at = seen, loc
-        elif fmt == "auto" and seen is not None and seen != file_fmt:
+        elif fmt == "auto" and seen not in (None, file_fmt, "prompts"):
+            # (a record without its answer in a file of answers is that format's error,
+            # said by normalise below: "lacks 'output'")
             raise DataError(
                 f"{path} mixes formats: {first_at} is {file_fmt} but {loc} is {seen}; "
                 "put each format in its own file (or name the format with data.format)"
@@ -345,6 +384,74 @@ def iter_examples(
         except RecordError as e:
             how = "recognised" if fmt == "auto" else "named in the spec"
             raise DataError(f"{loc}: {e} (format {file_fmt}, {how})") from None
+
+
+def load_rows(
+    paths: list[str], fmt: str = "auto", system_prompt: str | None = None, split: str = "train"
+) -> list:
+    """Every normalised row of the given files (small enough to hold: one worker's data)."""
+    return [row for p in expand(paths, split) for _, _, row in iter_examples(p, fmt, system_prompt)]
+
+
+class DataSource(Strict):
+    """One training input as an artifact records it."""
+
+    path: str
+    kind: Literal["file", "curated"]
+    fingerprint: str = Field(
+        description="A curated dataset's own fingerprint (its report.json), else that of the "
+        "rows read from the path."
+    )
+
+
+@dataclass
+class TrainingInputs:
+    rows: list[dict]
+    sources: list[DataSource]
+    fingerprint: str
+    """The curated dataset's fingerprint when the data is one curated dataset, else that of
+    every row trained on."""
+
+
+def check_curated(path: Path, fmt: str = "auto") -> CuratedReport:
+    """A curated dataset's report, after checking that its files hold what it says: the
+    fingerprint of both splits' rows must equal the report's."""
+    report = CuratedReport.read(path / REPORT)
+    pairs = []
+    for split in ("train", "eval"):
+        if (path / split).is_dir():
+            pairs += [(split, row) for row in load_rows([str(path)], fmt, None, split)]
+    found = fingerprint(
+        (split, hashlib.sha256(content_text(row).encode()).hexdigest()) for split, row in pairs
+    )
+    if found != report.fingerprint:
+        raise DataError(
+            f"{path}: its files do not hold what {path / REPORT} says (fingerprint "
+            f"{found[:12]} against the report's {report.fingerprint[:12]}): they changed after "
+            "curation; run `ftservice data curate` again."
+        )
+    return report
+
+
+def training_inputs(
+    paths: list[str], fmt: str = "auto", system_prompt: str | None = None, split: str = "train"
+) -> TrainingInputs:
+    """The rows of `paths` with what an artifact records of each: a curated dataset by its
+    report's fingerprint (checked against its files), a file by its rows' content."""
+    rows, sources = [], []
+    for path in paths:
+        part = load_rows([path], fmt, system_prompt, split)
+        if is_curated(Path(path)):
+            fp = check_curated(Path(path), fmt).fingerprint
+            sources.append(DataSource(path=str(path), kind="curated", fingerprint=fp))
+        else:
+            sources.append(
+                DataSource(path=str(path), kind="file", fingerprint=rows_fingerprint(part))
+            )
+        rows += part
+    if len(sources) == 1 and sources[0].kind == "curated":
+        return TrainingInputs(rows, sources, sources[0].fingerprint)
+    return TrainingInputs(rows, sources, rows_fingerprint(rows))
 
 
 def _unrecognised(loc: Location, record: dict) -> str:

@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 
 from ftservice.config import JobSpec
+from ftservice.data.loaders import load_rows
 from ftservice.models import ResolvedModel, build_model, load_base_for_adapters
-from ftservice.train.sft import load_rows
-from ftservice.train.worker import training_arguments
+from ftservice.train.common import training_arguments
 
 
 def preference_dataset(rows: list[dict]):
@@ -96,7 +96,7 @@ def dpo_trainer(
     eval_ds = None
     if d.eval:
         eval_ds = preference_dataset(
-            load_rows(d.eval, d.format, d.system_prompt)[: d.max_eval_samples]
+            load_rows(d.eval, d.format, d.system_prompt, "eval")[: d.max_eval_samples]
         )
         eval_ds = on_shared_disk(eval_ds, shared and shared / "eval")
     return DPOTrainer(

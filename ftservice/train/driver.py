@@ -6,7 +6,6 @@ the same run in storage and Ray Train resumes it from its latest checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -18,17 +17,18 @@ from pathlib import Path
 from ftservice.artifacts import (
     Artifact,
     ArtifactError,
+    BaseModelRef,
     find_published,
     load_artifact,
     publish,
     update_metrics,
 )
 from ftservice.config import JobSpec
-from ftservice.data.curate import content_text, fingerprint
-from ftservice.data.loaders import DataError
+from ftservice.data.loaders import DataError, TrainingInputs, load_rows, training_inputs
 from ftservice.errors import FtserviceError
-from ftservice.models import ResolvedModel, resolve_model
-from ftservice.train import sft, worker
+from ftservice.models import ResolvedModel, portable_name, resolve_model
+from ftservice.train import worker
+from ftservice.train.common import FINAL, HISTORY, ParentRef, TrainHistory, WorkerConfig
 
 STAGE_KINDS = {"sft": {"chat", "text"}, "dpo": {"preference"}}
 
@@ -59,7 +59,7 @@ def resolve_parent(spec: JobSpec, base: ResolvedModel) -> Artifact | None:
     if parent.base_fingerprint != base.fingerprint:
         raise ParentMismatch(
             f"dpo.parent '{parent.name}' ({parent.path}) was trained on base model "
-            f"'{parent.meta['base_model']['name']}' (fingerprint "
+            f"'{parent.meta.base_model.name}' (fingerprint "
             f"{parent.base_fingerprint[:12]}), but this spec's model is '{spec.model.name}' "
             f"(fingerprint {base.fingerprint[:12]}); set model.name to the parent's base, or "
             "start from an artifact trained on this one."
@@ -101,30 +101,36 @@ def run_name(spec: JobSpec) -> str:
     return f"{spec.name}-{digest}"
 
 
-def rows_fingerprint(rows: list[dict], split: str = "train") -> str:
-    """sha256 of the content trained on, independent of row order."""
-    return fingerprint((split, hashlib.sha256(content_text(r).encode()).hexdigest()) for r in rows)
-
-
-def check_data(spec: JobSpec) -> list[dict]:
-    """Load the training rows and refuse data that does not fit the stage, before any
-    worker starts."""
-    d = spec.data
-    rows = sft.load_rows(d.train, d.format, d.system_prompt)
+def _refuse_kinds(spec: JobSpec, rows: list[dict], field: str) -> None:
     wanted = STAGE_KINDS[spec.stage]
     wrong = [r for r in rows if r["kind"] not in wanted]
-    if wrong:
-        kinds = sorted({r["kind"] for r in wrong})
+    if not wrong:
+        return
+    kinds = sorted({r["kind"] for r in wrong})
+    if "prompt" in kinds:
         hint = (
-            "preference pairs train with stage: dpo"
-            if "preference" in kinds
-            else "SFT data (conversations with an assistant turn, or text) trains with stage: sft"
+            "prompt-only data has no answers to learn from; use it where prompts are wanted "
+            "(eval.general, a feedback campaign's prompt set), and train on data with answers"
         )
-        raise DataError(
-            f"{len(wrong)} of {len(rows)} training examples are {', '.join(kinds)} data, which "
-            f"stage '{spec.stage}' cannot learn from (first: {wrong[0]['id']}); {hint}."
-        )
-    return rows
+    elif "preference" in kinds:
+        hint = "preference pairs train with stage: dpo"
+    else:
+        hint = "SFT data (conversations with an assistant turn, or text) trains with stage: sft"
+    raise DataError(
+        f"{field}: {len(wrong)} of {len(rows)} examples are {', '.join(kinds)} data, which "
+        f"stage '{spec.stage}' cannot learn from (first: {wrong[0]['id']}); {hint}."
+    )
+
+
+def check_data(spec: JobSpec) -> TrainingInputs:
+    """Load the training rows (and held-out rows) and refuse data that does not fit the
+    stage, before any worker starts."""
+    d = spec.data
+    inputs = training_inputs(d.train, d.format, d.system_prompt)
+    _refuse_kinds(spec, inputs.rows, "data.train")
+    if d.eval:
+        _refuse_kinds(spec, load_rows(d.eval, d.format, d.system_prompt, "eval"), "data.eval")
+    return inputs
 
 
 def _trainer(
@@ -151,14 +157,14 @@ def _trainer(
     scored = bool(spec.data.eval) and spec.eval.every_steps is not None
     return TorchTrainer(
         worker.train_loop,
-        train_loop_config={
-            "spec": spec.model_dump(mode="json"),
-            "model": dataclasses.asdict(model) | {"path": str(model.path)},
-            "staging": str(storage / name / "staging"),
-            "max_steps": max_steps,
-            "pause_at": pause_at,
-            "parent": {"name": parent.name, "path": str(parent.path.resolve())} if parent else None,
-        },
+        train_loop_config=WorkerConfig(
+            spec=spec.model_dump(mode="json"),
+            model=model,
+            staging=str(storage / name / "staging"),
+            max_steps=max_steps,
+            pause_at=pause_at,
+            parent=ParentRef(name=parent.name, path=str(parent.path.resolve())) if parent else None,
+        ).model_dump(mode="json"),
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
         ),
@@ -221,9 +227,9 @@ def train(
     published = find_published(registry, name)
     if published is not None:
         print(f"ftservice: run {name} already published {published.path}", file=sys.stderr)
-        return TrainResult(published, published.meta["metrics"].get("evaluation", {}), True)
+        return TrainResult(published, published.meta.metrics.get("evaluation", {}), True)
 
-    rows = check_data(spec)
+    inputs = check_data(spec)
     base = resolve_model(spec.model)
     parent = resolve_parent(spec, base)
     storage = Path(spec.output.storage_path).resolve()
@@ -232,47 +238,50 @@ def train(
     staging.mkdir(parents=True)
     print(
         f"ftservice: training {name}: {spec.method} {spec.stage} of {spec.model.name} on "
-        f"{len(rows)} examples, {spec.scaling.num_workers} worker(s)",
+        f"{len(inputs.rows)} examples, {spec.scaling.num_workers} worker(s)",
         file=sys.stderr,
     )
     result = _trainer(spec, base, parent, name, storage, max_steps, callbacks, pause_at).fit()
     if result.error is not None:
         raise result.error
-    history = json.loads((staging / worker.HISTORY).read_text())
-    if history.get("nonfinite_loss_step") is not None:
+    history = TrainHistory.read(staging / HISTORY)
+    logs = history.log_history
+    if history.nonfinite_loss_step is not None:
         shutil.rmtree(staging, ignore_errors=True)
-        raise TrainingDiverged(spec, history["nonfinite_loss_step"], storage / name)
-    if history.get("paused_at") is not None:
+        raise TrainingDiverged(spec, history.nonfinite_loss_step, storage / name)
+    if history.paused_at is not None:
         shutil.rmtree(staging, ignore_errors=True)
-        return TrainResult(None, {}, bool(history.get("resumed")), history["paused_at"],
-                           history["log_history"])  # fmt: skip
+        return TrainResult(None, {}, history.resumed, history.paused_at, logs)
     metrics = {
-        "train_loss": history["train_loss"],
-        "global_step": history["global_step"],
-        "first_loss": next((h["loss"] for h in history["log_history"] if "loss" in h), None),
-        "last_loss": next(
-            (h["loss"] for h in reversed(history["log_history"]) if "loss" in h), None
+        "train_loss": history.train_loss,
+        "global_step": history.global_step,
+        "first_loss": next((h["loss"] for h in logs if "loss" in h), None),
+        "last_loss": next((h["loss"] for h in reversed(logs) if "loss" in h), None),
+        "resumed": history.resumed,
+        "preference": preference_metrics(logs),
+        "best_eval_loss": min((h["eval_loss"] for h in logs if "eval_loss" in h), default=None),
+        "peak_memory_rank0": history.peak_memory.model_dump(),
+        "partition": history.model_dump(
+            include={"parameters_local", "parameters_total", "world_size"}
         ),
-        "resumed": bool(history.get("resumed")),
-        "preference": preference_metrics(history["log_history"]),
-        "best_eval_loss": min(
-            (h["eval_loss"] for h in history["log_history"] if "eval_loss" in h), default=None
-        ),
-        "peak_memory_rank0": history.get("peak_memory"),
-        "partition": {
-            k: history[k] for k in ("parameters_local", "parameters_total", "world_size")
-        },
     }
     artifact = publish(
         registry,
         spec.name,
-        staging / worker.FINAL,
+        staging / FINAL,
         spec=spec.model_dump(mode="json"),
         run_name=name,
-        base_model={"name": spec.model.name, "fingerprint": base.fingerprint, "kind": base.kind},
-        dataset_fingerprint=rows_fingerprint(rows),
+        base_model=BaseModelRef(
+            name=spec.model.name,
+            fingerprint=base.fingerprint,
+            kind=base.kind,
+            load_as=portable_name(base),
+            path=str(base.path),
+        ),
+        dataset_fingerprint=inputs.fingerprint,
+        data=inputs.sources,
         metrics=metrics,
-        log_history=history["log_history"],
+        log_history=logs,
         parent=parent.name if parent else None,
     )
     shutil.rmtree(staging, ignore_errors=True)
@@ -281,4 +290,4 @@ def train(
     if evaluate and (spec.eval.domain or spec.eval.general):
         evaluation = evaluate_remote(spec, artifact.path, base, eval_limit)
         artifact = update_metrics(artifact, {"evaluation": evaluation})
-    return TrainResult(artifact, evaluation, bool(history.get("resumed")))
+    return TrainResult(artifact, evaluation, history.resumed)

@@ -8,15 +8,10 @@ the method asks for.
 from __future__ import annotations
 
 from ftservice.config import JobSpec
-from ftservice.data.loaders import expand, iter_examples
+from ftservice.data.loaders import load_rows
 from ftservice.data.tokenize import tokenize_chat
 from ftservice.models import build_model
-from ftservice.train.worker import training_arguments
-
-
-def load_rows(paths: list[str], fmt: str = "auto", system_prompt: str | None = None) -> list:
-    """Every normalised row of the given files (small enough to hold: one worker's data)."""
-    return [row for p in expand(paths) for _, _, row in iter_examples(p, fmt, system_prompt)]
+from ftservice.train.common import training_arguments
 
 
 def tokenized(rows: list[dict], tokenizer, max_length: int, completion_only: bool):
@@ -61,7 +56,7 @@ def sft_trainer(spec, model_ref, parent, tokenizer, work, max_steps, callbacks, 
     eval_ds = None
     if d.eval:
         eval_ds = tokenized(
-            load_rows(d.eval, d.format, d.system_prompt)[: d.max_eval_samples], tokenizer,
+            load_rows(d.eval, d.format, d.system_prompt, "eval")[: d.max_eval_samples], tokenizer,
             d.max_seq_length, d.completion_only_loss,
         )  # fmt: skip
     return SFTTrainer(

@@ -1,0 +1,142 @@
+"""What both recipes (`sft.py`, `dpo.py`) and the worker share: the training arguments from the
+spec, our TrainerCallbacks, and the two hand-offs between the driver and the workers (the
+worker's config and `history.json`)."""
+
+from __future__ import annotations
+
+import math
+import resource
+
+import torch
+from pydantic import Field
+from transformers import TrainerCallback
+
+from ftservice.config import JobSpec
+from ftservice.models import ResolvedModel, train_dtype
+from ftservice.records import Record, Strict
+from ftservice.train.deepspeed import deepspeed_config
+
+FINAL = "final"
+HISTORY = "history.json"
+
+
+class ParentRef(Strict):
+    name: str
+    path: str
+
+
+class WorkerConfig(Record):
+    """What the driver hands each Ray Train worker (`train_loop_config`)."""
+
+    format_version: int = 1
+    spec: dict = Field(description="The job spec, dumped; the worker validates it again.")
+    model: ResolvedModel
+    staging: str = Field(description="Folder the final weights and history.json go to.")
+    max_steps: int | None = None
+    pause_at: list[int] | None = Field(None, description="A sweep's rungs to stop at.")
+    parent: ParentRef | None = None
+
+
+class PeakMemory(Strict):
+    rss_bytes: int
+    gpu_allocated_bytes: int | None = None
+
+
+class TrainHistory(Record):
+    """`history.json`: what rank 0 hands the driver, which publishes from it."""
+
+    format_version: int = 1
+    parameters_local: int
+    parameters_total: int
+    world_size: int
+    log_history: list[dict]
+    train_loss: float | None
+    global_step: int
+    resumed: bool
+    peak_memory: PeakMemory
+    nonfinite_loss_step: int | None
+    paused_at: int | None
+
+
+def training_arguments(spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: bool):
+    """The TrainingArguments fields every stage shares, from the spec."""
+    t, ck = spec.train, spec.checkpoint
+    dtype = train_dtype(t.precision)
+    evaluate = has_eval and spec.eval.every_steps is not None
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": t.micro_batch_size,
+        "per_device_eval_batch_size": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "num_train_epochs": t.epochs,
+        "max_steps": max_steps or t.max_steps or -1,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": float(t.warmup_ratio),  # a float in [0, 1) is a ratio in transformers 5
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "seed": t.seed,
+        "data_seed": t.seed,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "bf16": dtype == torch.bfloat16,
+        "fp16": dtype == torch.float16,
+        "logging_steps": t.logging_steps,
+        "logging_nan_inf_filter": False,  # a NaN loss must show, not be averaged away
+        "save_strategy": "steps",
+        "save_steps": ck.every_steps,
+        "save_total_limit": 1,  # local copies only; Ray keeps checkpoint.num_to_keep
+        "eval_strategy": "steps" if evaluate else "no",
+        "eval_steps": spec.eval.every_steps if evaluate else None,
+        "report_to": "none",
+        "deepspeed": deepspeed_config(spec) if spec.method == "full" else None,
+        "dataloader_num_workers": 0,
+        "use_cpu": not spec.scaling.use_gpu,
+        "disable_tqdm": False,
+    }
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Ends training at the first NaN or infinite loss it sees.
+
+    Diverged runs are deterministic: restarting or running on wastes the workers' time.
+    The step is recorded so the driver refuses to publish and says why.
+    """
+
+    def __init__(self):
+        self.step: int | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss) and self.step is None:
+            self.step = state.global_step
+            control.should_training_stop = True
+            control.should_save = False
+
+
+class PauseAtRung(TrainerCallback):
+    """Ends training at the first of `steps` after the step it started (or resumed) from,
+    short of the last step, with an evaluation and a checkpoint there: a sweep's trial waits
+    at that rung, and its next run resumes from it."""
+
+    def __init__(self, steps: list[int], evaluate: bool):
+        self.steps, self.evaluate = steps, evaluate
+        self.start = 0
+        self.step: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step in self.steps and self.start < step < state.max_steps:
+            self.step = step
+            control.should_training_stop = True
+            control.should_save = True
+            control.should_evaluate = self.evaluate
+
+
+def peak_memory() -> PeakMemory:
+    """This process's peak resident memory (and the GPU's peak allocation where there is one)."""
+    gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return PeakMemory(rss_bytes=rss, gpu_allocated_bytes=gpu)
