@@ -115,7 +115,9 @@ def main() -> None:
                     "eval": {"domain": None, "general": None},
                 }
             )
-            report = curate(spec, output_dir=str(Path(tmp) / name), progress=False).to_json()
+            report = curate(spec, output_dir=str(Path(tmp) / name), progress=False).model_dump(
+                by_alias=True
+            )
             results[name] = score(report, pairs, args.unique)
     print(
         json.dumps({"unique": args.unique, "planted": args.planted, "results": results}, indent=2)

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,10 +23,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from ftservice.config import NAME_PATTERN
+from ftservice import storage
+from ftservice.config import NAME_PATTERN, JobSpec
 from ftservice.data.loaders import DataSource
 from ftservice.errors import FtserviceError
-from ftservice.records import Record, Strict
+from ftservice.models import BUILTIN_MODELS, load_causal_lm, resolve_model
+from ftservice.records import HandoffError, Record, Strict
 
 META = "ftservice.json"
 LOSS_PLOT = "loss.png"
@@ -82,8 +85,18 @@ class ArtifactMeta(Record):
 
 @dataclass(frozen=True)
 class Artifact:
-    path: Path
+    location: str
+    """Where it lives: a local folder, or a folder of an object store (a URI)."""
     meta: ArtifactMeta
+
+    @property
+    def path(self) -> Path:
+        """A local folder holding it: itself, or the cached copy of a stored one."""
+        return storage.localize(self.location)
+
+    @property
+    def is_local(self) -> bool:
+        return storage.local_path(self.location) is not None
 
     @property
     def name(self) -> str:
@@ -168,35 +181,51 @@ def plot_loss(log_history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _free_name(registry: Path, name: str) -> str:
-    if not (registry / name).exists():
+def _free_name(registry: str, name: str) -> str:
+    taken = set(storage.list_dirs(registry))
+    if name not in taken:
         return name
     n = 2
-    while (registry / f"{name}-{n}").exists():
+    while f"{name}-{n}" in taken:
         n += 1
     return f"{name}-{n}"
 
 
+def _read_meta(location: str) -> ArtifactMeta:
+    meta_file = storage.join(location, META)
+    return ArtifactMeta.parse(json.loads(storage.read_text(meta_file)), meta_file)
+
+
+def _is_artifact(location: str) -> bool:
+    """A complete artifact: renamed in (local), or with its completion marker (a store)."""
+    if not storage.is_file(storage.join(location, META)):
+        return False
+    return storage.local_path(location) is not None or storage.is_complete(location)
+
+
 def list_artifacts(registry: str | Path) -> list[Artifact]:
     """Every complete artifact in a registry, by name. Folders being assembled (hidden
-    temporary names) and folders without ftservice.json are not artifacts."""
-    registry = Path(registry)
-    if not registry.is_dir():
-        return []
-    return [
-        Artifact(folder, ArtifactMeta.read(folder / META))
-        for folder in sorted(registry.iterdir())
-        if not folder.name.startswith(".") and (folder / META).is_file()
-    ]
+    temporary names, or uploads without their completion marker) are not artifacts."""
+    registry = str(registry)
+    found = []
+    for name in storage.list_dirs(registry):
+        location = storage.join(registry, name)
+        if name.startswith(".") or not _is_artifact(location):
+            continue
+        try:
+            found.append(Artifact(location, _read_meta(location)))
+        except HandoffError as e:  # one unreadable artifact must not hide the others
+            print(f"ftservice: skipping {location}: {e}", file=sys.stderr)
+    return found
 
 
-def find_published(registry: Path, run_name: str) -> Artifact | None:
+def find_published(registry: str | Path, run_name: str) -> Artifact | None:
     """The artifact a run already published (reruns of a finished run publish nothing new)."""
     return next((a for a in list_artifacts(registry) if a.meta.run_name == run_name), None)
 
 
 def publish(
-    registry: Path,
+    registry: str | Path,
     name: str,
     weights: Path,
     *,
@@ -209,7 +238,9 @@ def publish(
     log_history: list[dict],
     parent: str | None = None,
 ) -> Artifact:
-    """Check the weights, assemble the artifact under a temporary name, rename it in."""
+    """Check the weights, assemble the artifact under a temporary name, then publish it in
+    one step: a rename into a local registry, or an upload whose completion marker is
+    written last into a store."""
     if not re.match(NAME_PATTERN, name):
         raise ArtifactError(f"artifact name '{name}' must match {NAME_PATTERN}")
     adapter = spec["method"] in ("lora", "qlora")
@@ -220,8 +251,11 @@ def publish(
             f"{weights}: holds pickle files ({', '.join(pickles)}); an artifact carries "
             "safetensors and JSON only, so nothing was published."
         )
-    registry.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=registry))
+    registry = str(registry)
+    local = storage.local_path(registry)
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=local))
     tmp.chmod(0o755)
     try:
         for item in weights.iterdir():
@@ -248,11 +282,14 @@ def publish(
         (tmp / CARD).write_text(model_card(meta))
         (tmp / "log_history.json").write_text(json.dumps(log_history, indent=1, default=float))
         plot_loss(log_history, tmp / LOSS_PLOT, f"{final_name}: {spec['method']} {spec['stage']}")
-        os.rename(tmp, registry / final_name)
-    except BaseException:
+        location = storage.join(registry, final_name)
+        if local is not None:
+            os.rename(tmp, local / final_name)
+        else:
+            storage.upload(tmp, location)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Artifact(registry / final_name, meta)
+    return Artifact(location, meta)
 
 
 def _point_adapter_at_base(folder: Path, load_as: str | None) -> None:
@@ -278,29 +315,25 @@ def _finite(metrics: dict) -> dict:
 
 
 def load_artifact(ref: str, registry: str | Path = "artifacts") -> Artifact:
-    """An artifact by path, or by name in the registry."""
-    path = Path(ref)
-    if not (path / META).is_file():
-        path = Path(registry) / ref
-    if not (path / META).is_file():
-        raise ArtifactError(
-            f"no artifact '{ref}': neither a folder with {META} nor a name in the registry "
-            f"{registry}; `ftservice artifacts list {registry}` lists the artifacts there."
-        )
-    return Artifact(path, ArtifactMeta.read(path / META))
+    """An artifact by location (folder or URI), or by name in the registry."""
+    for location in (ref, storage.join(str(registry), ref)):
+        if _is_artifact(location):
+            return Artifact(location, _read_meta(location))
+    raise ArtifactError(
+        f"no artifact '{ref}': neither a folder with {META} nor a name in the registry "
+        f"{registry}; `ftservice artifacts list {registry}` lists the artifacts there."
+    )
 
 
 def update_metrics(artifact: Artifact, metrics: dict) -> Artifact:
     """Add metrics (e.g. a later evaluation) to an artifact's ftservice.json and its model
-    card, each atomically."""
+    card, each replaced whole (atomically, locally)."""
     meta = artifact.meta.model_copy(
         update={"metrics": {**artifact.meta.metrics, **_finite(metrics)}}
     )
-    meta.write(artifact.path / META)
-    tmp = artifact.path / f".{CARD}.tmp"
-    tmp.write_text(model_card(meta))
-    os.replace(tmp, artifact.path / CARD)
-    return Artifact(artifact.path, meta)
+    storage.write_text(storage.join(artifact.location, META), meta.dumps())
+    storage.write_text(storage.join(artifact.location, CARD), model_card(meta))
+    return Artifact(artifact.location, meta)
 
 
 # ---- the model card -----------------------------------------------------------------------
@@ -368,8 +401,6 @@ def _evaluation_lines(evaluation: dict) -> list[str]:
 def model_card(meta: ArtifactMeta) -> str:
     """README.md of an artifact: a Hugging Face model card with what a user needs to trust
     and load it."""
-    from ftservice.models import BUILTIN_MODELS
-
     spec, base = meta.spec, meta.base_model
     adapter = spec["method"] in ("lora", "qlora")
     load_as = base.load_as or base.name
@@ -476,12 +507,12 @@ def key_metric(artifact: Artifact) -> str:
 def lineage(artifact: Artifact, registry: str | Path) -> list[Artifact]:
     """The chain of artifacts from the first one trained on the base to `artifact`."""
     chain = [artifact]
-    seen = {artifact.path.resolve()}
+    seen = {artifact.meta.run_name}
     while chain[-1].meta.parent is not None:
         parent = load_artifact(chain[-1].meta.parent, registry)
-        if parent.path.resolve() in seen:
-            raise ArtifactError(f"{parent.path}: the lineage of {artifact.name} is a cycle")
-        seen.add(parent.path.resolve())
+        if parent.meta.run_name in seen:
+            raise ArtifactError(f"{parent.location}: the lineage of {artifact.name} is a cycle")
+        seen.add(parent.meta.run_name)
         chain.append(parent)
     return chain[::-1]
 
@@ -490,30 +521,35 @@ def children(name: str, registry: str | Path) -> list[Artifact]:
     return [a for a in list_artifacts(registry) if a.meta.parent == name]
 
 
-def remove(name: str, registry: str | Path, force: bool = False) -> Path:
+def remove(name: str, registry: str | Path, force: bool = False) -> str:
     """Delete an artifact from its registry; refused while another names it as its parent."""
-    artifact = load_artifact(name, registry)
-    if Path(registry).resolve() not in artifact.path.resolve().parents:
-        raise ArtifactError(f"{name}: not an artifact of the registry {registry}")
-    kids = children(artifact.name, registry)
+    registry = str(registry)
+    location = storage.join(registry, name)
+    if not _is_artifact(location):
+        raise ArtifactError(
+            f"no artifact '{name}' in the registry {registry}; "
+            f"`ftservice artifacts list {registry}` lists the artifacts there."
+        )
+    kids = children(name, registry)
     if kids and not force:
         raise ArtifactError(
-            f"{artifact.name} is the parent of {', '.join(k.name for k in kids)}; removing it "
+            f"{name} is the parent of {', '.join(k.name for k in kids)}; removing it "
             "would break their lineage. Remove those first, or pass --force."
         )
-    # rename away first, so a reader never sees a half-deleted artifact
-    doomed = artifact.path.with_name(f".{artifact.name}.removing")
-    os.rename(artifact.path, doomed)
-    shutil.rmtree(doomed)
-    return artifact.path
+    local = storage.local_path(location)
+    if local is None:
+        storage.delete(location)
+    else:
+        # rename away first, so a reader never sees a half-deleted artifact
+        doomed = local.with_name(f".{name}.removing")
+        os.rename(local, doomed)
+        shutil.rmtree(doomed)
+    return location
 
 
 def export_merged(artifact: Artifact, out: str | Path) -> Path:
     """The adapter merged into its base, saved as plain safetensors with the tokenizer."""
     from transformers import AutoTokenizer
-
-    from ftservice.config import JobSpec
-    from ftservice.models import load_causal_lm, resolve_model
 
     out = Path(out)
     if out.exists():

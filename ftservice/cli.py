@@ -196,16 +196,16 @@ def data_curate(
 ) -> None:
     """Run the curation pipeline of a job spec on Ray Data; write data, report and plot."""
     from ftservice.config import load_spec
-    from ftservice.data.curate import curate
+    from ftservice.data.curate import curate, report_table
     from ftservice.raycluster import init_ray
 
     job = load_spec(spec, overrides or [], check_inputs=True)
     init_ray(address)
     report = curate(job, output_dir=output, progress=not as_json)
     if as_json:
-        _print_json(report.to_json())
+        _print_json(report.model_dump(mode="json", by_alias=True))
     else:
-        print(report.table())
+        print(report_table(report))
 
 
 @app.command()
@@ -304,7 +304,7 @@ def train(
     init_ray(address)
     result = run_training(job, max_steps=max_steps, evaluate=evaluate, eval_limit=eval_limit)
     if as_json:
-        _print_json({"artifact": str(result.artifact.path), **result.artifact.meta.model_dump()})
+        _print_json({"artifact": result.artifact.location, **result.artifact.meta.model_dump()})
         return
     m = result.artifact.meta.metrics
     print(f"\n== {result.artifact.name}: {job.method} {job.stage} of {job.model.name}")
@@ -312,7 +312,7 @@ def train(
     print(f"loss:          {first:.3f} → {last:.3f} over {m.get('global_step')} steps")
     if result.evaluation:
         print(format_report(result.evaluation))
-    print(f"artifact:      {result.artifact.path}")
+    print(f"artifact:      {result.artifact.location}")
 
 
 @app.command()
@@ -388,7 +388,7 @@ def eval_(
     job = JobSpec.model_validate(art.meta.spec)
     base = resolve_model(job.model)
     report = evaluate_artifact_folder(
-        str(art.path), str(base.path), art.is_adapter, job.eval.domain, job.eval.general,
+        art.location, str(base.path), art.is_adapter, job.eval.domain, job.eval.general,
         job.eval.max_new_tokens, limit, job.data.system_prompt,
     )  # fmt: skip
     if limit is None:
@@ -442,12 +442,12 @@ def artifacts_show(name: str, registry: Registry = "artifacts", as_json: AsJson 
     art = load_artifact(name, registry)
     meta = art.meta
     if as_json:
-        _print_json({"path": str(art.path), **meta.model_dump(mode="json")})
+        _print_json({"location": art.location, **meta.model_dump(mode="json")})
         return
     spec, m = meta.spec, meta.metrics
     rows = [
         ("name", meta.name),
-        ("path", art.path),
+        ("location", art.location),
         ("method / stage", f"{art.method} / {art.stage}"),
         ("base model", f"{meta.base_model.name} (loads as {meta.base_model.load_as})"),
         ("base fingerprint", meta.base_model.fingerprint),
@@ -481,7 +481,7 @@ def artifacts_lineage(name: str, registry: Registry = "artifacts", as_json: AsJs
     steps = [
         {"name": a.name, "method": a.method, "stage": a.stage, "metric": key_metric(a),
          "sweep": f"{a.meta.lineage.sweep}/{a.meta.lineage.trial}" if a.meta.lineage else None,
-         "parent": a.meta.parent, "path": str(a.path)}
+         "parent": a.meta.parent, "location": a.location}
         for a in chain
     ]  # fmt: skip
     if as_json:

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ftservice import storage
 from ftservice.errors import FtserviceError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
@@ -266,8 +267,17 @@ class EvalSpec(Spec):
 
 
 class OutputSpec(Spec):
-    registry: str = Field("artifacts", description="Registry folder (or URI) for artifacts.")
-    storage_path: str = Field("runs", description="Ray Train storage for runs and checkpoints.")
+    registry: str = Field(
+        "artifacts", description="Registry for artifacts: a folder or a URI (file://, s3://...)."
+    )
+    storage_path: str = Field(
+        "runs", description="Ray Train storage for runs and checkpoints (folder or URI)."
+    )
+    keep_checkpoints: bool = Field(
+        True,
+        description="Keep a run's Train checkpoints once its artifact is published (false: "
+        "delete them; the artifact holds the final weights).",
+    )
 
 
 class RuntimeSpec(Spec):
@@ -479,7 +489,12 @@ def _capacity_problems(spec: JobSpec) -> list[Problem]:
 
 def _missing(path: str) -> str | None:
     """Why `path` cannot be read, or None when it can."""
-    p = Path(path).expanduser()
+    if storage.is_uri(path) and storage.local_path(path) is None:
+        try:
+            return None if storage.exists(path) else f"'{path}' does not exist in its store"
+        except storage.StorageError as e:
+            return str(e)
+    p = storage.local_path(path)
     if not p.exists():
         return f"'{path}' does not exist (relative paths start at {Path.cwd()})"
     if not os.access(p, os.R_OK):
@@ -503,8 +518,12 @@ def input_problems(spec: JobSpec) -> list[Problem]:
     problems = [Problem(field, why) for field, path in named if (why := _missing(path)) is not None]
     parent = spec.dpo.parent
     if parent is not None:
-        candidates = [Path(parent), Path(spec.output.registry) / parent]
-        if not any((c / "ftservice.json").is_file() for c in candidates):
+        candidates = [parent, storage.join(spec.output.registry, parent)]
+        try:
+            found = any(storage.is_file(storage.join(c, "ftservice.json")) for c in candidates)
+        except storage.StorageError:
+            found = False
+        if not found:
             problems.append(
                 Problem(
                     "dpo.parent",

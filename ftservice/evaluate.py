@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ftservice import storage
 from ftservice.data.loaders import DataError, load_rows
 
 _NON_WORD = re.compile(r"[^0-9a-z]+")
@@ -236,7 +237,8 @@ def evaluate_artifact_folder(
     if threads:
         torch.set_num_threads(threads)  # Ray tasks start with one intra-op thread
     torch.manual_seed(0)
-    tuned, base_view, tokenizer = load_for_eval(Path(artifact_path), Path(base_path), adapter)
+    folder = storage.localize(artifact_path)  # a stored artifact: this node's copy
+    tuned, base_view, tokenizer = load_for_eval(folder, Path(base_path), adapter)
     domain_records = read_jsonl(domain)[:limit] if domain and Path(domain).is_file() else None
     general_prompts = load_prompts(general, system_prompt)[:limit] if general else None
     return evaluate_models(

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ftservice
 from ftservice.config import JobSpec, load_spec
 from ftservice.errors import FtserviceError
 
@@ -122,8 +123,6 @@ def submission_id(spec: JobSpec, command: str) -> str:
 
 def runtime_env(spec: JobSpec, working_dir: Path) -> dict:
     """Working dir, pip requirements and env vars for the job's processes."""
-    import ftservice
-
     env: dict = {
         "working_dir": str(working_dir),
         "excludes": UPLOAD_EXCLUDES,

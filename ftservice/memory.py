@@ -26,7 +26,9 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ftservice.config import DeepSpeedSpec, ModelSpec
 from ftservice.errors import FtserviceError
+from ftservice.models import ModelError, resolve_model, train_dtype
 
 GiB = 2**30
 HEADROOM = 0.95  # allocator fragmentation: plan to use at most 95% of a device
@@ -176,8 +178,6 @@ def resolve_shape(name: str) -> Shape:
         return shape_from_config(json.loads(path.read_text()), name)
     if (path / "config.json").is_file():
         return shape_from_config(json.loads((path / "config.json").read_text()), name)
-    from ftservice.config import ModelSpec
-    from ftservice.models import ModelError, resolve_model
 
     try:
         resolved = resolve_model(ModelSpec(name=name))
@@ -406,8 +406,6 @@ def format_plan(result: Plan) -> str:
 def plan_for_spec(spec) -> Plan:
     """The plan of a job spec on the devices it asks for (a GPU's memory from
     `cluster.gpu_memory_gb`; CPU workers share this node's RAM, or `cluster.memory_gb`)."""
-    from ftservice.config import DeepSpeedSpec
-    from ftservice.models import train_dtype
 
     sc, cl = spec.scaling, spec.cluster
     ds = sc.deepspeed or DeepSpeedSpec() if spec.method == "full" else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import re
 import shutil
 import sys
@@ -26,6 +25,7 @@ from typing import Literal
 
 from ftservice.config import ModelSpec
 from ftservice.errors import FtserviceError
+from ftservice.storage import cache_dir
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -91,11 +91,6 @@ class ModelInfo:
     context_length: int
     tied_embeddings: bool
     chat_template: bool
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $FTSERVICE_CACHE, else ~/.cache/ftservice."""
-    return Path(os.environ.get("FTSERVICE_CACHE") or Path.home() / ".cache" / "ftservice")
 
 
 def _sha256_file(path: Path, h: hashlib._Hash | None = None) -> hashlib._Hash:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from ftservice.artifacts import META, ArtifactMeta, SweepLineage
+from ftservice import storage
+from ftservice.artifacts import META, SweepLineage, load_artifact, remove
 from ftservice.asha import (
     RUNG,
     AshaState,
@@ -124,6 +126,9 @@ class SweepSpec(Spec):
         None, gt=0, description="Total wall-clock budget; trials still running then are stopped."
     )
     output_dir: str = Field("sweeps", description="Where sweeps keep trials and reports.")
+    keep_artifacts: Literal["all", "best"] = Field(
+        "all", description="Trial artifacts kept once the sweep ends: all, or the best only."
+    )
 
 
 def _override(path: str, value: Any) -> str:
@@ -273,7 +278,7 @@ def run_trial(config: dict) -> None:
         {
             sweep.scheduler.metric: m.get("best_" + sweep.scheduler.metric, math.nan),
             "finished": True,  # not "done": Tune sets that on every trial's last result
-            "artifact": str(result.artifact.path),
+            "artifact": result.artifact.location,
             "global_step": m["global_step"],
         }
     )
@@ -356,7 +361,22 @@ def run_sweep(path: str, resume: bool = False):
     grid = tuner.fit()
     summary = write_results(root, sweep)
     prune_checkpoints(root, sweep, summary["trials"])
+    if sweep.keep_artifacts == "best":
+        prune_artifacts(root, summary)
     return grid
+
+
+def prune_artifacts(root: Path, summary: dict) -> list[str]:
+    """Remove every trial's artifact but the best one's; returns the names removed."""
+    best = (summary.get("best") or {}).get("artifact")
+    gone = []
+    for record in summary["trials"]:
+        location = record["artifact"]
+        if location and location != best and storage.exists(location):
+            name = location.rstrip("/").rsplit("/", 1)[-1]
+            remove(name, root / "artifacts", force=True)
+            gone.append(name)
+    return gone
 
 
 def prune_checkpoints(root: Path, sweep: SweepSpec, records: list[dict]) -> int:
@@ -534,23 +554,33 @@ def plot_curves(records: list[dict], sweep: SweepSpec, path: Path) -> None:
     plt.close(fig)
 
 
-def promote(root: Path, registry: str) -> Path:
-    """Copy the best trial's artifact into the registry, with its lineage."""
+def promote(root: Path, registry: str) -> str:
+    """Copy the best trial's artifact into the registry (a folder or URI), with its lineage."""
     summary = SweepSummary.read(root / RESULTS)
     best = summary.best
     if best is None or best.artifact is None:
         raise SweepError(f"{root}: no completed trial with an artifact to promote")
-    source = Path(best.artifact)
-    target = Path(registry) / source.name
-    if target.exists():
+    source = load_artifact(best.artifact)
+    target = storage.join(registry, source.name)
+    if storage.exists(target):
         raise SweepError(f"{target} exists already; remove it or promote to another registry")
-    Path(registry).mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.promoting")
-    shutil.copytree(source, tmp)
-    meta = ArtifactMeta.read(tmp / META)
-    meta.lineage = SweepLineage(
-        sweep=summary.sweep, trial=best.trial, metric=summary.metric, value=best.best
-    )
-    meta.write(tmp / META)
-    tmp.rename(target)
+    meta = source.meta.model_copy(
+        update={"lineage": SweepLineage(sweep=summary.sweep, trial=best.trial,
+                                        metric=summary.metric, value=best.best)}
+    )  # fmt: skip
+    local = storage.local_path(registry)
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=local))
+    try:
+        shutil.copytree(source.path, tmp, dirs_exist_ok=True)
+        (tmp / storage.COMPLETE).unlink(missing_ok=True)
+        meta.write(tmp / META)
+        if local is not None:
+            tmp.chmod(0o755)
+            tmp.rename(local / source.name)
+        else:
+            storage.upload(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -158,7 +158,10 @@ def test_unreachable_cluster_and_unknown_job(ray_head):
 
 def test_spec_outside_the_working_dir_is_refused(ray_head, project, tmp_path):
     outside = tmp_path / "elsewhere.yaml"
-    outside.write_text("name: x\n")
+    outside.write_text(  # a valid spec whose inputs exist: only its place is wrong
+        "name: x\nmodel:\n  name: smollm2-135m-instruct\ndata:\n  train: [data/train.jsonl]\n"
+        "eval:\n  domain: null\n  general: null\n"
+    )
     result = cli(ray_head, "submit", str(outside), "--address", ray_head.address, cwd=project)
     assert result.returncode == 1
     assert "is outside the working directory" in result.stderr

@@ -173,14 +173,20 @@ def test_a_crashing_trial_is_marked_errored_with_its_reason_and_the_others_go_on
 ):
     sweep = write_sweep(
         tmp_path, base_spec,
-        {"lora.target_modules": {"grid": [["q_proj", "v_proj"], ["no_such_proj"]]}},
+        {"lora.target_modules": {"grid": [["q_proj", "v_proj"], ["q_proj"], ["no_such_proj"]]}},
         overrides={"train.max_steps": 3},
+        keep_artifacts="best",
     )  # fmt: skip
     done = ftservice(cli_env, "sweep", str(sweep))
     assert done.returncode == 0, done.stderr[-4000:]
-    summary = json.loads((tmp_path / "sweeps" / "tiny-sweep" / "sweep.json").read_text())
+    root = tmp_path / "sweeps" / "tiny-sweep"
+    summary = json.loads((root / "sweep.json").read_text())
     by_target = {tuple(t["params"]["lora.target_modules"]): t for t in summary["trials"]}
     assert by_target[("q_proj", "v_proj")]["state"] == "completed"
+    assert by_target[("q_proj",)]["state"] == "completed"
+    # keep_artifacts: best leaves the best completed trial's artifact only
+    kept = [p.parent for p in (root / "artifacts").glob("*/ftservice.json")]
+    assert [str(p) for p in kept] == [summary["best"]["artifact"]]
     crashed = by_target[("no_such_proj",)]
     assert crashed["state"] == "errored"
     assert "no_such_proj" in crashed["error"]

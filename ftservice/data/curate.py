@@ -20,7 +20,6 @@ import tempfile
 import unicodedata
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +46,7 @@ from ftservice.data.loaders import (
     split_jsonl,
 )
 from ftservice.data.tokenize import count_tokens, count_tokens_batch, truncate_response
+from ftservice.models import resolve_model
 
 STEPS = [
     "empty_response",
@@ -304,65 +304,21 @@ def _strings(value) -> list[str]:
 # ---- the driver ---------------------------------------------------------------------------
 
 
-@dataclass
-class StepCount:
-    step: str
-    rows_in: int
-    removed: int
-
-    @property
-    def rows_out(self) -> int:
-        return self.rows_in - self.removed
-
-
-@dataclass
-class CurationReport:
-    inputs: list[str]
-    output_dir: str
-    fingerprint: str
-    rows_in: int
-    steps: list[StepCount]
-    removed: dict[str, list[str]]
-    pii: dict[str, int]
-    split: dict[str, int]
-    token_lengths: dict[str, float]
-    files: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return self.to_record().model_dump(mode="json", by_alias=True)
-
-    def to_record(self) -> CuratedReport:
-        return CuratedReport(
-            inputs=self.inputs,
-            output_dir=self.output_dir,
-            fingerprint=self.fingerprint,
-            rows_in=self.rows_in,
-            rows_out=sum(self.split.values()),
-            steps=[
-                CuratedStep(step=s.step, rows_in=s.rows_in, rows_out=s.rows_out, removed=s.removed)
-                for s in self.steps
-            ],
-            removed=self.removed,
-            pii=self.pii,
-            split=self.split,
-            token_lengths=self.token_lengths,
-            files=self.files,
-        )
-
-    def table(self) -> str:
-        lines = [f"{'step':<16}{'in':>9}{'removed':>9}{'out':>9}"]
-        lines += [f"{s.step:<16}{s.rows_in:>9}{s.removed:>9}{s.rows_out:>9}" for s in self.steps]
-        pii = ", ".join(f"{k} {v}" for k, v in self.pii.items() if v) or "none"
-        lines += [
-            f"split: train {self.split.get('train', 0)}, eval {self.split.get('eval', 0)}",
-            f"pii replaced: {pii}",
-            f"tokens: min {self.token_lengths.get('min', 0):.0f}, median "
-            f"{self.token_lengths.get('p50', 0):.0f}, p95 {self.token_lengths.get('p95', 0):.0f}, "
-            f"max {self.token_lengths.get('max', 0):.0f}",
-            f"fingerprint: {self.fingerprint}",
-            f"written to: {self.output_dir}",
-        ]
-        return "\n".join(lines)
+def report_table(report: CuratedReport) -> str:
+    """The report as `ftservice data curate` prints it."""
+    lengths = report.token_lengths
+    lines = [f"{'step':<16}{'in':>9}{'removed':>9}{'out':>9}"]
+    lines += [f"{s.step:<16}{s.rows_in:>9}{s.removed:>9}{s.rows_out:>9}" for s in report.steps]
+    pii = ", ".join(f"{k} {v}" for k, v in report.pii.items() if v) or "none"
+    lines += [
+        f"split: train {report.split.get('train', 0)}, eval {report.split.get('eval', 0)}",
+        f"pii replaced: {pii}",
+        f"tokens: min {lengths.get('min', 0):.0f}, median {lengths.get('p50', 0):.0f}, "
+        f"p95 {lengths.get('p95', 0):.0f}, max {lengths.get('max', 0):.0f}",
+        f"fingerprint: {report.fingerprint}",
+        f"written to: {report.output_dir}",
+    ]
+    return "\n".join(lines)
 
 
 def _dedup(meta: dict, cfg: CurateSpec) -> dict[str, str]:
@@ -403,11 +359,9 @@ def _dedup(meta: dict, cfg: CurateSpec) -> dict[str, str]:
     return reasons
 
 
-def curate(spec: JobSpec, output_dir: str | None = None, progress: bool = True) -> CurationReport:
+def curate(spec: JobSpec, output_dir: str | None = None, progress: bool = True) -> CuratedReport:
     """Run the pipeline of `spec.data.curate` over `spec.data.train`; returns the report."""
     import ray
-
-    from ftservice.models import resolve_model
 
     cfg = spec.data.curate
     out = Path(output_dir or cfg.output_dir or f"curated/{spec.name}")
@@ -468,7 +422,7 @@ def _unwrap(err: BaseException) -> BaseException:
     return err
 
 
-def _finish(spec, cfg: CurateSpec, ds, meta, inputs, out: Path) -> CurationReport:
+def _finish(spec, cfg: CurateSpec, ds, meta, inputs, out: Path) -> CuratedReport:
     import ray
 
     n = len(meta["id"])
@@ -489,7 +443,7 @@ def _finish(spec, cfg: CurateSpec, ds, meta, inputs, out: Path) -> CurationRepor
     steps, rows = [], n
     for step in STEPS:
         removed = sum(1 for r in reasons.values() if r == step)
-        steps.append(StepCount(step, rows, removed))
+        steps.append(CuratedStep(step=step, rows_in=rows, rows_out=rows - removed, removed=removed))
         rows -= removed
     if rows == 0:
         emptied = next(s for s in steps if s.rows_out == 0)
@@ -536,15 +490,17 @@ def _finish(spec, cfg: CurateSpec, ds, meta, inputs, out: Path) -> CurationRepor
             else:
                 part.write_json(str(target))
             files[split] = str(out / split)
-        report = CurationReport(
+        split_counts = {s: sum(1 for v in splits.values() if v == s) for s in ("train", "eval")}
+        report = CuratedReport(
             inputs=[str(p) for p in inputs],
             output_dir=str(out),
             fingerprint=dataset_fingerprint,
             rows_in=n,
+            rows_out=sum(split_counts.values()),
             steps=steps,
             removed={s: sorted(r for r, why in reasons.items() if why == s) for s in STEPS},
             pii={k: int(sum(meta[f"pii_{k}"])) for k in PII_PATTERNS},
-            split={s: sum(1 for v in splits.values() if v == s) for s in ("train", "eval")},
+            split=split_counts,
             token_lengths=_length_stats(lengths),
             files=files | {"report": str(out / REPORT), "histogram": str(out / "lengths.png")},
         )
@@ -553,7 +509,7 @@ def _finish(spec, cfg: CurateSpec, ds, meta, inputs, out: Path) -> CurationRepor
             max_tokens=cfg.length.max_tokens or spec.data.max_seq_length,
             path=tmp / "lengths.png",
         )
-        report.to_record().write(tmp / REPORT)
+        report.write(tmp / REPORT)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ftservice import storage
 from ftservice.data.formats import (
     FORMATS,
     REPORT,
@@ -27,6 +28,7 @@ from ftservice.data.formats import (
     fingerprint,
     normalise,
     recognise,
+    response_text,
     rows_fingerprint,
 )
 from ftservice.errors import FtserviceError
@@ -78,7 +80,7 @@ def expand(paths: list[str | Path], split: str = "train") -> list[Path]:
     A curated dataset's folder stands for its `split` (train for training data, eval for
     held-out data)."""
     out: list[Path] = []
-    for p in map(Path, paths):
+    for p in map(storage.localize, map(str, paths)):  # a stored file: this node's copy
         if not p.exists():
             raise DataError(
                 f"{p}: no such file or folder; check the path "
@@ -441,8 +443,8 @@ def training_inputs(
     rows, sources = [], []
     for path in paths:
         part = load_rows([path], fmt, system_prompt, split)
-        if is_curated(Path(path)):
-            fp = check_curated(Path(path), fmt).fingerprint
+        if is_curated(storage.localize(path)):
+            fp = check_curated(storage.localize(path), fmt).fingerprint
             sources.append(DataSource(path=str(path), kind="curated", fingerprint=fp))
         else:
             sources.append(
@@ -464,7 +466,6 @@ def _unrecognised(loc: Location, record: dict) -> str:
 
 def check_files(paths: list[str], fmt: str = "auto") -> list[dict]:
     """Validate every record of every file; one summary row per file. Raises DataError."""
-    from ftservice.data.formats import response_text
 
     rows = []
     for path in expand(paths):

@@ -22,7 +22,7 @@ HISTORY = "history.json"
 
 class ParentRef(Strict):
     name: str
-    path: str
+    location: str = Field(description="Where the parent artifact lives (folder or URI).")
 
 
 class WorkerConfig(Record):
@@ -31,7 +31,9 @@ class WorkerConfig(Record):
     format_version: int = 1
     spec: dict = Field(description="The job spec, dumped; the worker validates it again.")
     model: ResolvedModel
-    staging: str = Field(description="Folder the final weights and history.json go to.")
+    staging: str = Field(
+        description="Where rank 0 leaves the final weights and history.json (folder or URI)."
+    )
     max_steps: int | None = None
     pause_at: list[int] | None = Field(None, description="A sweep's rungs to stop at.")
     parent: ParentRef | None = None

@@ -16,6 +16,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+from ftservice import storage
 from ftservice.config import JobSpec
 from ftservice.data.loaders import load_rows
 from ftservice.models import ResolvedModel, build_model, load_base_for_adapters
@@ -58,11 +59,12 @@ def policy_model(spec: JobSpec, model_ref: ResolvedModel, parent: dict | None):
     if parent is None:
         return build_model(spec, model_ref)
     if spec.method == "full":
-        return build_model(spec, dataclasses.replace(model_ref, path=Path(parent["path"])))
+        folder = storage.localize(parent["location"])
+        return build_model(spec, dataclasses.replace(model_ref, path=folder))
     from peft import PeftModel
 
     base = load_base_for_adapters(spec, model_ref)
-    return PeftModel.from_pretrained(base, parent["path"], is_trainable=True)
+    return PeftModel.from_pretrained(base, storage.localize(parent["location"]), is_trainable=True)
 
 
 def on_shared_disk(dataset, folder: Path | None):

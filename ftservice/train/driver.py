@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftservice import storage
 from ftservice.artifacts import (
     Artifact,
     ArtifactError,
@@ -26,6 +28,7 @@ from ftservice.artifacts import (
 from ftservice.config import JobSpec
 from ftservice.data.loaders import DataError, TrainingInputs, load_rows, training_inputs
 from ftservice.errors import FtserviceError
+from ftservice.evaluate import evaluate_artifact_folder
 from ftservice.models import ResolvedModel, portable_name, resolve_model
 from ftservice.train import worker
 from ftservice.train.common import FINAL, HISTORY, ParentRef, TrainHistory, WorkerConfig
@@ -58,7 +61,7 @@ def resolve_parent(spec: JobSpec, base: ResolvedModel) -> Artifact | None:
     parent = load_artifact(spec.dpo.parent, spec.output.registry)
     if parent.base_fingerprint != base.fingerprint:
         raise ParentMismatch(
-            f"dpo.parent '{parent.name}' ({parent.path}) was trained on base model "
+            f"dpo.parent '{parent.name}' ({parent.location}) was trained on base model "
             f"'{parent.meta.base_model.name}' (fingerprint "
             f"{parent.base_fingerprint[:12]}), but this spec's model is '{spec.model.name}' "
             f"(fingerprint {base.fingerprint[:12]}); set model.name to the parent's base, or "
@@ -138,7 +141,7 @@ def _trainer(
     model: ResolvedModel,
     parent,
     name: str,
-    storage: Path,
+    runs: str,
     max_steps,
     callbacks: list | None = None,
     pause_at: list[int] | None = None,
@@ -160,10 +163,12 @@ def _trainer(
         train_loop_config=WorkerConfig(
             spec=spec.model_dump(mode="json"),
             model=model,
-            staging=str(storage / name / "staging"),
+            staging=storage.join(runs, name, "staging"),
             max_steps=max_steps,
             pause_at=pause_at,
-            parent=ParentRef(name=parent.name, path=str(parent.path.resolve())) if parent else None,
+            parent=ParentRef(name=parent.name, location=_absolute(parent.location))
+            if parent
+            else None,
         ).model_dump(mode="json"),
         scaling_config=ScalingConfig(
             num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
@@ -171,7 +176,7 @@ def _trainer(
         torch_config=TorchConfig(backend="nccl" if sc.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=runs,
             callbacks=callbacks or [],
             failure_config=FailureConfig(max_failures=ck.max_failures),
             checkpoint_config=CheckpointConfig(
@@ -183,18 +188,22 @@ def _trainer(
     )
 
 
-def evaluate_remote(spec: JobSpec, artifact_path: Path, base: ResolvedModel, limit=None) -> dict:
+def _absolute(location: str) -> str:
+    """Workers may start elsewhere: a local location made absolute, a URI as it is."""
+    local = storage.local_path(location)
+    return str(local.resolve()) if local is not None else location
+
+
+def evaluate_remote(spec: JobSpec, artifact: Artifact, base: ResolvedModel, limit=None) -> dict:
     """Evaluation as a Ray task with a training worker's resources (a GPU where training had
     one), so a cluster driver without accelerators can still run it."""
     import ray
-
-    from ftservice.evaluate import evaluate_artifact_folder
 
     sc = spec.scaling
     task = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=sc.gpus_per_worker if sc.use_gpu else 0)
     return ray.get(
         task(evaluate_artifact_folder).remote(
-            str(artifact_path.resolve()),
+            _absolute(artifact.location),
             str(base.path),
             spec.method in ("lora", "qlora"),
             spec.eval.domain,
@@ -205,6 +214,37 @@ def evaluate_remote(spec: JobSpec, artifact_path: Path, base: ResolvedModel, lim
             max(1, int(sc.cpus_per_worker)),
         )
     )
+
+
+def drop_checkpoints(run: str) -> int:
+    """Delete a finished run's Train checkpoints (its artifact holds the final weights);
+    returns how many went."""
+    gone = 0
+    for folder in storage.list_dirs(run):
+        if folder.startswith("checkpoint_"):
+            location = storage.join(run, folder)
+            local = storage.local_path(location)
+            if local is not None:
+                shutil.rmtree(local)
+            else:
+                storage.delete(location)
+            gone += 1
+    return gone
+
+
+def _fetch_staging(staged_at: str) -> Path:
+    """The staging folder on this machine (a download when runs live in a store)."""
+    local = storage.local_path(staged_at)
+    if local is not None:
+        return local
+    return storage.download(staged_at, Path(tempfile.mkdtemp(prefix="ftservice-staged-")) / "s")
+
+
+def _drop_staging(staged_at: str, staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    if storage.local_path(staged_at) is None:
+        shutil.rmtree(staging.parent, ignore_errors=True)
+        storage.delete(staged_at)
 
 
 def train(
@@ -223,34 +263,38 @@ def train(
 
     Ray must be initialised (ftservice.raycluster.init_ray)."""
     name = run_name(spec) if max_steps is None else f"{run_name(spec)}-steps{max_steps}"
-    registry = Path(spec.output.registry)
+    registry = spec.output.registry
     published = find_published(registry, name)
     if published is not None:
-        print(f"ftservice: run {name} already published {published.path}", file=sys.stderr)
+        print(f"ftservice: run {name} already published {published.location}", file=sys.stderr)
         return TrainResult(published, published.meta.metrics.get("evaluation", {}), True)
 
     inputs = check_data(spec)
     base = resolve_model(spec.model)
     parent = resolve_parent(spec, base)
-    storage = Path(spec.output.storage_path).resolve()
-    staging = storage / name / "staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    runs = _absolute(spec.output.storage_path)
+    staged_at = storage.join(runs, name, "staging")  # where rank 0 leaves weights and history
+    if storage.local_path(runs) is not None:
+        shutil.rmtree(staged_at, ignore_errors=True)
+        Path(staged_at).mkdir(parents=True)
+    elif storage.exists(staged_at):
+        storage.delete(staged_at)
     print(
         f"ftservice: training {name}: {spec.method} {spec.stage} of {spec.model.name} on "
         f"{len(inputs.rows)} examples, {spec.scaling.num_workers} worker(s)",
         file=sys.stderr,
     )
-    result = _trainer(spec, base, parent, name, storage, max_steps, callbacks, pause_at).fit()
+    result = _trainer(spec, base, parent, name, runs, max_steps, callbacks, pause_at).fit()
     if result.error is not None:
         raise result.error
+    staging = _fetch_staging(staged_at)
     history = TrainHistory.read(staging / HISTORY)
     logs = history.log_history
     if history.nonfinite_loss_step is not None:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise TrainingDiverged(spec, history.nonfinite_loss_step, storage / name)
+        _drop_staging(staged_at, staging)
+        raise TrainingDiverged(spec, history.nonfinite_loss_step, storage.join(runs, name))
     if history.paused_at is not None:
-        shutil.rmtree(staging, ignore_errors=True)
+        _drop_staging(staged_at, staging)
         return TrainResult(None, {}, history.resumed, history.paused_at, logs)
     metrics = {
         "train_loss": history.train_loss,
@@ -284,10 +328,13 @@ def train(
         log_history=logs,
         parent=parent.name if parent else None,
     )
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(storage / name / "data", ignore_errors=True)  # DPO's shared dataset copy
+    _drop_staging(staged_at, staging)
+    if storage.local_path(runs) is not None:  # DPO's shared dataset copy
+        shutil.rmtree(Path(runs, name, "data"), ignore_errors=True)
+    if not spec.output.keep_checkpoints:
+        drop_checkpoints(storage.join(runs, name))
     evaluation: dict = {}
     if evaluate and (spec.eval.domain or spec.eval.general):
-        evaluation = evaluate_remote(spec, artifact.path, base, eval_limit)
+        evaluation = evaluate_remote(spec, artifact, base, eval_limit)
         artifact = update_metrics(artifact, {"evaluation": evaluation})
     return TrainResult(artifact, evaluation, history.resumed)

@@ -18,6 +18,7 @@ import torch
 from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 from transformers import set_seed
 
+from ftservice import storage
 from ftservice.config import JobSpec
 from ftservice.models import load_tokenizer
 from ftservice.train import dpo, sft
@@ -57,9 +58,13 @@ def train_loop(config: dict) -> None:
     callbacks = [guard, pause, RayTrainReportCallback()]
     build = dpo.dpo_trainer if spec.stage == "dpo" else sft.sft_trainer
     parent = cfg.parent.model_dump() if cfg.parent else None
+    local_staging = storage.local_path(cfg.staging)
+    # where every rank sees the same files (ZeRO-3 DPO's precomputed reference): the run's
+    # folder when runs are local; with runs in a store, one node's disk only
+    shared = (local_staging or Path(work) / "staging").parent / "data"
     trainer = prepare_trainer(
         build(spec, model_ref, parent, tokenizer, work, cfg.max_steps, callbacks,
-              shared_dir=Path(cfg.staging).parent / "data")
+              shared_dir=shared)
     )  # fmt: skip
 
     checkpoint = ray.train.get_checkpoint()
@@ -82,7 +87,8 @@ def train_loop(config: dict) -> None:
     else:
         result = trainer.train()
 
-    staging = Path(cfg.staging)
+    staging = local_staging or Path(work) / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
     if pause.step is None:
         # Every rank takes part: under ZeRO-3 saving gathers the sharded weights.
         save_final(trainer, staging / FINAL)
@@ -104,6 +110,8 @@ def train_loop(config: dict) -> None:
             nonfinite_loss_step=guard.step,
             paused_at=pause.step,
         ).write(staging / HISTORY)
+        if local_staging is None:
+            storage.upload(staging, cfg.staging)
     shutil.rmtree(work, ignore_errors=True)
 
 
