@@ -1,0 +1,1 @@
+"""Serving: one base model, many adapters, an OpenAI-compatible API on Ray Serve."""

@@ -1,0 +1,126 @@
+"""The serving engine on a tiny model with three adapters made to answer differently (written
+weights, no training): one base, mixed-adapter batches equal to each request alone, LRU
+eviction that really deletes, per-row caps, stops and streams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftservice.serve.engine import Engine, GenerationRequest
+
+PROMPTS = ["The warranty of", "Our headquarters", "Battery life is", "Colour:"]
+
+
+def write_adapter(folder: Path, base: Path, seed: int) -> Path:
+    """A LoRA adapter with random non-zero B, strong enough to change greedy answers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        n: write_adapter(root / n, tiny_llama, s)
+        for n, s in [("alpha", 1), ("beta", 2), ("gamma", 3)]
+    }
+
+
+@pytest.fixture
+def engine(tiny_llama, adapters) -> Engine:
+    engine = Engine(tiny_llama, max_adapters=3)
+    for name, folder in adapters.items():
+        engine.load_adapter(name, folder)
+    return engine
+
+
+def ids(engine: Engine, text: str) -> list[int]:
+    return engine.tokenizer(text)["input_ids"]
+
+
+def test_each_adapter_and_the_base_answer_differently(engine):
+    outputs = {}
+    for adapter in (None, "alpha", "beta", "gamma"):
+        [gen] = engine.generate([GenerationRequest(ids(engine, PROMPTS[0]), adapter, 12)])
+        outputs[adapter] = tuple(gen.token_ids)
+    assert len(set(outputs.values())) == 4, outputs
+
+
+def test_a_mixed_batch_equals_each_request_alone_in_shared_forward_passes(engine):
+    requests = [
+        GenerationRequest(ids(engine, PROMPTS[i % 4]), [None, "alpha", "beta", "gamma"][i % 4],
+                          max_new_tokens=4 + i % 5)
+        for i in range(16)
+    ]  # fmt: skip
+    alone = [engine.generate([r])[0] for r in requests]
+    before = engine.stats.mixed_forward_passes
+    calls = engine.stats.generate_calls
+    together = engine.generate(requests)
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert engine.stats.generate_calls == calls + 1  # one batch: all greedy
+    assert engine.stats.mixed_forward_passes > before
+    for r, g in zip(requests, together, strict=True):
+        assert g.completion_tokens <= r.max_new_tokens
+        assert g.finish_reason in ("stop", "length")
+        assert g.finish_reason == "stop" or g.completion_tokens == r.max_new_tokens
+
+
+def test_sampling_settings_that_differ_go_in_separate_calls_and_seeds_repeat(engine):
+    prompt = ids(engine, PROMPTS[1])
+    hot = GenerationRequest(prompt, "alpha", 8, temperature=1.5, top_p=0.9, seed=7)
+    calls = engine.stats.generate_calls
+    first = engine.generate([hot, GenerationRequest(prompt, "beta", 8)])
+    assert engine.stats.generate_calls == calls + 2
+    again = engine.generate([GenerationRequest(prompt, "alpha", 8, temperature=1.5, top_p=0.9,
+                                               seed=7)])  # fmt: skip
+    assert again[0].token_ids == first[0].token_ids
+
+
+def test_stop_strings_and_streams_are_per_row(engine):
+    prompt = ids(engine, PROMPTS[2])
+    [free] = engine.generate([GenerationRequest(prompt, "gamma", 16)])
+    assert len(free.text) > 4
+    stop = free.text[3:5]
+    pieces: list[str] = []
+    stopped, other = engine.generate(
+        [GenerationRequest(prompt, "gamma", 16, stop=[stop], on_text=pieces.append),
+         GenerationRequest(prompt, "gamma", 16)]
+    )  # fmt: skip
+    assert stopped.text == free.text[: free.text.index(stop)]
+    assert stopped.finish_reason == "stop"
+    assert "".join(pieces) == stopped.text
+    assert other.text == free.text  # the other row did not stop
+
+
+def test_lru_eviction_deletes_the_adapter_from_the_one_model(tiny_llama, adapters):
+    engine = Engine(tiny_llama, max_adapters=2)
+    engine.load_adapter("alpha", adapters["alpha"])
+    engine.load_adapter("beta", adapters["beta"])
+    engine.generate([GenerationRequest(ids(engine, "x"), "alpha", 2)])  # alpha used last
+    engine.load_adapter("gamma", adapters["gamma"])
+    assert engine.loaded_adapters() == ["alpha", "gamma"]
+    assert len(engine.model.peft_config) == 2  # beta is gone from the model, not just the map
+    with pytest.raises(KeyError, match="adapters not loaded: beta"):
+        engine.generate([GenerationRequest(ids(engine, "x"), "beta", 2)])
+    base_params = sum(p.numel() for n, p in engine.model.named_parameters() if "lora_" not in n)
+    assert engine.unload_adapter("alpha") and engine.unload_adapter("gamma")
+    assert not hasattr(engine.model, "peft_config")  # back to the plain base
+    assert sum(p.numel() for p in engine.model.parameters()) == base_params
+    [gen] = engine.generate([GenerationRequest(ids(engine, "x"), None, 2)])
+    assert gen.completion_tokens >= 1
