@@ -77,10 +77,15 @@ def _root(
 
 @app.command()
 def validate(spec: str, overrides: Overrides = None, as_json: AsJson = False) -> None:
-    """Check a job spec; print it fully resolved, or every problem (exit code 2)."""
-    from ftservice.config import dump_spec, load_spec
+    """Check a job or serve spec; print it fully resolved, or every problem (exit code 2)."""
+    from ftservice.config import dump_spec, load_spec, read_yaml
+    from ftservice.serve.spec import is_serve_spec, load_serve_spec
 
-    resolved = load_spec(spec, overrides or [], check_inputs=True)
+    data, _ = read_yaml(spec)
+    if is_serve_spec(data):
+        resolved = load_serve_spec(spec, overrides or [])
+    else:
+        resolved = load_spec(spec, overrides or [], check_inputs=True)
     if as_json:
         _print_json(resolved.model_dump(mode="json"))
     else:
@@ -89,11 +94,17 @@ def validate(spec: str, overrides: Overrides = None, as_json: AsJson = False) ->
 
 
 @app.command()
-def schema() -> None:
-    """Print the JSON Schema of job specs (for editor completion and checks)."""
+def schema(
+    kind: Annotated[str, typer.Option(help="job or serve.")] = "job",
+) -> None:
+    """Print the JSON Schema of job or serve specs (for editor completion and checks)."""
     from ftservice.config import JobSpec
+    from ftservice.serve.spec import ServeSpec
 
-    _print_json(JobSpec.model_json_schema())
+    models = {"job": JobSpec, "serve": ServeSpec}
+    if kind not in models:
+        raise typer.BadParameter(f"--kind {kind}: use job or serve")
+    _print_json(models[kind].model_json_schema())
 
 
 @models_app.command("list")

@@ -12,9 +12,10 @@ import dataclasses
 import difflib
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,6 +24,7 @@ from ftservice import storage
 from ftservice.errors import FtserviceError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+S = TypeVar("S", bound=BaseModel)
 
 
 class Spec(BaseModel):
@@ -584,14 +586,16 @@ def _error_loc(e: dict) -> tuple:
     return tuple(x for x in e["loc"] if not (isinstance(x, str) and ("[" in x or x == "literal")))
 
 
-def _problems_from_validation(err: ValidationError, lines: dict) -> list[Problem]:
+def _problems_from_validation(
+    err: ValidationError, lines: dict, model: type[BaseModel] = JobSpec
+) -> list[Problem]:
     problems = []
     for e in err.errors(include_url=False):
         loc = _error_loc(e)
         path = ".".join(str(x) for x in loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            valid = _field_names(JobSpec, loc[:-1])
+            valid = _field_names(model, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
             msg = f"unknown key '{loc[-1]}'"
             msg += f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
@@ -657,14 +661,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
     return sources
 
 
-def load_spec(
-    path: str | os.PathLike, overrides: list[str] | None = None, check_inputs: bool = False
-) -> JobSpec:
-    """Read a YAML job spec, apply `key.sub=value` overrides, and check it all; with
-    `check_inputs`, also that every file and artifact it names can be read.
-
-    Raises SpecError listing every problem (file, field path, line) when it is not usable.
-    """
+def read_yaml(path: str | os.PathLike, what: str = "job spec") -> tuple[dict, dict]:
+    """A YAML spec file as a dict, and its line index; SpecError for what cannot be read."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -683,10 +681,21 @@ def load_spec(
         data = {}
     if not isinstance(data, dict):
         raise SpecError(
-            source, [Problem("", f"a job spec is a mapping of keys, got {type(data).__name__}", 1)]
+            source, [Problem("", f"a {what} is a mapping of keys, got {type(data).__name__}", 1)]
         )
-    lines = _line_index(root) if root is not None else {}
-    return spec_from_dict(data, source, lines, overrides or [], check_inputs)
+    return data, (_line_index(root) if root is not None else {})
+
+
+def load_spec(
+    path: str | os.PathLike, overrides: list[str] | None = None, check_inputs: bool = False
+) -> JobSpec:
+    """Read a YAML job spec, apply `key.sub=value` overrides, and check it all; with
+    `check_inputs`, also that every file and artifact it names can be read.
+
+    Raises SpecError listing every problem (file, field path, line) when it is not usable.
+    """
+    data, lines = read_yaml(path)
+    return spec_from_dict(data, str(path), lines, overrides or [], check_inputs)
 
 
 def spec_from_dict(
@@ -697,27 +706,42 @@ def spec_from_dict(
     check_inputs: bool = False,
 ) -> JobSpec:
     """Validate a spec given as a dict (after YAML) plus overrides; raises SpecError."""
+
+    def checks(spec: JobSpec) -> list[Problem]:
+        return cross_field_problems(spec) + (input_problems(spec) if check_inputs else [])
+
+    return validate_spec(JobSpec, data, source, lines, overrides, checks)
+
+
+def validate_spec(
+    model: type[S],
+    data: dict,
+    source: str,
+    lines: dict | None,
+    overrides: list[str] | None,
+    checks: Callable[[S], list[Problem]],
+) -> S:
+    """Any spec: field errors first; then, with the bad values replaced by their defaults,
+    the checks between fields, so that one run reports every problem."""
     lines = lines or {}
     override_sources = apply_overrides(data, overrides or [])
     problems: list[Problem] = []
     spec = None
-    # Field errors first; then, with the bad values replaced by their defaults, the checks
-    # between fields, so that one run reports every problem.
     candidate = data
     for _ in range(3):
         try:
-            spec = JobSpec.model_validate(candidate)
+            spec = model.model_validate(candidate)
             break
         except ValidationError as e:
-            problems += _problems_from_validation(e, lines)
+            problems += _problems_from_validation(e, lines, model)
             candidate = _drop_paths(candidate, [_error_loc(x) for x in e.errors()])
             # a required field has no default to stand in: a placeholder does, so that the
             # checks between fields still run (its own problem is reported above)
             if any(x["type"] == "missing" and _error_loc(x)[:1] == ("model",) for x in e.errors()):
-                model = candidate.get("model") if isinstance(candidate.get("model"), dict) else {}
-                candidate = {**candidate, "model": {**model, "name": "(missing)"}}
+                base = candidate.get("model") if isinstance(candidate.get("model"), dict) else {}
+                candidate = {**candidate, "model": {**base, "name": "(missing)"}}
     if spec is not None:
-        for p in cross_field_problems(spec) + (input_problems(spec) if check_inputs else []):
+        for p in checks(spec):
             loc = _path_tuple(p.path)
             problems.append(Problem(p.path, p.message, _nearest_line(lines, loc)))
     if problems:
@@ -730,6 +754,6 @@ def spec_from_dict(
     return spec
 
 
-def dump_spec(spec: JobSpec) -> str:
+def dump_spec(spec: BaseModel) -> str:
     """The fully resolved spec as YAML (defaults filled in), stable key order."""
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
