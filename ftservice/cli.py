@@ -24,6 +24,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Check, show and curate traini
 app.add_typer(data_app, name="data")
 artifacts_app = typer.Typer(no_args_is_help=True, help="See and tidy a registry of artifacts.")
 app.add_typer(artifacts_app, name="artifacts")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service (in its store).")
+app.add_typer(keys_app, name="keys")
 
 Overrides = Annotated[
     list[str] | None,
@@ -515,6 +517,59 @@ def artifacts_rm(
     from ftservice.artifacts import remove
 
     print(f"removed {remove(name, registry, force)}")
+
+
+StoreUrl = Annotated[
+    str,
+    typer.Option(
+        "--store", envvar="FTSERVICE_STORE_URL",
+        help="The service's database (a serve spec's store.url) [env FTSERVICE_STORE_URL].",
+    ),
+]  # fmt: skip
+DEFAULT_STORE = "sqlite:///state/ftservice.db"
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str,
+    scope: Annotated[
+        list[str], typer.Option("--scope", help="inference, admin, annotator or jobs (repeat).")
+    ],
+    project: Annotated[str, typer.Option(help="The project the key belongs to.")] = "default",
+    store: StoreUrl = DEFAULT_STORE,
+) -> None:
+    """Make a key; it is printed once, and only its hash is stored."""
+    from ftservice.store.db import open_store
+    from ftservice.store.keys import create_key
+
+    secret = create_key(open_store(store), name, scope, project)
+    print(secret)
+    print(f"key '{name}' ({', '.join(scope)}, project {project}) created: keep it now, it "
+          "is not shown again", file=sys.stderr)  # fmt: skip
+
+
+@keys_app.command("list")
+def keys_list(store: StoreUrl = DEFAULT_STORE, as_json: AsJson = False) -> None:
+    """Every key with its scopes, project, state and usage (never the key itself)."""
+    from ftservice.store.db import open_store
+    from ftservice.store.keys import list_keys
+
+    rows = list_keys(open_store(store))
+    if as_json:
+        _print_json(rows)
+    else:
+        _table(rows, ["name", "prefix", "scopes", "project", "state", "requests",
+                      "prompt_tokens", "completion_tokens", "last_used"])  # fmt: skip
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str, store: StoreUrl = DEFAULT_STORE) -> None:
+    """Revoke a key: requests with it get 401 from then on."""
+    from ftservice.store.db import open_store
+    from ftservice.store.keys import revoke_key
+
+    revoke_key(open_store(store), name)
+    print(f"key '{name}' revoked")
 
 
 @app.command()

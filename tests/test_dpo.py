@@ -103,10 +103,10 @@ def test_the_lora_reference_is_an_adapter_not_a_second_model(tmp_path, tiny_llam
     model_ref = resolve_model(spec.model)
     start = tmp_path / "start"  # an adapter folder to start from, as an SFT artifact holds
     build_model(spec, model_ref).save_pretrained(start)
-    dspec = dpo_spec(data, tiny_llama, Artifact(path=start, meta={"name": "start"}))
+    dspec = dpo_spec(data, tiny_llama, Artifact(location=str(start), meta=None))
     trainer = dpo_trainer(
-        dspec, model_ref, {"path": str(start)}, load_tokenizer(model_ref), str(tmp_path / "w"),
-        1, [],
+        dspec, model_ref, {"name": "start", "location": str(start)}, load_tokenizer(model_ref),
+        str(tmp_path / "w"), 1, [],
     )  # fmt: skip
     assert trainer.ref_model is None
     assert set(trainer.model.peft_config) == {"default", "ref"}
