@@ -124,3 +124,25 @@ def test_lru_eviction_deletes_the_adapter_from_the_one_model(tiny_llama, adapter
     assert sum(p.numel() for p in engine.model.parameters()) == base_params
     [gen] = engine.generate([GenerationRequest(ids(engine, "x"), None, 2)])
     assert gen.completion_tokens >= 1
+
+
+def test_logprobs_of_generated_and_prompt_tokens(engine):
+    short, long = ids(engine, "Colour:"), ids(engine, "The warranty of every product is")
+    [greedy] = engine.generate([GenerationRequest(short, "beta", 5, logprobs=3)])
+    for chosen, top in zip(greedy.token_logprobs, greedy.top_logprobs, strict=True):
+        assert len(top) == 3 and chosen == pytest.approx(max(top.values()), abs=1e-5)
+    # prompt scoring, as lm-evaluation-harness asks (echo, no new tokens): a left-padded row
+    # scores exactly as it does alone, and as a plain forward pass does
+    alone = engine.generate([GenerationRequest(short, "alpha", 0, echo_logprobs=True)])[0]
+    padded, _ = engine.generate(
+        [GenerationRequest(short, "alpha", 0, echo_logprobs=True),
+         GenerationRequest(long, "gamma", 0, echo_logprobs=True)]
+    )  # fmt: skip
+    assert alone.completion_tokens == 0 and alone.prompt_logprobs[0] is None
+    assert padded.prompt_logprobs[1:] == pytest.approx(alone.prompt_logprobs[1:], abs=1e-4)
+    with torch.no_grad():
+        logits = engine.model(
+            torch.tensor([short]), adapter_names=[engine.adapters["alpha"]]
+        ).logits
+    plain = torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(short[1:])[:, None])
+    assert alone.prompt_logprobs[1:] == pytest.approx(plain[:, 0].tolist(), abs=1e-4)

@@ -38,6 +38,10 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     on_text: Callable[[str], None] | None = None
     """Called with each new piece of text as it is generated (streaming)."""
+    logprobs: int | None = None
+    """Log-probabilities of the generated tokens, and this many top alternatives per step."""
+    echo_logprobs: bool = False
+    """Log-probabilities of the prompt's own tokens (scoring, as evaluation harnesses ask)."""
 
     def sampling_key(self) -> tuple:
         """Requests with equal keys can share one `generate` call."""
@@ -54,6 +58,10 @@ class Generation:
     """'stop' (end of sequence or a stop string) or 'length' (the token cap)."""
     prompt_tokens: int
     completion_tokens: int
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    """Per prompt token; the first has no context, so None."""
 
 
 @dataclass
@@ -228,14 +236,25 @@ class Engine:
                 torch.manual_seed(seed)
         else:
             kwargs |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        self.stats.generate_calls += 1
-        out = self.model.generate(
-            **batch,
-            max_new_tokens=max(r.max_new_tokens for r in rows),
-            stopping_criteria=[limits],
-            pad_token_id=tok.pad_token_id,
-            **kwargs,
+        want_logprobs = any(r.logprobs is not None for r in rows)
+        prompt_scores = (
+            self._prompt_logprobs(batch, kwargs) if any(r.echo_logprobs for r in rows) else None
         )
+        longest = max(r.max_new_tokens for r in rows)
+        if longest == 0:  # scoring only
+            out, logits = batch["input_ids"], []
+        else:
+            self.stats.generate_calls += 1
+            generated = self.model.generate(
+                **batch,
+                max_new_tokens=longest,
+                stopping_criteria=[limits],
+                pad_token_id=tok.pad_token_id,
+                output_logits=want_logprobs,
+                return_dict_in_generate=True,
+                **kwargs,
+            )
+            out, logits = generated.sequences, list(generated.logits or [])
         results = []
         for i, r in enumerate(rows):
             new = out[i, prompt_len:].tolist()
@@ -249,13 +268,34 @@ class Engine:
             if r.on_text is not None and len(text) > len(limits.sent[i]):
                 r.on_text(text[len(limits.sent[i]) :])  # what was held back, at the end
             stopped = hit_eos or cut is not None
-            results.append(
-                Generation(
-                    text=text,
-                    token_ids=new,
-                    finish_reason="stop" if stopped else "length",
-                    prompt_tokens=len(r.prompt_ids),
-                    completion_tokens=len(new),
-                )
+            gen = Generation(
+                text=text,
+                token_ids=new,
+                finish_reason="stop" if stopped else "length",
+                prompt_tokens=len(r.prompt_ids),
+                completion_tokens=len(new),
             )
+            if r.logprobs is not None:
+                steps = [torch.log_softmax(logits[t][i].float(), -1) for t in range(len(new))]
+                gen.token_logprobs = [float(lp[tid]) for lp, tid in zip(steps, new, strict=True)]
+                if r.logprobs > 0:
+                    tops = [torch.topk(lp, r.logprobs) for lp in steps]
+                    gen.top_logprobs = [
+                        dict(zip(t.indices.tolist(), t.values.tolist(), strict=True)) for t in tops
+                    ]
+            if r.echo_logprobs and prompt_scores is not None:
+                n = len(r.prompt_ids)
+                gen.prompt_logprobs = [None, *prompt_scores[i][prompt_len - n :]]
+            results.append(gen)
         return results
+
+    def _prompt_logprobs(self, batch, kwargs) -> list[list[float]]:
+        """Per row, the log-probability of each (left-padded) prompt token after the ones
+        before it: [batch, prompt_len - 1]."""
+        extra = {"adapter_names": kwargs["adapter_names"]} if "adapter_names" in kwargs else {}
+        # positions count real tokens only, so a left-padded row scores as it would alone
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(**batch, position_ids=positions, **extra).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1)
+        picked = lp.gather(-1, batch["input_ids"][:, 1:, None])[..., 0]  # [batch, len - 1]
+        return picked.tolist()
