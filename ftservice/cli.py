@@ -26,6 +26,8 @@ artifacts_app = typer.Typer(no_args_is_help=True, help="See and tidy a registry 
 app.add_typer(artifacts_app, name="artifacts")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service (in its store).")
 app.add_typer(keys_app, name="keys")
+serve_app = typer.Typer(no_args_is_help=True, help="Serve a base and its adapters on Ray Serve.")
+app.add_typer(serve_app, name="serve")
 
 Overrides = Annotated[
     list[str] | None,
@@ -519,6 +521,63 @@ def artifacts_rm(
     print(f"removed {remove(name, registry, force)}")
 
 
+def served_adapters(job) -> list:
+    """The gate's verdict on every adapter the spec would serve (as the app lists them)."""
+    from ftservice.models import resolve_model
+    from ftservice.serve.gate import Gate, candidates
+
+    gate = Gate(resolve_model(job.model), job.gate)
+    return [gate.check(artifact.name, [registry])[0] for registry, artifact in candidates(job)]
+
+
+@serve_app.command("run")
+def serve_run(
+    spec: str,
+    overrides: Overrides = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: the spec's).")] = None,
+    address: RayAddress = None,
+) -> None:
+    """Run the serving app in the foreground until Ctrl-C or SIGTERM, then drain and stop."""
+    import signal
+    import threading
+
+    from ray import serve
+
+    from ftservice.raycluster import init_ray
+    from ftservice.serve.app import build_app
+    from ftservice.serve.spec import load_serve_spec
+
+    job = load_serve_spec(spec, [*(overrides or []), *([f"port={port}"] if port else [])])
+    stop = threading.Event()
+    init_ray(address)
+    try:
+        serve.start(http_options={"host": job.host, "port": job.port})
+        serve.run(build_app(job), name=job.name, route_prefix="/", blocking=False)
+        # after ray.init, which installs its own fatal-signal handler for SIGTERM
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        url = f"http://{job.host}:{job.port}"
+        base = job.base_name or job.model.name
+        print(f"serving {job.name} at {url}/v1 (base model: {base})")
+        for verdict in served_adapters(job):
+            state = "servable" if verdict.servable else f"refused: {verdict.reason}"
+            print(f"  adapter {verdict.name}: {state}")
+        print(f'models: curl -s {url}/v1/models -H "Authorization: Bearer $FTSERVICE_API_KEY"')
+        print(
+            f'chat:   curl -s {url}/v1/chat/completions -H "Authorization: Bearer '
+            '$FTSERVICE_API_KEY" -H "Content-Type: application/json" -d \'{"model": "'
+            f'{base}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\''
+        )
+        print("Ctrl-C stops it.", flush=True)
+        stop.wait()
+        print("draining and stopping ...", flush=True)
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+
+
 StoreUrl = Annotated[
     str,
     typer.Option(
@@ -536,13 +595,16 @@ def keys_create(
         list[str], typer.Option("--scope", help="inference, admin, annotator or jobs (repeat).")
     ],
     project: Annotated[str, typer.Option(help="The project the key belongs to.")] = "default",
+    rate_limit: Annotated[
+        int | None, typer.Option(help="This key's requests per minute (default: the app's).")
+    ] = None,
     store: StoreUrl = DEFAULT_STORE,
 ) -> None:
     """Make a key; it is printed once, and only its hash is stored."""
     from ftservice.store.db import open_store
     from ftservice.store.keys import create_key
 
-    secret = create_key(open_store(store), name, scope, project)
+    secret = create_key(open_store(store), name, scope, project, rate_limit)
     print(secret)
     print(f"key '{name}' ({', '.join(scope)}, project {project}) created: keep it now, it "
           "is not shown again", file=sys.stderr)  # fmt: skip

@@ -72,6 +72,8 @@ class EngineStats:
     """Forward passes whose batch held rows of two or more adapters (the base counts as one)."""
     adapter_loads: int = 0
     adapter_evictions: int = 0
+    largest_batch: int = 0
+    """Most requests one `generate` call was given."""
 
 
 class _RowLimits(StoppingCriteria):
@@ -203,6 +205,7 @@ class Engine:
         )
         if unknown:
             raise KeyError(f"adapters not loaded: {', '.join(unknown)}")
+        self.stats.largest_batch = max(self.stats.largest_batch, len(requests))
         results: list[Generation | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):

@@ -19,11 +19,17 @@ from urllib.parse import unquote
 import torch
 from safetensors import safe_open
 
-from ftservice.artifacts import PICKLE_SUFFIXES, Artifact, ArtifactError, load_artifact
+from ftservice.artifacts import (
+    PICKLE_SUFFIXES,
+    Artifact,
+    ArtifactError,
+    list_artifacts,
+    load_artifact,
+)
 from ftservice.config import NAME_PATTERN, JobSpec
 from ftservice.models import ResolvedModel, load_base_for_adapters, load_causal_lm
 from ftservice.records import HandoffError
-from ftservice.serve.spec import GateSpec
+from ftservice.serve.spec import GateSpec, ServeSpec
 
 PROBES = [
     "Tell me about your warranty.",
@@ -82,6 +88,18 @@ def base_modules(base: ResolvedModel) -> dict[str, tuple[int, int]]:
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear)
     }
+
+
+def candidates(spec: ServeSpec) -> list[tuple[str, Artifact]]:
+    """Every artifact the spec selects, with its registry; a name in two registries is the
+    first one's."""
+    found, seen = [], set()
+    for registry in spec.registries:
+        for artifact in list_artifacts(registry):
+            if artifact.name not in seen and spec.wants(artifact.name):
+                seen.add(artifact.name)
+                found.append((registry, artifact))
+    return found
 
 
 class Gate:

@@ -3,6 +3,7 @@ caps, the store, where it listens), typed like the job spec and checked the same
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from typing import Literal
 
@@ -106,6 +107,9 @@ class ServeSpec(Spec):
         description="Model deployment: transformers + PEFT (CPU and GPU). vLLM comes later.",
     )
     model: ModelSpec = Field(description="The base model (required), resolved as in job specs.")
+    base_name: str | None = Field(
+        None, description="The base's name on the API (`model`); unset: model.name."
+    )
     registries: list[str] = Field(
         default_factory=lambda: ["artifacts"],
         min_length=1,
@@ -128,6 +132,12 @@ class ServeSpec(Spec):
         default_factory=list, description="Origins allowed by CORS; none unless listed."
     )
     log_prompts: bool = Field(False, description="Put prompt text in the access log.")
+
+    def wants(self, name: str) -> bool:
+        """Whether `adapters` selects an artifact of this name."""
+        if self.adapters == "all":
+            return True
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.adapters)
 
 
 def serve_problems(spec: ServeSpec) -> list[Problem]:

@@ -38,6 +38,7 @@ class Caller:
     project: str
     key_id: int | None
     """None for a key from FTSERVICE_API_KEYS (not in the store)."""
+    requests_per_minute: int | None = None
 
 
 def digest(secret: str) -> str:
@@ -45,7 +46,11 @@ def digest(secret: str) -> str:
 
 
 def create_key(
-    store: sessionmaker[Session], name: str, scopes: list[str], project: str = "default"
+    store: sessionmaker[Session],
+    name: str,
+    scopes: list[str],
+    project: str = "default",
+    requests_per_minute: int | None = None,
 ) -> str:
     """A new key; returns the secret, which is never stored or shown again."""
     if not _NAME.match(name):
@@ -63,6 +68,7 @@ def create_key(
             ApiKey(
                 name=name, prefix=secret[:8], digest=digest(secret),
                 scopes=",".join(s for s in SCOPES if s in scopes), project=project,
+                requests_per_minute=requests_per_minute,
                 created_at=datetime.now(UTC), requests=0, prompt_tokens=0, completion_tokens=0,
             )
         )  # fmt: skip
@@ -102,7 +108,8 @@ def authenticate(store: sessionmaker[Session], secret: str) -> Caller | None:
         )
     if key is None:
         return None
-    return Caller(key.name, frozenset(key.scope_set), key.project, key.id)
+    return Caller(key.name, frozenset(key.scope_set), key.project, key.id,
+                  key.requests_per_minute)  # fmt: skip
 
 
 def record_usage(

@@ -24,6 +24,8 @@ class ApiKey(Base):
     scopes: Mapped[str] = mapped_column(String(200))
     """Comma-separated: inference, admin, annotator, jobs."""
     project: Mapped[str] = mapped_column(String(100))
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    """This key's own rate limit; unset: the app's."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -46,3 +48,14 @@ class RateWindow(Base):
     )
     minute: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     count: Mapped[int] = mapped_column(Integer)
+
+
+class DisabledAdapter(Base):
+    """An adapter an admin took out of one app's service (unload_lora_adapter)."""
+
+    __tablename__ = "disabled_adapters"
+
+    app: Mapped[str] = mapped_column(String(100), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    disabled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    by_key: Mapped[str] = mapped_column(String(100))

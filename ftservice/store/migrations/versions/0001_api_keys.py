@@ -22,6 +22,7 @@ def upgrade() -> None:
         sa.Column("digest", sa.String(64), nullable=False, unique=True),
         sa.Column("scopes", sa.String(200), nullable=False),
         sa.Column("project", sa.String(100), nullable=False),
+        sa.Column("requests_per_minute", sa.Integer, nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),

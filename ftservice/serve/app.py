@@ -1,0 +1,721 @@
+"""The Ray Serve app: an ingress (FastAPI: keys, limits, the OpenAI-shaped routes) in front of
+a model deployment whose replicas each hold ONE base with adapters loaded into it.
+
+Requests name an adapter, the base, or `base:adapter`. The ingress resolves the name, runs the
+compatibility gate, applies the artifact's chat template (and its training system prompt),
+and sends the prompt tokens to a model replica chosen by Serve's multiplexing (replicas that
+hold the adapter first). In the replica, a batcher gathers concurrent requests, for any
+adapters, into one engine call: one forward pass serves rows of different adapters (Serve's
+own `@serve.batch` splits batches by multiplexed model id: see batcher.py).
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorDiedError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from sqlalchemy import delete, select
+from transformers import AutoTokenizer
+
+from ftservice.config import JobSpec
+from ftservice.models import resolve_model
+from ftservice.serve.batcher import Batcher
+from ftservice.serve.engine import Engine, Generation, GenerationRequest
+from ftservice.serve.gate import Gate, candidates, check_name
+from ftservice.serve.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    stops,
+)
+from ftservice.serve.spec import ServeSpec
+from ftservice.storage import localize
+from ftservice.store.db import open_store
+from ftservice.store.keys import Caller, authenticate, record_usage, take_request
+from ftservice.store.models import DisabledAdapter
+
+log = logging.getLogger("ftservice.serve")
+RETRIES = 2  # a non-streaming request whose replica died is sent again this many times
+LISTING_TTL_S = 2.0  # how stale the registries' listing may be (a new name is looked up)
+
+
+def _generation_json(gen: Generation) -> dict:
+    return {
+        "text": gen.text,
+        "token_ids": gen.token_ids,
+        "finish_reason": gen.finish_reason,
+        "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": gen.completion_tokens,
+        "token_logprobs": gen.token_logprobs,
+        "top_logprobs": gen.top_logprobs,
+        "prompt_logprobs": gen.prompt_logprobs,
+    }
+
+
+class AdapterSlot:
+    """What Serve's multiplexer holds per adapter; its eviction deletes the adapter from the
+    model (Serve calls `__del__` when it drops a model from its LRU)."""
+
+    def __init__(self, engine: Engine, name: str):
+        self.engine, self.name = engine, name
+        self.inner = engine.adapters[name]
+
+    def __del__(self):
+        # only this load of the adapter: a later reload under the same name has its own slot
+        if self.engine.adapters.get(self.name) == self.inner:
+            self.engine.unload_adapter(self.name)
+
+
+def model_deployment(spec: ServeSpec):
+    """The model deployment class, with the spec's batching and multiplexing settings."""
+    replicas = spec.replicas
+    options = {
+        "ray_actor_options": {"num_cpus": replicas.cpus, "num_gpus": replicas.gpus},
+        "max_queued_requests": spec.limits.max_queued_requests,
+        "max_ongoing_requests": max(spec.batching.max_batch_size * 2, 8),
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+    }
+    if replicas.autoscaling is not None:
+        options["autoscaling_config"] = replicas.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = replicas.num
+
+    @serve.deployment(name="model", **options)
+    class ModelServer:
+        def __init__(self, spec_json: dict):
+            self.spec = ServeSpec.model_validate(spec_json)
+            if not self.spec.replicas.gpus:
+                torch.set_num_threads(self.spec.replicas.torch_threads)
+            self.base = resolve_model(self.spec.model)
+            dtype = torch.bfloat16 if self.spec.replicas.gpus else torch.float32
+            # Serve's multiplexer decides evictions; the engine's own cap is a backstop
+            self.engine = Engine(self.base.path, self.spec.replicas.max_adapters + 1, dtype)
+            self.gate = Gate(self.base, self.spec.gate)
+            batching = self.spec.batching
+            self.batcher = Batcher(
+                self.engine.generate, batching.max_batch_size, batching.batch_wait_timeout_s
+            )
+
+        @serve.multiplexed(max_num_models_per_replica=replicas.max_adapters)
+        async def adapter(self, name: str) -> AdapterSlot:
+            verdict, artifact = self.gate.check(name, self.spec.registries)
+            log.info("gate %s: %s", name, verdict.to_json())
+            if not verdict.servable:
+                raise ApiError(400, verdict.reason, code="adapter_not_servable", param="model")
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self.engine.load_adapter, name, artifact.path)
+            return AdapterSlot(self.engine, name)
+
+        async def _request(self, payload: dict, on_text=None) -> GenerationRequest:
+            name = serve.get_multiplexed_model_id() or None
+            if name:
+                await self.adapter(name)
+            return GenerationRequest(
+                prompt_ids=payload["prompt_ids"],
+                adapter=name,
+                max_new_tokens=payload["max_new_tokens"],
+                temperature=payload["temperature"],
+                top_p=payload["top_p"],
+                seed=payload.get("seed"),
+                stop=payload.get("stop", []),
+                logprobs=payload.get("logprobs"),
+                echo_logprobs=payload.get("echo", False),
+                on_text=on_text,
+            )
+
+        async def generate(self, payload: dict) -> dict:
+            return _generation_json(await self.batcher.submit(await self._request(payload)))
+
+        async def generate_stream(self, payload: dict):
+            """Text pieces as they are generated, then the whole generation."""
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+            request = await self._request(
+                payload, lambda text: loop.call_soon_threadsafe(queue.put_nowait, text)
+            )
+            task = asyncio.ensure_future(self.batcher.submit(request))
+            task.add_done_callback(lambda _: loop.call_soon_threadsafe(queue.put_nowait, None))
+            while (piece := await queue.get()) is not None:
+                yield {"text": piece}
+            yield {"final": _generation_json(task.result())}
+
+        def stats(self) -> dict:
+            return {**vars(self.engine.stats), "adapters": self.engine.loaded_adapters()}
+
+        def check_health(self) -> None:
+            """A replica is healthy when its base still generates a token."""
+            ids = self.engine.tokenizer("ok")["input_ids"]
+            self.engine.generate([GenerationRequest(ids, None, max_new_tokens=1)])
+
+    return ModelServer
+
+
+# ---- the ingress ---------------------------------------------------------------------------
+
+api = FastAPI(title="ftservice", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, e: ApiError):
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_field(request: Request, e: RequestValidationError):
+    first = e.errors()[0]
+    param = ".".join(str(x) for x in first["loc"] if x != "body")
+    return JSONResponse(
+        ApiError(400, f"{param}: {first['msg']}", param=param).body(), status_code=400
+    )
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, spec_json: dict, model):
+        self.spec = ServeSpec.model_validate(spec_json)
+        self.model = model
+        self.store = open_store(self.spec.store.url)
+        self.base = resolve_model(self.spec.model)
+        self.base_name = self.spec.base_name or self.spec.model.name
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base.path)
+        self.gate = Gate(self.base, self.spec.gate)
+        self.context = getattr(self.tokenizer, "model_max_length", 0) or 0
+        cfg = json.loads((self.base.path / "config.json").read_text())
+        self.context = cfg.get("max_position_embeddings") or self.context
+        self._verdicts: dict[tuple, dict] = {}
+        self._listing: list[dict] = []
+        self._listed_at = -1e9
+        self._tokenizers: dict[str, object] = {}
+        self.created = int(time.time())
+
+    # ---- who may call ------------------------------------------------------------------------
+
+    def caller(self, request: Request, scope: str) -> Caller:
+        header = request.headers.get("authorization", "")
+        if not header.lower().startswith("bearer ") or not header[7:].strip():
+            raise ApiError(
+                401,
+                "missing API key: send 'Authorization: Bearer KEY'",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+        caller = authenticate(self.store, header[7:].strip())
+        if caller is None:
+            raise ApiError(
+                401, "incorrect API key provided", "invalid_request_error", "invalid_api_key"
+            )
+        if scope not in caller.scopes:
+            raise ApiError(
+                403,
+                f"key '{caller.name}' lacks the '{scope}' scope this route needs",
+                "permission_error",
+                "insufficient_scope",
+            )
+        per_minute = caller.requests_per_minute or self.spec.limits.requests_per_minute
+        if per_minute is not None:
+            wait = take_request(self.store, caller, per_minute)
+            if wait is not None:
+                raise ApiError(
+                    429,
+                    f"rate limit of {per_minute} requests per minute reached",
+                    "rate_limit_exceeded",
+                    "rate_limit_exceeded",
+                    headers={"Retry-After": str(int(wait + 0.999))},
+                )
+        return caller
+
+    async def body(self, request: Request, model):
+        raw = await request.body()
+        if len(raw) > self.spec.limits.max_request_bytes:
+            raise ApiError(
+                413,
+                f"request body of {len(raw)} bytes is over the limit of "
+                f"{self.spec.limits.max_request_bytes}",
+                code="request_too_large",
+            )
+        try:
+            return model.model_validate_json(raw)
+        except ValueError as e:
+            errors = getattr(e, "errors", lambda: [])()
+            param = ".".join(str(x) for x in errors[0]["loc"]) if errors else None
+            msg = errors[0]["msg"] if errors else str(e)
+            raise ApiError(400, f"{param}: {msg}" if param else msg, param=param) from None
+
+    # ---- which adapters -----------------------------------------------------------------------
+
+    def disabled(self) -> set[str]:
+        with self.store() as session:
+            rows = session.scalars(
+                select(DisabledAdapter.name).where(DisabledAdapter.app == self.spec.name)
+            )
+            return set(rows)
+
+    def verdicts(self, fresh: bool = False) -> list[dict]:
+        """The gate's verdict on every wanted artifact of the registries, published after
+        start included (each checked once per published version; the listing is at most
+        LISTING_TTL_S old unless `fresh`)."""
+        if not fresh and time.monotonic() - self._listed_at < LISTING_TTL_S:
+            return self._listing
+        out = []
+        for registry, artifact in candidates(self.spec):
+            key = (artifact.location, artifact.meta.created)
+            if key not in self._verdicts:
+                verdict, _ = self.gate.check(artifact.name, [registry])
+                log.info("gate %s: %s", artifact.name, verdict.to_json())
+                self._verdicts[key] = verdict.to_json() | {"meta": artifact.meta}
+            out.append(self._verdicts[key])
+        self._listing, self._listed_at = out, time.monotonic()
+        return out
+
+    def resolve(self, model: str) -> str | None:
+        """None for the base, else the adapter's name; ApiError when it cannot be served."""
+        if model == self.base_name:
+            return None
+        name = model
+        if ":" in model:
+            base, _, name = model.partition(":")
+            if base != self.base_name:
+                raise ApiError(
+                    404,
+                    f"the model '{model}' does not exist: this app serves the "
+                    f"base '{self.base_name}'",
+                    code="model_not_found",
+                    param="model",
+                )
+        try:
+            check_name(name)
+        except Exception as e:
+            raise ApiError(400, str(e), code="invalid_model_name", param="model") from None
+        found = [v for v in self.verdicts() if v["name"] == name]
+        if not found:  # published a moment ago: look again before saying no
+            found = [v for v in self.verdicts(fresh=True) if v["name"] == name]
+        if not found or name in self.disabled():
+            raise ApiError(
+                404,
+                f"the model '{model}' does not exist; GET /v1/models lists what this app serves",
+                code="model_not_found",
+                param="model",
+            )
+        if not found[0]["servable"]:
+            raise ApiError(
+                400,
+                f"the adapter '{name}' cannot be served: {found[0]['reason']}",
+                code="adapter_not_servable",
+                param="model",
+            )
+        return name
+
+    def tokenizer_for(self, adapter: str | None):
+        """The artifact's own tokenizer and chat template (the base's for the base)."""
+        if adapter is None:
+            return self.tokenizer, None
+        verdict = next(v for v in self.verdicts() if v["name"] == adapter)
+        if adapter not in self._tokenizers:
+            folder = localize(verdict["location"])
+            has_own = (folder / "tokenizer_config.json").is_file()
+            self._tokenizers[adapter] = (
+                AutoTokenizer.from_pretrained(folder) if has_own else self.tokenizer
+            )
+        system = JobSpec.model_validate(verdict["meta"].spec).data.system_prompt
+        return self._tokenizers[adapter], system
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def payload(self, prompt_ids, max_tokens, req, adapter, **extra) -> dict:
+        limits, gen = self.spec.limits, self.spec.generation
+        max_new = gen.max_tokens if max_tokens is None else max_tokens
+        if max_new > limits.max_tokens:
+            raise ApiError(
+                400,
+                f"max_tokens {max_new} is over this app's limit of {limits.max_tokens}",
+                param="max_tokens",
+            )
+        cap = min(limits.max_prompt_tokens or self.context, self.context)
+        if len(prompt_ids) + max_new > self.context or len(prompt_ids) > cap:
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {self.context} tokens "
+                f"(prompts at most {cap}); the request has {len(prompt_ids)} prompt "
+                f"tokens and asks for {max_new} more",
+                code="context_length_exceeded",
+                param="messages",
+            )
+        temperature = gen.temperature if req.temperature is None else req.temperature
+        return {
+            "prompt_ids": prompt_ids,
+            "max_new_tokens": max_new,
+            "temperature": temperature,
+            "top_p": gen.top_p if req.top_p is None else req.top_p,
+            "seed": req.seed,
+            "stop": stops(req.stop),
+            **extra,
+        }
+
+    def handle(self, adapter: str | None, stream: bool = False):
+        h = self.model.options(stream=stream, multiplexed_model_id=adapter or "")
+        return h
+
+    async def run(self, adapter: str | None, payload: dict) -> dict:
+        """One generation, sent again if its replica died while running it."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return await self.handle(adapter).generate.remote(payload)
+            except (ActorDiedError, RayActorError):
+                if attempt == RETRIES:
+                    raise ApiError(
+                        503,
+                        "the model replica died; try again",
+                        "server_error",
+                        headers={"Retry-After": "1"},
+                    ) from None
+                log.warning("replica died under a request; retrying (%d)", attempt + 1)
+            except BackPressureError:
+                raise ApiError(
+                    503,
+                    "too many requests queued; try again shortly",
+                    "server_error",
+                    headers={"Retry-After": "1"},
+                ) from None
+            except ApiError:
+                raise
+        raise AssertionError("unreachable")
+
+    def usage(self, caller: Caller, prompt: int, completion: int) -> dict:
+        record_usage(self.store, caller, prompt, completion)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def access(
+        self,
+        rid: str,
+        caller: Caller,
+        route: str,
+        model: str,
+        status: int,
+        t0: float,
+        prompt: str | None = None,
+    ):
+        text = f" prompt={prompt!r}" if prompt is not None and self.spec.log_prompts else ""
+        log.info(
+            "request %s key=%s route=%s model=%s status=%d ms=%.0f%s",
+            rid,
+            caller.name,
+            route,
+            model,
+            status,
+            (time.time() - t0) * 1000,
+            text,
+        )
+
+    # ---- routes -------------------------------------------------------------------------------
+
+    @api.get("/health")
+    def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    def models(self, request: Request) -> dict:
+        self.caller(request, "inference")
+        disabled = self.disabled()
+        data = [
+            {
+                "id": self.base_name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "ftservice",
+                "root": self.base_name,
+                "parent": None,
+                "servable": True,
+            }
+        ]
+        for v in self.verdicts(fresh=True):
+            if v["name"] in disabled:
+                continue
+            meta = v["meta"]
+            created = datetime.fromisoformat(meta.created.replace("Z", "+00:00"))
+            data.append(
+                {
+                    "id": v["name"],
+                    "object": "model",
+                    "created": int(created.timestamp()),
+                    "owned_by": "ftservice",
+                    "root": v["name"],
+                    "parent": self.base_name,
+                    "servable": v["servable"],
+                    "gate": {k: v[k] for k in ("servable", "reason", "checks", "probe_kl")},
+                    "lineage": {
+                        "parent_artifact": meta.parent,
+                        "method": meta.spec["method"],
+                        "stage": meta.spec["stage"],
+                        "sweep": meta.lineage.model_dump() if meta.lineage else None,
+                    },
+                }
+            )
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        t0, rid = time.time(), f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        caller = await asyncio.to_thread(self.caller, request, "inference")
+        req = await self.body(request, ChatCompletionRequest)
+        adapter = await asyncio.to_thread(self.resolve, req.model)
+        ids, messages = await asyncio.to_thread(self.chat_prompt, req, adapter)
+        max_tokens = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
+        payload = self.payload(list(ids), max_tokens, req, adapter)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self.stream(
+                rid, caller, req.model, adapter, payload, "chat.completion.chunk", include_usage, t0
+            )
+        out = await self.run(adapter, payload)
+        self.access(rid, caller, "chat", req.model, 200, t0, messages[-1]["content"])
+        usage = await asyncio.to_thread(
+            self.usage, caller, out["prompt_tokens"], out["completion_tokens"]
+        )
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(t0),
+            "model": req.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": out["text"]},
+                    "finish_reason": out["finish_reason"],
+                    "logprobs": None,
+                }
+            ],
+            "usage": usage,
+        }
+
+    def chat_prompt(self, req: ChatCompletionRequest, adapter: str | None):
+        """Prompt token ids with the artifact's chat template (and its training system
+        prompt when the request brings none), and the messages they came from."""
+        tokenizer, trained_system = self.tokenizer_for(adapter)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in req.messages
+        ]
+        if (
+            trained_system
+            and self.spec.generation.system_prompt == "trained"
+            and messages[0]["role"] != "system"
+        ):
+            messages = [{"role": "system", "content": trained_system}, *messages]
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        return ids, messages
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        t0, rid = time.time(), f"cmpl-{uuid.uuid4().hex[:24]}"
+        caller = await asyncio.to_thread(self.caller, request, "inference")
+        req = await self.body(request, CompletionRequest)
+        if isinstance(req.prompt, list):
+            if len(req.prompt) != 1:
+                raise ApiError(400, "prompt: one prompt per request", param="prompt")
+            req.prompt = req.prompt[0]
+        adapter = await asyncio.to_thread(self.resolve, req.model)
+        tokenizer, _ = await asyncio.to_thread(self.tokenizer_for, adapter)
+        ids = tokenizer(req.prompt)["input_ids"]
+        payload = self.payload(
+            ids,
+            req.max_tokens,
+            req,
+            adapter,
+            logprobs=req.logprobs,
+            echo=req.echo and req.logprobs is not None,
+        )
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self.stream(
+                rid, caller, req.model, adapter, payload, "text_completion", include_usage, t0
+            )
+        out = await self.run(adapter, payload)
+        text = (req.prompt if req.echo else "") + out["text"]
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = self.completion_logprobs(tokenizer, ids if req.echo else [], out, req)
+        self.access(rid, caller, "completions", req.model, 200, t0, req.prompt)
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(t0),
+            "model": req.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "finish_reason": out["finish_reason"],
+                    "logprobs": logprobs,
+                }
+            ],
+            "usage": await asyncio.to_thread(
+                self.usage, caller, out["prompt_tokens"], out["completion_tokens"]
+            ),
+        }
+
+    def completion_logprobs(self, tokenizer, prompt_ids, out, req) -> dict:
+        """OpenAI's legacy completions logprobs: tokens, token_logprobs, top_logprobs and
+        text_offset, over the echoed prompt (when asked) and the generated tokens."""
+        ids = [*prompt_ids, *out["token_ids"]]
+        tokens = [tokenizer.decode([t]) for t in ids]
+        values = [
+            *(out["prompt_logprobs"] or [] if prompt_ids else []),
+            *(out["token_logprobs"] or []),
+        ]
+        tops = [None] * len(prompt_ids) if prompt_ids else []
+        for top in out["top_logprobs"] or [{}] * len(out["token_ids"]):
+            tops.append({tokenizer.decode([int(t)]): v for t, v in top.items()} or None)
+        offsets, at = [], 0
+        for tok in tokens:
+            offsets.append(at)
+            at += len(tok)
+        return {
+            "tokens": tokens,
+            "token_logprobs": values,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    def stream(self, rid, caller, model, adapter, payload, kind, include_usage, t0):
+        chat = kind == "chat.completion.chunk"
+
+        def chunk(delta: str | None, finish: str | None = None, usage=None) -> str:
+            if chat:
+                choice = {
+                    "index": 0,
+                    "delta": {} if delta is None else {"content": delta},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            else:
+                choice = {
+                    "index": 0,
+                    "text": delta or "",
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            body = {
+                "id": rid,
+                "object": kind,
+                "created": int(t0),
+                "model": model,
+                "choices": [] if usage else [choice],
+            }
+            if usage:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events():
+            final = None
+            try:
+                if chat:
+                    opening = {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": ""},
+                        "finish_reason": None,
+                    }
+                    head = {
+                        "id": rid,
+                        "object": kind,
+                        "created": int(t0),
+                        "model": model,
+                        "choices": [opening],
+                    }
+                    yield f"data: {json.dumps(head)}\n\n"
+                async for item in self.handle(adapter, stream=True).generate_stream.remote(payload):
+                    if "text" in item:
+                        yield chunk(item["text"])
+                    else:
+                        final = item["final"]
+                yield chunk(None, final["finish_reason"])
+                if include_usage:
+                    yield chunk(
+                        None,
+                        usage=self.usage(
+                            caller, final["prompt_tokens"], final["completion_tokens"]
+                        ),
+                    )
+                elif final:
+                    record_usage(
+                        self.store, caller, final["prompt_tokens"], final["completion_tokens"]
+                    )
+            except Exception as e:  # a broken stream ends with an error event, never a hang
+                log.warning("stream %s broke: %r", rid, e)
+                message = e.message if isinstance(e, ApiError) else f"generation failed: {e}"
+                error = ApiError(500, message, "server_error").body()
+                yield f"data: {json.dumps(error)}\n\n"
+            self.access(rid, caller, kind, model, 200, t0)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @api.post("/v1/load_lora_adapter")
+    async def load_adapter(self, request: Request) -> dict:
+        caller = await asyncio.to_thread(self.caller, request, "admin")
+        req = await self.body(request, LoadAdapterRequest)
+        with self.store.begin() as session:
+            session.execute(
+                delete(DisabledAdapter).where(
+                    DisabledAdapter.app == self.spec.name, DisabledAdapter.name == req.lora_name
+                )
+            )
+        adapter = self.resolve(req.lora_name)
+        # warm it on a replica: the gate runs there too, and the adapter is loaded
+        ids = self.tokenizer("ok")["input_ids"]
+        await self.run(
+            adapter, {"prompt_ids": ids, "max_new_tokens": 1, "temperature": 0.0, "top_p": 1.0}
+        )
+        log.info("adapter %s loaded by key %s", adapter, caller.name)
+        return {"status": "loaded", "lora_name": adapter}
+
+    @api.post("/v1/unload_lora_adapter")
+    async def unload_adapter(self, request: Request) -> dict:
+        caller = await asyncio.to_thread(self.caller, request, "admin")
+        req = await self.body(request, LoadAdapterRequest)
+        self.resolve(req.lora_name)
+        with self.store.begin() as session:
+            session.merge(
+                DisabledAdapter(
+                    app=self.spec.name,
+                    name=req.lora_name,
+                    disabled_at=datetime.now(UTC),
+                    by_key=caller.name,
+                )
+            )
+        log.info("adapter %s unloaded by key %s", req.lora_name, caller.name)
+        return {"status": "unloaded", "lora_name": req.lora_name}
+
+    @api.get("/v1/stats")
+    async def stats(self, request: Request) -> dict:
+        """The engine counters of one model replica (admin): forward passes, mixed ones."""
+        self.caller(request, "admin")
+        return await self.model.stats.remote()
+
+
+def build_app(spec: ServeSpec):
+    """The Serve application for a serve spec: `serve.run(build_app(spec))`."""
+    spec_json = spec.model_dump(mode="json")
+    model = model_deployment(spec).bind(spec_json)
+    return Ingress.options(ray_actor_options={"num_cpus": spec.replicas.ingress_cpus}).bind(
+        spec_json, model
+    )

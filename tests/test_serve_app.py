@@ -1,0 +1,342 @@
+"""The serving app on a real local Ray with Serve, spoken to with the official `openai`
+client and plain HTTP: three adapters written to answer differently on the tiny model, one
+base, mixed-adapter batches, hot-add and removal, the gate, keys and limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from conftest import free_port, short_dir
+from test_serve_engine import write_adapter
+from test_serve_gate import publish_adapter
+from transformers import AutoTokenizer
+
+from ftservice.config import ModelSpec
+from ftservice.models import resolve_model
+
+pytestmark = pytest.mark.slow
+ADAPTERS = {"alpha": 1, "beta": 2, "gamma": 3}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_llama, other_tiny_llama):
+    """One Serve app for the module: three adapters and a wrong-base one in a registry."""
+    import ray
+    from ray import serve
+
+    from ftservice.serve.app import build_app
+    from ftservice.serve.spec import ServeSpec
+    from ftservice.store.db import open_store
+    from ftservice.store.keys import create_key
+
+    root = tmp_path_factory.mktemp("serve")
+    registry = root / "registry"
+    base = resolve_model(ModelSpec(name=str(tiny_llama)))
+    for name, seed in ADAPTERS.items():
+        folder = write_adapter(root / name, tiny_llama, seed)
+        if name != "gamma":  # artifacts carry their tokenizer; one without falls back
+            AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
+        publish_adapter(registry, name, folder, base)
+    other = resolve_model(ModelSpec(name=str(other_tiny_llama)))
+    publish_adapter(registry, "wrong-base", write_adapter(root / "wb", other_tiny_llama, 5), other)
+    store_url = f"sqlite:///{root / 'state' / 'ftservice.db'}"
+    spec = ServeSpec.model_validate(
+        {"name": "test", "model": {"name": str(tiny_llama)}, "base_name": "tiny",
+         "registries": [str(registry)], "replicas": {"num": 1, "cpus": 0.5, "max_adapters": 8},
+         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
+         "generation": {"max_tokens": 16, "temperature": 0.0},
+         "limits": {"max_tokens": 64, "max_request_bytes": 4096},
+         "store": {"url": store_url}}
+    )  # fmt: skip
+    store = open_store(store_url)
+    keys = {
+        "user": create_key(store, "user", ["inference"]),
+        "admin": create_key(store, "admin", ["inference", "admin"]),
+        "annotator": create_key(store, "annotator", ["annotator"]),
+        "limited": create_key(store, "limited", ["inference"], requests_per_minute=2),
+    }
+    port = free_port()
+    ray_tmp = short_dir("ftr-serve-")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(root))
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        ray.init(num_cpus=2, _temp_dir=str(ray_tmp), include_dashboard=False,
+                 logging_level="warning")  # fmt: skip
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(spec), name="test", route_prefix="/")
+            yield {"url": f"http://127.0.0.1:{port}", "keys": keys, "registry": registry,
+                   "root": root, "base": base, "tiny": tiny_llama}  # fmt: skip
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def client(app, key: str = "user") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{app['url']}/v1", api_key=app["keys"][key], max_retries=0)
+
+
+def http(
+    app, method: str, path: str, body=None, key: str | None = "user", raw: bytes | None = None
+):
+    """Status, headers and JSON body of a plain HTTP request."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(f"{app['url']}{path}", data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {app['keys'].get(key, key)}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read())
+
+
+def chat(app, model: str, text: str = "Tell me about the warranty.", **kw) -> str:
+    out = client(app).chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": text}],
+        temperature=0,
+        max_tokens=12,
+        **kw,
+    )
+    return out.choices[0].message.content
+
+
+def test_models_lists_the_base_and_every_adapter_with_the_gate(app):
+    models = {m.id: m for m in client(app).models.list().data}
+    assert set(models) == {"tiny", "alpha", "beta", "gamma", "wrong-base"}
+    assert models["alpha"].model_extra["parent"] == "tiny"
+    assert models["alpha"].model_extra["gate"]["servable"] is True
+    gate = models["wrong-base"].model_extra["gate"]
+    assert gate["servable"] is False and "fingerprint" in gate["reason"]
+
+
+def test_each_adapter_and_the_base_answer_differently(app):
+    answers = {m: chat(app, m) for m in ("tiny", "alpha", "beta", "gamma")}
+    assert len(set(answers.values())) == 4, answers
+    assert chat(app, "tiny:beta") == answers["beta"]  # Ray Serve LLM's spelling
+
+
+def test_streaming_chat_with_usage_equals_the_whole_answer(app):
+    whole = chat(app, "gamma")
+    stream = client(app).chat.completions.create(
+        model="gamma",
+        messages=[{"role": "user", "content": "Tell me about the warranty."}],
+        temperature=0,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].choices == []
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_completions_with_logprobs_and_echo(app):
+    out = client(app).completions.create(
+        model="alpha",
+        prompt="The warranty lasts",
+        max_tokens=4,
+        temperature=0,
+        logprobs=2,
+        echo=True,
+    )
+    choice = out.choices[0]
+    assert choice.text.startswith("The warranty lasts")
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None  # the first prompt token has no context
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset)
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert out.usage.completion_tokens == len(lp.tokens) - out.usage.prompt_tokens
+
+
+def test_concurrent_requests_over_three_adapters_and_the_base_share_forward_passes(app):
+    models = ["tiny", "alpha", "beta", "gamma"] * 4
+    alone = {m: chat(app, m, "Where is the headquarters?") for m in set(models)}
+    before = http(app, "GET", "/v1/stats", key="admin")[2]["mixed_forward_passes"]
+    aclient = openai.AsyncOpenAI(base_url=f"{app['url']}/v1", api_key=app["keys"]["user"],
+                                 max_retries=0)  # fmt: skip
+
+    async def one(m):
+        out = await aclient.chat.completions.create(
+            model=m,
+            messages=[{"role": "user", "content": "Where is the headquarters?"}],
+            temperature=0,
+            max_tokens=12,
+        )
+        return out.choices[0].message.content
+
+    async def everyone():
+        return await asyncio.gather(*(one(m) for m in models))
+
+    together = asyncio.run(everyone())
+    assert together == [alone[m] for m in models]
+    stats = http(app, "GET", "/v1/stats", key="admin")[2]
+    after = stats["mixed_forward_passes"]
+    assert after > before, {
+        k: stats[k] for k in ("largest_batch", "generate_calls", "mixed_forward_passes")
+    }  # at least one forward pass mixed two or more adapters
+
+
+def test_an_adapter_published_while_serving_is_servable_and_can_be_unloaded(app):
+    from ftservice.artifacts import remove
+
+    name = "delta"
+    assert name not in {m.id for m in client(app).models.list().data}
+    publish_adapter(app["registry"], name, write_adapter(app["root"] / name, app["tiny"], 9),
+                    app["base"])  # fmt: skip
+    assert name in {m.id for m in client(app).models.list().data}
+    assert chat(app, name)
+    status, _, body = http(app, "POST", "/v1/unload_lora_adapter", {"lora_name": name}, "admin")
+    assert status == 200 and body["status"] == "unloaded"
+    with pytest.raises(openai.NotFoundError) as err:
+        chat(app, name)
+    assert err.value.code == "model_not_found"
+    status, _, _ = http(app, "POST", "/v1/load_lora_adapter", {"lora_name": name}, "admin")
+    assert status == 200 and chat(app, name)
+    remove(name, app["registry"])
+    assert name not in {m.id for m in client(app).models.list().data}
+
+
+def test_errors_have_openai_shapes_and_status_codes(app):
+    def error(status_body):
+        status, headers, body = status_body
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        return status, body["error"], headers
+
+    status, e, _ = error(http(app, "GET", "/v1/models", key=None))
+    assert status == 401 and e["code"] == "invalid_api_key"
+    status, e, _ = error(http(app, "GET", "/v1/models", key="fts-not-a-key"))
+    assert status == 401 and e["code"] == "invalid_api_key"
+    status, e, _ = error(http(app, "GET", "/v1/models", key="annotator"))
+    assert status == 403 and "lacks the 'inference' scope" in e["message"]
+    status, e, _ = error(http(app, "POST", "/v1/unload_lora_adapter", {"lora_name": "alpha"}))
+    assert status == 403
+    msg = [{"role": "user", "content": "hi"}]
+    status, e, _ = error(
+        http(app, "POST", "/v1/chat/completions", {"model": "nope", "messages": msg})
+    )
+    assert status == 404 and e["code"] == "model_not_found" and e["param"] == "model"
+    status, e, _ = error(http(app, "POST", "/v1/chat/completions",
+                              {"model": "../alpha", "messages": msg}))  # fmt: skip
+    assert status == 400 and "is not an adapter name" in e["message"]
+    status, e, _ = error(http(app, "POST", "/v1/chat/completions",
+                              {"model": "wrong-base", "messages": msg}))  # fmt: skip
+    assert status == 400 and e["code"] == "adapter_not_servable"
+    status, e, _ = error(http(app, "POST", "/v1/chat/completions",
+                              {"model": "alpha", "messages": msg, "max_tokens": 65}))  # fmt: skip
+    assert status == 400 and e["param"] == "max_tokens"
+    status, e, _ = error(http(app, "POST", "/v1/chat/completions",
+                              {"model": "alpha", "messages": msg, "temperature": 7}))  # fmt: skip
+    assert status == 400 and e["param"] == "temperature"
+    long = [{"role": "user", "content": "word " * 1000}]  # over the 4096-byte body cap
+    status, e, _ = error(http(app, "POST", "/v1/completions",
+                              {"model": "alpha", "prompt": "word " * 700,
+                               "max_tokens": 8}))  # fmt: skip
+    assert status == 400 and e["code"] == "context_length_exceeded"
+    status, e, _ = error(http(app, "POST", "/v1/chat/completions",
+                              {"model": "alpha", "messages": long}))  # fmt: skip
+    assert status == 413 and e["code"] == "request_too_large"
+
+
+def test_the_rate_limit_answers_429_with_retry_after(app):
+    seen = []
+    for _ in range(4):
+        status, headers, body = http(app, "GET", "/v1/models", key="limited")
+        seen.append(status)
+        if status == 429:
+            assert body["error"]["code"] == "rate_limit_exceeded"
+            assert 1 <= int(headers["retry-after"]) <= 60
+    assert 200 in seen and 429 in seen
+
+
+def test_usage_is_counted_per_key(app):
+    from ftservice.store.db import open_store
+    from ftservice.store.keys import list_keys
+
+    store = open_store(f"sqlite:///{app['root'] / 'state' / 'ftservice.db'}")
+    before = {k["name"]: k for k in list_keys(store)}
+    chat(app, "alpha")
+    after = {k["name"]: k for k in list_keys(store)}
+    assert after["user"]["requests"] == before["user"]["requests"] + 1
+    assert after["user"]["completion_tokens"] > before["user"]["completion_tokens"]
+
+
+def _processes_with(entry: str) -> list[int]:
+    from pathlib import Path
+
+    needle = entry.encode() + b"\0"
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_serve_run_prints_how_to_call_it_and_sigterm_leaves_no_process(
+    tmp_path, cli_env, short_tmp, tiny_llama
+):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    registry = tmp_path / "registry"
+    base = resolve_model(ModelSpec(name=str(tiny_llama)))
+    publish_adapter(registry, "solo", write_adapter(tmp_path / "solo", tiny_llama, 4), base)
+    spec = tmp_path / "serve.yaml"
+    spec.write_text(json.dumps({
+        "name": "cli", "model": {"name": str(tiny_llama)}, "base_name": "tiny",
+        "registries": [str(registry)], "generation": {"max_tokens": 4},
+        "store": {"url": f"sqlite:///{tmp_path / 'state.db'}"},
+    }))  # fmt: skip
+    port = free_port()
+    env = cli_env | {"FTSERVICE_API_KEYS": "test-key"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ftservice", "serve", "run", str(spec), "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        out = "".join(lines)
+        assert f"serving cli at http://127.0.0.1:{port}/v1" in out, out[-3000:]
+        assert "adapter solo: servable" in out
+        assert '"Authorization: Bearer $FTSERVICE_API_KEY"' in out and "test-key" not in out
+        app = {"url": f"http://127.0.0.1:{port}", "keys": {"k": "test-key"}}
+        hello = {"model": "solo", "messages": [{"role": "user", "content": "hi"}]}
+        status, _, body = http(app, "POST", "/v1/chat/completions", hello, key="k")
+        assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = [p for p in _processes_with(f"RAY_TMPDIR={short_tmp}") if p != os.getpid()]
+    for _ in range(20):  # Ray's own processes take a moment to go
+        if not left:
+            break
+        import time
+
+        time.sleep(0.5)
+        left = [p for p in _processes_with(f"RAY_TMPDIR={short_tmp}") if p != os.getpid()]
+    assert left == []
