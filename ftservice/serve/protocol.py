@@ -52,11 +52,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(Request):
+class GenerationFields(Request):
+    """What chat and text completions share: the model and the sampling settings."""
+
     model: str
-    messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
@@ -66,19 +66,15 @@ class ChatCompletionRequest(Request):
     n: int = Field(1, ge=1, le=1)
 
 
-class CompletionRequest(Request):
-    model: str
+class ChatCompletionRequest(GenerationFields):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+
+
+class CompletionRequest(GenerationFields):
     prompt: str | list[str]
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    n: int = Field(1, ge=1, le=1)
 
 
 class LoadAdapterRequest(Request):
