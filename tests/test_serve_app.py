@@ -68,7 +68,8 @@ def app(tmp_path_factory, tiny_llama, other_tiny_llama):
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         mp.delenv("RAY_ADDRESS", raising=False)
-        ray.init(num_cpus=2, _temp_dir=str(ray_tmp), include_dashboard=False,
+        # the dashboard: Ray Train's state queries (a job trained beside the app) need it
+        ray.init(num_cpus=2, _temp_dir=str(ray_tmp), dashboard_port=free_port(),
                  logging_level="warning")  # fmt: skip
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -208,6 +209,34 @@ def test_an_adapter_published_while_serving_is_servable_and_can_be_unloaded(app)
     assert status == 200 and chat(app, name)
     remove(name, app["registry"])
     assert name not in {m.id for m in client(app).models.list().data}
+
+
+def test_a_train_job_runs_beside_the_app_and_its_adapter_is_served_without_a_restart(app):
+    """The app's replicas hold fractional CPUs, so Ray Train can still schedule a worker on
+    this 2-CPU Ray; the artifact it publishes into the served registry is servable at once."""
+    from conftest import REPO
+
+    from ftservice.config import spec_from_dict
+    from ftservice.train.driver import train
+
+    data = app["root"] / "train.jsonl"
+    data.write_text("\n".join((REPO / "data/domain/train.jsonl").read_text().splitlines()[:16]))
+    spec = spec_from_dict(
+        {"name": "beside", "model": {"name": str(app["tiny"])},
+         "data": {"train": [str(data)], "max_seq_length": 96}, "lora": {"r": 4, "alpha": 8},
+         "train": {"learning_rate": 5e-3, "micro_batch_size": 8, "max_steps": 4,
+                   "warmup_ratio": 0},
+         "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+         "checkpoint": {"every_steps": 4, "num_to_keep": 1},
+         "eval": {"domain": None, "general": None},
+         "output": {"registry": str(app["registry"]),
+                    "storage_path": str(app["root"] / "runs")}}
+    )  # fmt: skip
+    assert chat(app, "alpha")  # the app is serving while the job runs
+    result = train(spec, evaluate=False)
+    assert result.artifact.meta.metrics["global_step"] == 4
+    assert "beside" in {m.id for m in client(app).models.list().data}
+    assert chat(app, "beside")
 
 
 def test_errors_have_openai_shapes_and_status_codes(app):
