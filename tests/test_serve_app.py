@@ -369,3 +369,60 @@ def test_serve_run_prints_how_to_call_it_and_sigterm_leaves_no_process(
         time.sleep(0.5)
         left = [p for p in _processes_with(f"RAY_TMPDIR={short_tmp}") if p != os.getpid()]
     assert left == []
+
+
+def test_a_replica_killed_under_requests_fails_none_of_them(app, tiny_llama):
+    """Two model replicas; one is killed while it runs requests: the ingress sends them
+    again to the other, so no non-streaming request fails."""
+    import ray
+    from ray import serve
+
+    from ftservice.serve.app import build_app
+    from ftservice.serve.spec import ServeSpec
+
+    spec = ServeSpec.model_validate(
+        {"name": "two", "model": {"name": str(tiny_llama)}, "base_name": "tiny",
+         "registries": [str(app["registry"])], "replicas": {"num": 2, "cpus": 0.4},
+         "generation": {"max_tokens": 64, "temperature": 0.0},
+         "store": {"url": f"sqlite:///{app['root'] / 'state' / 'ftservice.db'}"}}
+    )  # fmt: skip
+    serve.run(build_app(spec), name="two", route_prefix="/two")
+    try:
+        two = openai.OpenAI(base_url=f"{app['url']}/two/v1", api_key=app["keys"]["user"],
+                            max_retries=0)  # fmt: skip
+        hello = [{"role": "user", "content": "warm up"}]
+        two.chat.completions.create(model="alpha", messages=hello, max_tokens=2)
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if "two" in a["name"] and "model" in a["name"]]  # fmt: skip
+        assert len(replicas) == 2, replicas
+        victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+
+        aclient = None
+
+        async def one(i):
+            out = await aclient.chat.completions.create(
+                model=["alpha", "beta", "tiny"][i % 3],
+                messages=[{"role": "user", "content": f"Question {i}?"}],
+                max_tokens=64,
+            )
+            return out.choices[0].finish_reason
+
+        async def storm():
+            nonlocal aclient
+            aclient = openai.AsyncOpenAI(base_url=f"{app['url']}/two/v1",
+                                         api_key=app["keys"]["user"], max_retries=0)  # fmt: skip
+            tasks = [asyncio.ensure_future(one(i)) for i in range(24)]
+            await asyncio.sleep(0.3)  # requests are running on both replicas now
+            assert not all(t.done() for t in tasks)
+            ray.kill(victim, no_restart=False)
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+        results = asyncio.run(storm())
+        failed = [r for r in results if isinstance(r, Exception)]
+        assert failed == [], failed
+        assert all(r in ("stop", "length") for r in results)
+        two_app = {**app, "url": f"{app['url']}/two"}
+        status, _, stats = http(two_app, "GET", "/v1/stats", key="admin")
+        assert status == 200 and stats["ingress_retries"] >= 1  # the kill hit running requests
+    finally:
+        serve.delete("two")

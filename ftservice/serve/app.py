@@ -199,6 +199,7 @@ class Ingress:
         self._listed_at = -1e9
         self._tokenizers: dict[str, object] = {}
         self.created = int(time.time())
+        self.retries = 0  # requests this ingress replica sent again after a replica died
 
     # ---- who may call ------------------------------------------------------------------------
 
@@ -380,6 +381,7 @@ class Ingress:
                         "server_error",
                         headers={"Retry-After": "1"},
                     ) from None
+                self.retries += 1
                 log.warning("replica died under a request; retrying (%d)", attempt + 1)
             except BackPressureError:
                 raise ApiError(
@@ -709,7 +711,7 @@ class Ingress:
     async def stats(self, request: Request) -> dict:
         """The engine counters of one model replica (admin): forward passes, mixed ones."""
         self.caller(request, "admin")
-        return await self.model.stats.remote()
+        return {**await self.model.stats.remote(), "ingress_retries": self.retries}
 
 
 def build_app(spec: ServeSpec):
