@@ -102,6 +102,7 @@ def model_deployment(spec: ServeSpec):
             # Serve's multiplexer decides evictions; the engine's own cap is a backstop
             self.engine = Engine(self.base.path, self.spec.replicas.max_adapters + 1, dtype)
             self.gate = Gate(self.base, self.spec.gate)
+            self.in_flight = 0  # generations this replica is running now
             batching = self.spec.batching
             self.batcher = Batcher(
                 self.engine.generate, batching.max_batch_size, batching.batch_wait_timeout_s
@@ -135,7 +136,11 @@ def model_deployment(spec: ServeSpec):
             )
 
         async def generate(self, payload: dict) -> dict:
-            return _generation_json(await self.batcher.submit(await self._request(payload)))
+            self.in_flight += 1
+            try:
+                return _generation_json(await self.batcher.submit(await self._request(payload)))
+            finally:
+                self.in_flight -= 1
 
         async def generate_stream(self, payload: dict):
             """Text pieces as they are generated, then the whole generation."""
@@ -151,7 +156,12 @@ def model_deployment(spec: ServeSpec):
             yield {"final": _generation_json(task.result())}
 
         def stats(self) -> dict:
-            return {**vars(self.engine.stats), "adapters": self.engine.loaded_adapters()}
+            return {
+                **vars(self.engine.stats),
+                "adapters": self.engine.loaded_adapters(),
+                "in_flight": self.in_flight,
+                "replica": serve.get_replica_context().replica_id.unique_id,
+            }
 
         def check_health(self) -> None:
             """A replica is healthy when its base still generates a token."""
