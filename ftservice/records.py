@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ftservice import storage
 from ftservice.errors import FtserviceError
 
 R = TypeVar("R", bound="Record")
@@ -82,7 +83,4 @@ class Record(Strict):
 
     def write(self, path: str | os.PathLike) -> None:
         """Write atomically: a reader sees the old file or the new one, never half of one."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.dumps(), encoding="utf-8")
-        os.replace(tmp, path)
+        storage.write_text(str(path), self.dumps())

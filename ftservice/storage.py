@@ -151,6 +151,15 @@ def delete(location: str) -> None:
     fs.delete_dir(path)
 
 
+def remove_tree(location: str) -> None:
+    """Remove a folder wherever it is, if it is there."""
+    local = local_path(location)
+    if local is not None:
+        shutil.rmtree(local, ignore_errors=True)
+    elif exists(location):
+        delete(location)
+
+
 def download(location: str, target: Path) -> Path:
     """A store's folder or file copied to `target` (atomically: aside, then renamed)."""
     fs, path = filesystem(location)

@@ -32,6 +32,7 @@ from ftservice.data.formats import (
     SCHEMA,
     CuratedReport,
     CuratedStep,
+    content_hash,
     content_text,
     fingerprint,
     response_text,
@@ -190,7 +191,7 @@ class CurateRows:
                     else:
                         row, n_tokens = cut, count_tokens(self.tokenizer, cut)
             text = content_text(row)
-            row["content_hash"] = hashlib.sha256(text.encode()).hexdigest()
+            row["content_hash"] = content_hash(row)
             row["flag"] = flag
             row["n_tokens"] = n_tokens if flag != "empty_response" else 0
             row["signature"] = self._signature(text) if cfg.near_dedup.enabled else []

@@ -306,9 +306,21 @@ def fingerprint(split_hashes) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def rows_fingerprint(rows: list[dict], split: str = "train") -> str:
-    """sha256 of the content of rows, independent of their order (as curation computes it)."""
-    return fingerprint((split, hashlib.sha256(content_text(r).encode()).hexdigest()) for r in rows)
+def content_hash(row: dict) -> str:
+    return hashlib.sha256(content_text(row).encode()).hexdigest()
+
+
+def rows_fingerprint(splits: dict[str, list[dict]]) -> str:
+    """sha256 of the rows of each split, independent of their order (as curation computes
+    the fingerprint of what it kept)."""
+    return fingerprint((split, content_hash(r)) for split, rows in splits.items() for r in rows)
+
+
+def with_system_prompt(row: dict, system_prompt: str | None) -> dict:
+    """The row with a system turn added when it has turns and none is a system turn."""
+    if not row["messages"]:
+        return row
+    return row | {"messages": _with_system(row["messages"], system_prompt)}
 
 
 def to_trl(row: dict) -> dict:

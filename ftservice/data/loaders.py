@@ -7,7 +7,6 @@ Memory stays bounded by one chunk or batch, never the whole file.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,13 +22,12 @@ from ftservice.data.formats import (
     CuratedReport,
     Location,
     RecordError,
-    content_text,
     describe_format,
-    fingerprint,
     normalise,
     recognise,
     response_text,
     rows_fingerprint,
+    with_system_prompt,
 )
 from ftservice.errors import FtserviceError
 from ftservice.records import Strict
@@ -415,24 +413,21 @@ class TrainingInputs:
     every row trained on."""
 
 
-def check_curated(path: Path, fmt: str = "auto") -> CuratedReport:
-    """A curated dataset's report, after checking that its files hold what it says: the
-    fingerprint of both splits' rows must equal the report's."""
+def check_curated(path: Path, fmt: str = "auto") -> tuple[CuratedReport, dict[str, list]]:
+    """A curated dataset's report and its rows by split (as curated: no system prompt
+    added), after checking that the files hold what the report says: the fingerprint of
+    both splits' rows must equal the report's."""
     report = CuratedReport.read(path / REPORT)
-    pairs = []
-    for split in ("train", "eval"):
-        if (path / split).is_dir():
-            pairs += [(split, row) for row in load_rows([str(path)], fmt, None, split)]
-    found = fingerprint(
-        (split, hashlib.sha256(content_text(row).encode()).hexdigest()) for split, row in pairs
-    )
+    splits = {s: load_rows([str(path)], fmt, None, s) for s in ("train", "eval")
+              if (path / s).is_dir()}  # fmt: skip
+    found = rows_fingerprint(splits)
     if found != report.fingerprint:
         raise DataError(
             f"{path}: its files do not hold what {path / REPORT} says (fingerprint "
             f"{found[:12]} against the report's {report.fingerprint[:12]}): they changed after "
             "curation; run `ftservice data curate` again."
         )
-    return report
+    return report, splits
 
 
 def training_inputs(
@@ -442,18 +437,20 @@ def training_inputs(
     report's fingerprint (checked against its files), a file by its rows' content."""
     rows, sources = [], []
     for path in paths:
-        part = load_rows([path], fmt, system_prompt, split)
-        if is_curated(storage.localize(path)):
-            fp = check_curated(storage.localize(path), fmt).fingerprint
-            sources.append(DataSource(path=str(path), kind="curated", fingerprint=fp))
+        local = storage.localize(path)
+        if is_curated(local):
+            curated_split(local, split)  # a missing split is refused with the reason
+            report, splits = check_curated(local, fmt)
+            part = [with_system_prompt(r, system_prompt) for r in splits[split]]
+            sources.append(DataSource(path=path, kind="curated", fingerprint=report.fingerprint))
         else:
-            sources.append(
-                DataSource(path=str(path), kind="file", fingerprint=rows_fingerprint(part))
-            )
+            part = load_rows([path], fmt, system_prompt, split)
+            fp = rows_fingerprint({split: part})
+            sources.append(DataSource(path=path, kind="file", fingerprint=fp))
         rows += part
     if len(sources) == 1 and sources[0].kind == "curated":
         return TrainingInputs(rows, sources, sources[0].fingerprint)
-    return TrainingInputs(rows, sources, rows_fingerprint(rows))
+    return TrainingInputs(rows, sources, rows_fingerprint({split: rows}))
 
 
 def _unrecognised(loc: Location, record: dict) -> str:

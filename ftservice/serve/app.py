@@ -18,10 +18,9 @@ from datetime import UTC, datetime
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, RayActorError
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from sqlalchemy import delete, select
 from transformers import AutoTokenizer
@@ -181,15 +180,6 @@ async def _api_error(request: Request, e: ApiError):
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-@api.exception_handler(RequestValidationError)
-async def _bad_field(request: Request, e: RequestValidationError):
-    first = e.errors()[0]
-    param = ".".join(str(x) for x in first["loc"] if x != "body")
-    return JSONResponse(
-        ApiError(400, f"{param}: {first['msg']}", param=param).body(), status_code=400
-    )
-
-
 @serve.deployment(name="ingress")
 @serve.ingress(api)
 class Ingress:
@@ -209,7 +199,7 @@ class Ingress:
         self._listed_at = -1e9
         self._tokenizers: dict[str, object] = {}
         self.created = int(time.time())
-        self.retries = 0  # requests this ingress replica sent again after a replica died
+        self.retries = 0  # replica deaths this ingress met under its requests (sent again)
 
     # ---- who may call ------------------------------------------------------------------------
 
@@ -375,24 +365,16 @@ class Ingress:
         }
 
     def handle(self, adapter: str | None, stream: bool = False):
-        h = self.model.options(stream=stream, multiplexed_model_id=adapter or "")
-        return h
+        return self.model.options(stream=stream, multiplexed_model_id=adapter or "")
 
     async def run(self, adapter: str | None, payload: dict) -> dict:
         """One generation, sent again if its replica died while running it."""
         for attempt in range(RETRIES + 1):
             try:
                 return await self.handle(adapter).generate.remote(payload)
-            except (ActorDiedError, RayActorError):
-                if attempt == RETRIES:
-                    raise ApiError(
-                        503,
-                        "the model replica died; try again",
-                        "server_error",
-                        headers={"Retry-After": "1"},
-                    ) from None
+            except RayActorError:  # ActorDiedError among them
                 self.retries += 1
-                log.warning("replica died under a request; retrying (%d)", attempt + 1)
+                log.warning("replica died under a request (attempt %d)", attempt + 1)
             except BackPressureError:
                 raise ApiError(
                     503,
@@ -400,9 +382,9 @@ class Ingress:
                     "server_error",
                     headers={"Retry-After": "1"},
                 ) from None
-            except ApiError:
-                raise
-        raise AssertionError("unreachable")
+        raise ApiError(
+            503, "the model replica died; try again", "server_error", headers={"Retry-After": "1"}
+        )
 
     def usage(self, caller: Caller, prompt: int, completion: int) -> dict:
         record_usage(self.store, caller, prompt, completion)

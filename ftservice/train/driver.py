@@ -219,17 +219,10 @@ def evaluate_remote(spec: JobSpec, artifact: Artifact, base: ResolvedModel, limi
 def drop_checkpoints(run: str) -> int:
     """Delete a finished run's Train checkpoints (its artifact holds the final weights);
     returns how many went."""
-    gone = 0
-    for folder in storage.list_dirs(run):
-        if folder.startswith("checkpoint_"):
-            location = storage.join(run, folder)
-            local = storage.local_path(location)
-            if local is not None:
-                shutil.rmtree(local)
-            else:
-                storage.delete(location)
-            gone += 1
-    return gone
+    checkpoints = [f for f in storage.list_dirs(run) if f.startswith("checkpoint_")]
+    for folder in checkpoints:
+        storage.remove_tree(storage.join(run, folder))
+    return len(checkpoints)
 
 
 def _fetch_staging(staged_at: str) -> Path:
@@ -241,10 +234,9 @@ def _fetch_staging(staged_at: str) -> Path:
 
 
 def _drop_staging(staged_at: str, staging: Path) -> None:
-    shutil.rmtree(staging, ignore_errors=True)
-    if storage.local_path(staged_at) is None:
+    storage.remove_tree(staged_at)
+    if storage.local_path(staged_at) is None:  # and this machine's download of it
         shutil.rmtree(staging.parent, ignore_errors=True)
-        storage.delete(staged_at)
 
 
 def train(
@@ -274,11 +266,9 @@ def train(
     parent = resolve_parent(spec, base)
     runs = _absolute(spec.output.storage_path)
     staged_at = storage.join(runs, name, "staging")  # where rank 0 leaves weights and history
+    storage.remove_tree(staged_at)
     if storage.local_path(runs) is not None:
-        shutil.rmtree(staged_at, ignore_errors=True)
         Path(staged_at).mkdir(parents=True)
-    elif storage.exists(staged_at):
-        storage.delete(staged_at)
     print(
         f"ftservice: training {name}: {spec.method} {spec.stage} of {spec.model.name} on "
         f"{len(inputs.rows)} examples, {spec.scaling.num_workers} worker(s)",
