@@ -545,13 +545,14 @@ def serve_run(
 
     from ftservice.raycluster import init_ray
     from ftservice.serve.app import build_app
+    from ftservice.serve.deploy import http_options
     from ftservice.serve.spec import load_serve_spec
 
     job = load_serve_spec(spec, [*(overrides or []), *([f"port={port}"] if port else [])])
     stop = threading.Event()
     init_ray(address)
     try:
-        serve.start(http_options={"host": job.host, "port": job.port})
+        serve.start(http_options=http_options(job))
         serve.run(build_app(job), name=job.name, route_prefix="/", blocking=False)
         # after ray.init, which installs its own fatal-signal handler for SIGTERM
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -576,6 +577,71 @@ def serve_run(
         import ray
 
         ray.shutdown()
+
+
+@serve_app.command("deploy")
+def serve_deploy(
+    spec: str,
+    overrides: Overrides = None,
+    address: Address = None,
+    token_file: TokenFile = None,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait until the app is RUNNING (0: don't wait).")
+    ] = 0,
+) -> None:
+    """Deploy (or upgrade in place) the app on a running cluster through Ray's Serve REST
+    API; the cluster's other Serve applications are kept."""
+    from ftservice.serve import deploy
+    from ftservice.serve.spec import load_serve_spec
+
+    job = load_serve_spec(spec, overrides or [])
+    client = deploy.connect(address, token_file)
+    deploy.deploy(client, job)
+    print(f"deployed {job.name} (http://{job.host}:{job.port}/v1 on the cluster's Serve proxy)")
+    if wait > 0:
+        state = deploy.wait(client, job.name, wait)
+        if state != "RUNNING":
+            raise typer.Exit(1)
+
+
+@serve_app.command("status")
+def serve_status(
+    address: Address = None, token_file: TokenFile = None, as_json: AsJson = False
+) -> None:
+    """Every Serve application on the cluster, with its deployments and replicas."""
+    from ftservice.serve import deploy
+
+    apps = deploy.status(deploy.connect(address, token_file))
+    if as_json:
+        _print_json(apps)
+        return
+    if not apps:
+        print("(no Serve applications)")
+    for name, app in apps.items():
+        print(f"{name}: {app['status']}{' - ' + app['message'] if app['message'] else ''}")
+        for dep, info in app["deployments"].items():
+            print(f"  {dep}: {info['status']}, {info['replicas']} replica(s)")
+
+
+@serve_app.command("shutdown")
+def serve_shutdown(
+    address: Address = None,
+    token_file: TokenFile = None,
+    name: Annotated[
+        str | None, typer.Option(help="Only this application (default: all of Serve).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Shut down one Serve application, or all of Serve on the cluster (as `serve
+    shutdown`)."""
+    from ftservice.serve import deploy
+
+    client = deploy.connect(address, token_file)
+    what = f"the Serve application '{name}'" if name else "every Serve application"
+    if not yes and not typer.confirm(f"Shut down {what} on the cluster?"):
+        raise typer.Exit(1)
+    removed = deploy.shutdown(client, name)
+    print(f"shut down: {', '.join(removed) or '(nothing was deployed)'}")
 
 
 StoreUrl = Annotated[

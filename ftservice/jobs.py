@@ -66,8 +66,15 @@ def _read_token(token: str | None, token_file: str | None) -> str | None:
 
 def connect(address: str | None = None, token: str | None = None, token_file: str | None = None):
     """A JobSubmissionClient for `address`, with one-line errors for the usual failures."""
-    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
+
+    return dashboard_client(JobSubmissionClient, address, token, token_file)
+
+
+def dashboard_client(kind, address: str | None, token: str | None, token_file: str | None):
+    """A client of the cluster's dashboard (Ray's JobSubmissionClient or
+    ServeSubmissionClient) with the cluster's token, and one-line errors."""
+    from ray.exceptions import AuthenticationError
 
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
     if "://" not in address:
@@ -75,7 +82,7 @@ def connect(address: str | None = None, token: str | None = None, token_file: st
     secret = _read_token(token, token_file)
     headers = {"Authorization": f"Bearer {secret}"} if secret else None
     try:
-        return JobSubmissionClient(address, headers=headers)
+        return kind(address, headers=headers)
     except AuthenticationError as e:
         raise _auth_error(address, e, secret is not None) from None
     except ConnectionError:

@@ -713,3 +713,10 @@ def build_app(spec: ServeSpec):
     return Ingress.options(ray_actor_options={"num_cpus": spec.replicas.ingress_cpus}).bind(
         spec_json, model
     )
+
+
+def app_builder(args: ServeSpec):
+    """Ray's application builder: `import_path: ftservice.serve.app:app_builder` with the
+    serve spec as `args` (Serve validates them into a ServeSpec), as `ftservice serve
+    deploy` and cluster/kuberay/rayservice.yaml run it."""
+    return build_app(args)
