@@ -117,6 +117,12 @@ def check_manifest(doc: dict) -> list[str]:
         if "rayClusterSpec" in spec:
             problems += check_cluster_spec(spec["rayClusterSpec"], "spec.rayClusterSpec")
         return problems
+    if doc["kind"] == "RayService":
+        spec = doc.get("spec", {})
+        problems = [] if spec.get("serveConfigV2") else ["spec.serveConfigV2: required"]
+        if "rayClusterConfig" not in spec:
+            return [*problems, "spec.rayClusterConfig: required"]
+        return problems + check_cluster_spec(spec["rayClusterConfig"], "spec.rayClusterConfig")
     return [f"kind: unexpected {doc['kind']}"]
 
 
@@ -141,7 +147,7 @@ def test_kuberay_checker_catches_missing_fields():
 
 def test_kuberay_has_both_kinds_and_gpu_groups():
     kinds = {yaml.safe_load(p.read_text())["kind"] for p in KUBERAY}
-    assert kinds == {"RayCluster", "RayJob"}
+    assert kinds == {"RayCluster", "RayJob", "RayService"}
     cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
     gpus = {
         g["groupName"]: g["template"]["spec"]["containers"][0]["resources"]["limits"][
@@ -150,3 +156,28 @@ def test_kuberay_has_both_kinds_and_gpu_groups():
         for g in cluster["spec"]["workerGroupSpecs"]
     }
     assert gpus == {"gpu8": "8", "gpu1": "1"}
+
+
+def test_rayservice_runs_our_app_builder_with_a_valid_serve_config_and_spec():
+    """serveConfigV2 passes Serve's own schema, its import path is our builder, and its args
+    are a valid serve spec (the builder gets them as a ServeSpec)."""
+    import importlib
+    import inspect
+
+    from ray.serve.schema import ServeDeploySchema
+
+    from ftservice.serve.spec import ServeSpec
+
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    [app] = config.applications
+    module, _, attr = app.import_path.partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    [param] = inspect.signature(builder).parameters.values()
+    assert param.annotation is ServeSpec
+    spec = ServeSpec.model_validate(app.args)
+    assert spec.replicas.gpus == 1 and spec.store.url.startswith("postgresql+psycopg://")
+    assert spec.limits.request_timeout_s < config.http_options.request_timeout_s
+    broken = {**app.args, "replica": {}}  # a misspelt key is refused, as in spec files
+    with pytest.raises(ValueError, match="replica"):
+        ServeSpec.model_validate(broken)
