@@ -9,6 +9,7 @@ import json
 import shutil
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -426,3 +427,46 @@ def test_a_replica_killed_under_requests_fails_none_of_them(app, tiny_llama):
         assert all(r in ("stop", "length") for r in results)
     finally:
         serve.delete("two")
+
+
+def test_a_full_queue_answers_503_and_a_late_request_408_and_the_app_lives_on(app, tiny_llama):
+    """Batches of one, a queue of 1 and a 0.5 s deadline: a storm of
+    long requests gets 503 with Retry-After for what cannot queue and 408 for what waited too
+    long, each in OpenAI's error shape; nothing else fails and the app answers afterwards."""
+    from ray import serve
+
+    from ftservice.serve.app import build_app
+    from ftservice.serve.spec import ServeSpec
+
+    spec = ServeSpec.model_validate(
+        {"name": "tight", "model": {"name": str(tiny_llama)}, "base_name": "tiny",
+         "registries": [str(app["registry"])], "replicas": {"num": 1, "cpus": 0.3},
+         "batching": {"max_batch_size": 1}, "generation": {"temperature": 0.0},
+         "limits": {"max_queued_requests": 1, "request_timeout_s": 0.5, "max_tokens": 256},
+         "store": {"url": f"sqlite:///{app['root'] / 'state' / 'ftservice.db'}"}}
+    )  # fmt: skip
+    serve.run(build_app(spec), name="tight", route_prefix="/tight")
+    try:
+        long = {"model": "tiny", "max_tokens": 256,
+                "messages": [{"role": "user", "content": "Say a lot."}]}  # fmt: skip
+        assert http(app, "POST", "/tight/v1/chat/completions", long | {"max_tokens": 1})[0] == 200
+
+        with ThreadPoolExecutor(24) as pool:  # all 24 at once
+            results = list(pool.map(
+                lambda _: http(app, "POST", "/tight/v1/chat/completions", long), range(24)
+            ))  # fmt: skip
+        by_status: dict[int, list] = {}
+        for status, headers, body in results:
+            by_status.setdefault(status, []).append((headers, body))
+        assert set(by_status) <= {200, 408, 503}, {s: b[0][1] for s, b in by_status.items()}
+        assert 503 in by_status and 408 in by_status, sorted(by_status)
+        for headers, body in by_status[503]:
+            assert body["error"]["type"] == "server_error" and headers["retry-after"] == "1"
+        for _, body in by_status[408]:
+            assert (
+                body["error"]["code"] == "request_timeout" and "0.5 s" in body["error"]["message"]
+            )
+        status, _, body = http(app, "POST", "/tight/v1/chat/completions", long | {"max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] == 2
+    finally:
+        serve.delete("tight")

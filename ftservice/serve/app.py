@@ -45,6 +45,10 @@ from ftservice.store.models import DisabledAdapter
 
 log = logging.getLogger("ftservice.serve")
 RETRIES = 2  # a non-streaming request whose replica died is sent again this many times
+# Serve's default of 5 ongoing requests per replica would make the light async ingress the
+# bottleneck (batches never fill) and hide overload from the model deployment's queue cap,
+# which is what answers 503 (limits.max_queued_requests)
+INGRESS_MAX_ONGOING = 1024
 LISTING_TTL_S = 2.0  # how stale the registries' listing may be (a new name is looked up)
 
 
@@ -59,6 +63,11 @@ def _generation_json(gen: Generation) -> dict:
         "top_logprobs": gen.top_logprobs,
         "prompt_logprobs": gen.prompt_logprobs,
     }
+
+
+async def _result(response):
+    """A DeploymentResponse as a coroutine (what asyncio.wait_for takes)."""
+    return await response
 
 
 class AdapterSlot:
@@ -367,11 +376,27 @@ class Ingress:
     def handle(self, adapter: str | None, stream: bool = False):
         return self.model.options(stream=stream, multiplexed_model_id=adapter or "")
 
-    async def run(self, adapter: str | None, payload: dict) -> dict:
-        """One generation, sent again if its replica died while running it."""
+    def timed_out(self) -> ApiError:
+        timeout = self.spec.limits.request_timeout_s
+        return ApiError(
+            408,
+            f"the request took longer than this app's limit of {timeout:g} s; ask for fewer "
+            "tokens or try again when the app is less busy",
+            "timeout",
+            "request_timeout",
+        )
+
+    async def run(self, adapter: str | None, payload: dict, t0: float) -> dict:
+        """One generation, sent again if its replica died while running it, cancelled (408)
+        at the spec's deadline counted from t0 (the replica drops it unless it is running)."""
         for attempt in range(RETRIES + 1):
+            response = self.handle(adapter).generate.remote(payload)
+            left = t0 + self.spec.limits.request_timeout_s - time.time()
             try:
-                return await self.handle(adapter).generate.remote(payload)
+                return await asyncio.wait_for(_result(response), max(left, 0))
+            except TimeoutError:
+                response.cancel()
+                raise self.timed_out() from None
             except RayActorError:  # ActorDiedError among them
                 self.retries += 1
                 log.warning("replica died under a request (attempt %d)", attempt + 1)
@@ -478,7 +503,7 @@ class Ingress:
             return self.stream(
                 rid, caller, req.model, adapter, payload, "chat.completion.chunk", include_usage, t0
             )
-        out = await self.run(adapter, payload)
+        out = await self.run(adapter, payload, t0)
         self.access(rid, caller, "chat", req.model, 200, t0, messages[-1]["content"])
         usage = await asyncio.to_thread(
             self.usage, caller, out["prompt_tokens"], out["completion_tokens"]
@@ -543,7 +568,7 @@ class Ingress:
             return self.stream(
                 rid, caller, req.model, adapter, payload, "text_completion", include_usage, t0
             )
-        out = await self.run(adapter, payload)
+        out = await self.run(adapter, payload, t0)
         text = (req.prompt if req.echo else "") + out["text"]
         logprobs = None
         if req.logprobs is not None:
@@ -636,7 +661,16 @@ class Ingress:
                         "choices": [opening],
                     }
                     yield f"data: {json.dumps(head)}\n\n"
-                async for item in self.handle(adapter, stream=True).generate_stream.remote(payload):
+                pieces = self.handle(adapter, stream=True).generate_stream.remote(payload)
+                while True:
+                    left = t0 + self.spec.limits.request_timeout_s - time.time()
+                    try:
+                        item = await asyncio.wait_for(pieces.__anext__(), max(left, 0))
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        pieces.cancel()
+                        raise self.timed_out() from None
                     if "text" in item:
                         yield chunk(item["text"])
                     else:
@@ -655,8 +689,9 @@ class Ingress:
                     )
             except Exception as e:  # a broken stream ends with an error event, never a hang
                 log.warning("stream %s broke: %r", rid, e)
-                message = e.message if isinstance(e, ApiError) else f"generation failed: {e}"
-                error = ApiError(500, message, "server_error").body()
+                if not isinstance(e, ApiError):
+                    e = ApiError(500, f"generation failed: {e}", "server_error")
+                error = e.body()
                 yield f"data: {json.dumps(error)}\n\n"
             self.access(rid, caller, kind, model, 200, t0)
             yield "data: [DONE]\n\n"
@@ -676,9 +711,8 @@ class Ingress:
         adapter = self.resolve(req.lora_name)
         # warm it on a replica: the gate runs there too, and the adapter is loaded
         ids = self.tokenizer("ok")["input_ids"]
-        await self.run(
-            adapter, {"prompt_ids": ids, "max_new_tokens": 1, "temperature": 0.0, "top_p": 1.0}
-        )
+        warm = {"prompt_ids": ids, "max_new_tokens": 1, "temperature": 0.0, "top_p": 1.0}
+        await self.run(adapter, warm, time.time())
         log.info("adapter %s loaded by key %s", adapter, caller.name)
         return {"status": "loaded", "lora_name": adapter}
 
@@ -710,9 +744,10 @@ def build_app(spec: ServeSpec):
     """The Serve application for a serve spec: `serve.run(build_app(spec))`."""
     spec_json = spec.model_dump(mode="json")
     model = model_deployment(spec).bind(spec_json)
-    return Ingress.options(ray_actor_options={"num_cpus": spec.replicas.ingress_cpus}).bind(
-        spec_json, model
-    )
+    return Ingress.options(
+        ray_actor_options={"num_cpus": spec.replicas.ingress_cpus},
+        max_ongoing_requests=INGRESS_MAX_ONGOING,
+    ).bind(spec_json, model)
 
 
 def app_builder(args: ServeSpec):
