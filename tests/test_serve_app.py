@@ -68,15 +68,18 @@ def app(tmp_path_factory, tiny_llama, other_tiny_llama):
         mp.setenv("HOME", str(root))
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("RAY_metrics_report_interval_ms", "1000")  # metrics seen within seconds
         mp.delenv("RAY_ADDRESS", raising=False)
+        metrics_port = free_port()
         # the dashboard: Ray Train's state queries (a job trained beside the app) need it
         ray.init(num_cpus=2, _temp_dir=str(ray_tmp), dashboard_port=free_port(),
-                 logging_level="warning")  # fmt: skip
+                 _metrics_export_port=metrics_port, logging_level="warning")  # fmt: skip
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(build_app(spec), name="test", route_prefix="/")
             yield {"url": f"http://127.0.0.1:{port}", "keys": keys, "registry": registry,
-                   "root": root, "base": base, "tiny": tiny_llama}  # fmt: skip
+                   "root": root, "base": base, "tiny": tiny_llama, "ray_tmp": ray_tmp,
+                   "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}  # fmt: skip
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -433,6 +436,8 @@ def test_a_full_queue_answers_503_and_a_late_request_408_and_the_app_lives_on(ap
     """Batches of one, a queue of 1 and a 0.5 s deadline: a storm of
     long requests gets 503 with Retry-After for what cannot queue and 408 for what waited too
     long, each in OpenAI's error shape; nothing else fails and the app answers afterwards."""
+    import time
+
     from ray import serve
 
     from ftservice.serve.app import build_app
@@ -449,7 +454,22 @@ def test_a_full_queue_answers_503_and_a_late_request_408_and_the_app_lives_on(ap
     try:
         long = {"model": "tiny", "max_tokens": 256,
                 "messages": [{"role": "user", "content": "Say a lot."}]}  # fmt: skip
-        assert http(app, "POST", "/tight/v1/chat/completions", long | {"max_tokens": 1})[0] == 200
+
+        def answered(max_tokens: int) -> dict:
+            """A short request once the replica is idle (a fresh replica's first requests
+            may take longer than the deadline: those are 408s too)."""
+            for _ in range(10):
+                while model.stats.remote().result()["in_flight"]:
+                    time.sleep(0.1)
+                status, _, body = http(app, "POST", "/tight/v1/chat/completions",
+                                       long | {"max_tokens": max_tokens})  # fmt: skip
+                if status == 200:
+                    return body
+                assert status == 408, body
+            raise AssertionError("no answer within the deadline in 10 tries")
+
+        model = serve.get_deployment_handle("model", app_name="tight")
+        answered(1)
 
         with ThreadPoolExecutor(24) as pool:  # all 24 at once
             results = list(pool.map(
@@ -466,7 +486,57 @@ def test_a_full_queue_answers_503_and_a_late_request_408_and_the_app_lives_on(ap
             assert (
                 body["error"]["code"] == "request_timeout" and "0.5 s" in body["error"]["message"]
             )
-        status, _, body = http(app, "POST", "/tight/v1/chat/completions", long | {"max_tokens": 2})
-        assert status == 200 and body["usage"]["completion_tokens"] == 2
+        assert answered(2)["usage"]["completion_tokens"] == 2
     finally:
         serve.delete("tight")
+
+
+def test_per_adapter_metrics_reach_prometheus_and_every_request_has_an_access_line(app):
+    """Ray's metrics agent exports our counters per model (Prometheus text); the access log
+    has one line per request, refused ones included, with its id, key and model, never the
+    prompt (log_prompts is off)."""
+    import re
+    import time
+
+    secret = "the secret prompt 4711"
+    ids = []
+    for model in ("alpha", "alpha", "beta", "nope"):
+        body = {"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": secret}]}
+        status, headers, _ = http(app, "POST", "/v1/chat/completions", body)
+        assert status == (404 if model == "nope" else 200)
+        ids.append(headers["x-request-id"])
+
+    def sample(text, name, **tags):
+        """The value of one Prometheus sample whose labels include `tags` (0 if absent)."""
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
+            if m and all(f'{k}="{v}"' in m.group(1) for k, v in tags.items()):
+                total += float(m.group(2))
+        return total
+
+    route = "/v1/chat/completions"
+    for _ in range(60):  # Ray's agent exports what the replicas report every second
+        text = urllib.request.urlopen(app["metrics"], timeout=10).read().decode()
+        if sample(text, "ray_ftservice_requests_total", model="beta", route=route, status="200"):
+            break
+        time.sleep(1)
+    assert sample(text, "ray_ftservice_requests_total", model="alpha", status="200") >= 2
+    assert sample(text, "ray_ftservice_requests_total", model="beta", status="200") >= 1
+    assert sample(text, "ray_ftservice_requests_total", model="-", status="404") >= 1
+    assert sample(text, "ray_ftservice_tokens_total", model="alpha", kind="completion") >= 6
+    assert sample(text, "ray_ftservice_request_latency_ms_count", model="beta", route=route) >= 1
+    assert 'application="test"' in text  # Serve's own tags are on our metrics too
+
+    from pathlib import Path
+
+    import ray
+
+    logs_dir = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    logs = "".join(p.read_text(errors="replace") for p in logs_dir.glob("serve/*ingress*.log"))
+    for rid, model in zip(ids, ("alpha", "alpha", "beta", "-"), strict=True):
+        [line] = [line for line in logs.splitlines() if f"request {rid} " in line]
+        assert f"key=user route={route} model={model} " in line, line
+        assert re.search(r" id=(chatcmpl-[0-9a-f]{24}|-)$", line), line
+        assert ("status=404" if model == "-" else "status=200") in line
+    assert secret not in logs

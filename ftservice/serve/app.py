@@ -10,17 +10,20 @@ own `@serve.batch` splits batches by multiplexed model id: see batcher.py).
 """
 
 import asyncio
+import functools
 import json
 import logging
 import time
 import uuid
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.context import _get_serve_request_context
 from ray.serve.exceptions import BackPressureError
 from sqlalchemy import delete, select
 from transformers import AutoTokenizer
@@ -43,7 +46,8 @@ from ftservice.store.db import open_store
 from ftservice.store.keys import Caller, authenticate, record_usage, take_request
 from ftservice.store.models import DisabledAdapter
 
-log = logging.getLogger("ftservice.serve")
+# Serve writes this logger to each replica's log file (with its request id) and the driver
+log = logging.getLogger("ray.serve")
 RETRIES = 2  # a non-streaming request whose replica died is sent again this many times
 # Serve's default of 5 ongoing requests per replica would make the light async ingress the
 # bottleneck (batches never fill) and hide overload from the model deployment's queue cap,
@@ -189,6 +193,65 @@ async def _api_error(request: Request, e: ApiError):
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+@functools.cache
+def _metrics() -> SimpleNamespace:
+    """This ingress process's Ray metrics, exported for Prometheus by Ray's metrics agent
+    (Serve adds the application, deployment and replica tags; Ray prefixes `ray_`). Made on
+    first use, inside the replica."""
+    from ray.serve import metrics
+
+    return SimpleNamespace(
+        requests=metrics.Counter(
+            "ftservice_requests",
+            description="Requests by model (adapter or base), route and HTTP status.",
+            tag_keys=("model", "route", "status"),
+        ),
+        tokens=metrics.Counter(
+            "ftservice_tokens",
+            description="Prompt and completion tokens by model.",
+            tag_keys=("model", "kind"),
+        ),
+        latency=metrics.Histogram(
+            "ftservice_request_latency_ms",
+            description="Time to the response (to its first byte for streams), by model.",
+            boundaries=[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
+            tag_keys=("model", "route"),
+        ),
+    )
+
+
+@api.middleware("http")
+async def _access(request: Request, call_next):
+    """One access line and the request metrics for every request, refused ones included: a
+    request id (Serve's, which it sends back as x-request-id), the key's name, the route, the
+    model the route resolved, the status, the time and the response's id; the prompt only
+    where the spec allows."""
+    request.state.t0 = time.time()
+    response = await call_next(request)
+    if request.url.path == "/health":
+        return response
+    state = request.state
+    route = getattr(request.scope.get("route"), "path", "-")
+    model = getattr(state, "model", "-")
+    ms = (time.time() - state.t0) * 1000
+    prompt = getattr(state, "prompt", None)
+    log.info(
+        "request %s key=%s route=%s model=%s status=%d ms=%.0f id=%s%s",
+        _get_serve_request_context().request_id,
+        getattr(state, "key", "-"),
+        route,
+        model,
+        response.status_code,
+        ms,
+        getattr(state, "response_id", "-"),
+        f" prompt={prompt!r}" if prompt is not None else "",
+    )
+    metrics = _metrics()
+    metrics.requests.inc(tags={"model": model, "route": route, "status": str(response.status_code)})
+    metrics.latency.observe(ms, tags={"model": model, "route": route})
+    return response
+
+
 @serve.deployment(name="ingress")
 @serve.ingress(api)
 class Ingress:
@@ -226,6 +289,7 @@ class Ingress:
             raise ApiError(
                 401, "incorrect API key provided", "invalid_request_error", "invalid_api_key"
             )
+        request.state.key = caller.name
         if scope not in caller.scopes:
             raise ApiError(
                 403,
@@ -289,8 +353,15 @@ class Ingress:
         self._listing, self._listed_at = out, time.monotonic()
         return out
 
-    def resolve(self, model: str) -> str | None:
-        """None for the base, else the adapter's name; ApiError when it cannot be served."""
+    def resolve(self, model: str, request: Request | None = None) -> str | None:
+        """None for the base, else the adapter's name; ApiError when it cannot be served.
+        The request's access line and metrics then name what it was served by."""
+        name = self._resolve(model)
+        if request is not None:
+            request.state.model = name or self.base_name
+        return name
+
+    def _resolve(self, model: str) -> str | None:
         if model == self.base_name:
             return None
         name = model
@@ -411,35 +482,17 @@ class Ingress:
             503, "the model replica died; try again", "server_error", headers={"Retry-After": "1"}
         )
 
-    def usage(self, caller: Caller, prompt: int, completion: int) -> dict:
+    def usage(self, caller: Caller, model: str, prompt: int, completion: int) -> dict:
+        """Counted for the key (in the store) and for the model (in the metrics)."""
         record_usage(self.store, caller, prompt, completion)
+        tokens = _metrics().tokens
+        tokens.inc(prompt, tags={"model": model, "kind": "prompt"})
+        tokens.inc(completion, tags={"model": model, "kind": "completion"})
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
-
-    def access(
-        self,
-        rid: str,
-        caller: Caller,
-        route: str,
-        model: str,
-        status: int,
-        t0: float,
-        prompt: str | None = None,
-    ):
-        text = f" prompt={prompt!r}" if prompt is not None and self.spec.log_prompts else ""
-        log.info(
-            "request %s key=%s route=%s model=%s status=%d ms=%.0f%s",
-            rid,
-            caller.name,
-            route,
-            model,
-            status,
-            (time.time() - t0) * 1000,
-            text,
-        )
 
     # ---- routes -------------------------------------------------------------------------------
 
@@ -489,11 +542,14 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        t0, rid = time.time(), f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        t0, rid = request.state.t0, f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        request.state.response_id = rid
         caller = await asyncio.to_thread(self.caller, request, "inference")
         req = await self.body(request, ChatCompletionRequest)
-        adapter = await asyncio.to_thread(self.resolve, req.model)
+        adapter = await asyncio.to_thread(self.resolve, req.model, request)
         ids, messages = await asyncio.to_thread(self.chat_prompt, req, adapter)
+        if self.spec.log_prompts:
+            request.state.prompt = messages[-1]["content"]
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
@@ -504,9 +560,8 @@ class Ingress:
                 rid, caller, req.model, adapter, payload, "chat.completion.chunk", include_usage, t0
             )
         out = await self.run(adapter, payload, t0)
-        self.access(rid, caller, "chat", req.model, 200, t0, messages[-1]["content"])
         usage = await asyncio.to_thread(
-            self.usage, caller, out["prompt_tokens"], out["completion_tokens"]
+            self.usage, caller, request.state.model, out["prompt_tokens"], out["completion_tokens"]
         )
         return {
             "id": rid,
@@ -545,16 +600,19 @@ class Ingress:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        t0, rid = time.time(), f"cmpl-{uuid.uuid4().hex[:24]}"
+        t0, rid = request.state.t0, f"cmpl-{uuid.uuid4().hex[:24]}"
+        request.state.response_id = rid
         caller = await asyncio.to_thread(self.caller, request, "inference")
         req = await self.body(request, CompletionRequest)
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
                 raise ApiError(400, "prompt: one prompt per request", param="prompt")
             req.prompt = req.prompt[0]
-        adapter = await asyncio.to_thread(self.resolve, req.model)
+        adapter = await asyncio.to_thread(self.resolve, req.model, request)
         tokenizer, _ = await asyncio.to_thread(self.tokenizer_for, adapter)
         ids = tokenizer(req.prompt)["input_ids"]
+        if self.spec.log_prompts:
+            request.state.prompt = req.prompt
         payload = self.payload(
             ids,
             req.max_tokens,
@@ -573,7 +631,6 @@ class Ingress:
         logprobs = None
         if req.logprobs is not None:
             logprobs = self.completion_logprobs(tokenizer, ids if req.echo else [], out, req)
-        self.access(rid, caller, "completions", req.model, 200, t0, req.prompt)
         return {
             "id": rid,
             "object": "text_completion",
@@ -588,7 +645,11 @@ class Ingress:
                 }
             ],
             "usage": await asyncio.to_thread(
-                self.usage, caller, out["prompt_tokens"], out["completion_tokens"]
+                self.usage,
+                caller,
+                request.state.model,
+                out["prompt_tokens"],
+                out["completion_tokens"],
             ),
         }
 
@@ -676,24 +737,18 @@ class Ingress:
                     else:
                         final = item["final"]
                 yield chunk(None, final["finish_reason"])
+                served = adapter or self.base_name
+                usage = self.usage(
+                    caller, served, final["prompt_tokens"], final["completion_tokens"]
+                )
                 if include_usage:
-                    yield chunk(
-                        None,
-                        usage=self.usage(
-                            caller, final["prompt_tokens"], final["completion_tokens"]
-                        ),
-                    )
-                elif final:
-                    record_usage(
-                        self.store, caller, final["prompt_tokens"], final["completion_tokens"]
-                    )
+                    yield chunk(None, usage=usage)
             except Exception as e:  # a broken stream ends with an error event, never a hang
                 log.warning("stream %s broke: %r", rid, e)
                 if not isinstance(e, ApiError):
                     e = ApiError(500, f"generation failed: {e}", "server_error")
                 error = e.body()
                 yield f"data: {json.dumps(error)}\n\n"
-            self.access(rid, caller, kind, model, 200, t0)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -708,7 +763,7 @@ class Ingress:
                     DisabledAdapter.app == self.spec.name, DisabledAdapter.name == req.lora_name
                 )
             )
-        adapter = self.resolve(req.lora_name)
+        adapter = self.resolve(req.lora_name, request)
         # warm it on a replica: the gate runs there too, and the adapter is loaded
         ids = self.tokenizer("ok")["input_ids"]
         warm = {"prompt_ids": ids, "max_new_tokens": 1, "temperature": 0.0, "top_p": 1.0}
@@ -720,7 +775,7 @@ class Ingress:
     async def unload_adapter(self, request: Request) -> dict:
         caller = await asyncio.to_thread(self.caller, request, "admin")
         req = await self.body(request, LoadAdapterRequest)
-        self.resolve(req.lora_name)
+        self.resolve(req.lora_name, request)
         with self.store.begin() as session:
             session.merge(
                 DisabledAdapter(
