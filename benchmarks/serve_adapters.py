@@ -108,6 +108,22 @@ async def closed_loop(run_batch, requests: list, concurrency: int, batch: int) -
     return time.perf_counter() - start
 
 
+def held_mib(engines) -> float:
+    """Tensor bytes the engines hold (weights, buffers, adapter slots): what a GPU would
+    hold. On CPU, copies of a model loaded from the same safetensors file can share the
+    file's pages (mmap), so the process's PSS may count them once."""
+    seen, total = set(), 0
+    for e in engines:
+        tensors = [*e.model.parameters(), *e.model.buffers()]
+        tensors += [t for s in e.slots.values() for t in (s.A, s.B)]
+        for t in tensors:
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return round(total / 2**20, 1)
+
+
 def throughput_run(args, mode: str) -> dict:
     """One throughput configuration: ours (one base, adapters in it, mixed batches) or
     copies (a PeftModel per adapter, batches split by adapter, run one after another)."""
@@ -123,7 +139,7 @@ def throughput_run(args, mode: str) -> dict:
         engine = Engine(base, max_adapters=ADAPTERS)
         for i in range(n_adapters):
             engine.load_adapter(f"a{i}", folders[i])
-        run = engine.generate
+        run, engines = engine.generate, [engine]
     elif mode == "copies-8-uniform":
         # a whole model per adapter id (an Engine holding one adapter is one PeftModel)
         copies = []
@@ -141,6 +157,7 @@ def throughput_run(args, mode: str) -> dict:
                     out[j] = g
             return out
 
+        engines = copies
     else:
         raise ValueError(mode)
     requests = [
@@ -165,6 +182,7 @@ def throughput_run(args, mode: str) -> dict:
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1),
         "adapters_used": len(set(order)),
+        "tensor_mib": held_mib(engines),
     }
 
 
@@ -231,7 +249,7 @@ def base_only_run(args) -> dict:
     engine = Engine(Path(args.base), max_adapters=ADAPTERS)
     ids = prompt_ids(engine.tokenizer, 0)
     engine.generate([GenerationRequest(ids, None, max_new_tokens=args.new_tokens)] * CONCURRENCY)
-    return {"mode": "base"}
+    return {"mode": "base", "tensor_mib": held_mib([engine])}
 
 
 def child(args) -> None:
@@ -301,6 +319,12 @@ def main() -> None:
             "memory_ours8_over_one_model": round(runs["ours-8-uniform"]["peak_mib"] / base_mib, 2),
             "memory_copies8_over_one_model": round(
                 runs["copies-8-uniform"]["peak_mib"] / base_mib, 2
+            ),
+            "tensors_ours8_over_one_model": round(
+                runs["ours-8-uniform"]["tensor_mib"] / runs["base"]["tensor_mib"], 2
+            ),
+            "tensors_copies8_over_one_model": round(
+                runs["copies-8-uniform"]["tensor_mib"] / runs["base"]["tensor_mib"], 2
             ),
         },
     }

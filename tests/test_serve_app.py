@@ -53,7 +53,7 @@ def app(tmp_path_factory, tiny_llama, other_tiny_llama):
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
          "generation": {"max_tokens": 16, "temperature": 0.0},
          "limits": {"max_tokens": 64, "max_request_bytes": 4096},
-         "store": {"url": store_url}}
+         "store": {"url": store_url}, "cors_origins": ["http://allowed.example"]}
     )  # fmt: skip
     store = open_store(store_url)
     keys = {
@@ -101,9 +101,17 @@ def http(
         req.add_header("Authorization", f"Bearer {app['keys'].get(key, key)}")
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, _json(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read())
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, _json(e.read())
+
+
+def _json(raw: bytes):
+    """The JSON body, or what came instead (so a failing assertion shows it)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {"not_json": raw.decode(errors="replace")}
 
 
 def chat(app, model: str, text: str = "Tell me about the warranty.", **kw) -> str:
@@ -282,6 +290,33 @@ def test_errors_have_openai_shapes_and_status_codes(app):
     status, e, _ = error(http(app, "POST", "/v1/chat/completions",
                               {"model": "alpha", "messages": long}))  # fmt: skip
     assert status == 413 and e["code"] == "request_too_large"
+
+
+def cors_headers(app, path: str, origin: str, preflight: bool = False) -> dict:
+    req = urllib.request.Request(f"{app['url']}{path}", method="OPTIONS" if preflight else "GET")
+    req.add_header("Origin", origin)
+    if preflight:
+        req.add_header("Access-Control-Request-Method", "POST")
+        req.add_header("Access-Control-Request-Headers", "authorization,content-type")
+    else:
+        req.add_header("Authorization", f"Bearer {app['keys']['user']}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return {k.lower(): v for k, v in r.headers.items()} | {"status": r.status}
+    except urllib.error.HTTPError as e:
+        return {k.lower(): v for k, v in e.headers.items()} | {"status": e.code}
+
+
+def test_cors_only_for_the_origins_the_spec_lists(app):
+    allowed = cors_headers(app, "/v1/models", "http://allowed.example")
+    assert allowed["status"] == 200
+    assert allowed["access-control-allow-origin"] == "http://allowed.example"
+    preflight = cors_headers(app, "/v1/chat/completions", "http://allowed.example", True)
+    assert preflight["status"] == 200 and "POST" in preflight["access-control-allow-methods"]
+    other = cors_headers(app, "/v1/models", "http://elsewhere.example")
+    assert other["status"] == 200 and "access-control-allow-origin" not in other
+    refused = cors_headers(app, "/v1/chat/completions", "http://elsewhere.example", True)
+    assert refused["status"] == 400 and "access-control-allow-origin" not in refused
 
 
 def test_the_rate_limit_answers_429_with_retry_after(app):
@@ -470,6 +505,10 @@ def test_a_full_queue_answers_503_and_a_late_request_408_and_the_app_lives_on(ap
 
         model = serve.get_deployment_handle("model", app_name="tight")
         answered(1)
+        # this spec lists no origins: no CORS at all
+        assert "access-control-allow-origin" not in cors_headers(
+            app, "/tight/v1/models", "http://allowed.example"
+        )
 
         with ThreadPoolExecutor(24) as pool:  # all 24 at once
             results = list(pool.map(

@@ -61,6 +61,33 @@ def test_each_adapter_and_the_base_answer_differently(engine):
     assert len(set(outputs.values())) == 4, outputs
 
 
+def test_each_adapter_answers_exactly_as_peft_does(engine, tiny_llama, adapters):
+    """The reference is PEFT itself: the adapter loaded into its own PeftModel; the slots'
+    greedy tokens and logits equal it, alone and inside a mixed batch."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prompt = ids(engine, PROMPTS[0])
+    for name, folder in adapters.items():
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), folder)
+        with torch.no_grad():
+            ref = peft.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                pad_token_id=engine.tokenizer.pad_token_id)  # fmt: skip
+            want = peft(torch.tensor([prompt])).logits
+        mixed = engine.generate(
+            [GenerationRequest(prompt, other, 8) for other in (None, "alpha", "beta", "gamma")]
+        )  # fmt: skip
+        got = mixed[[None, "alpha", "beta", "gamma"].index(name)]
+        assert got.token_ids == ref[0, len(prompt) :].tolist()[: got.completion_tokens]
+        engine._route([GenerationRequest(prompt, name)])
+        try:
+            with torch.no_grad():
+                logits = engine.model(torch.tensor([prompt])).logits
+        finally:
+            engine._rows = engine._one_slot = None
+        assert torch.allclose(logits, want, atol=1e-4), (logits - want).abs().max()
+
+
 def test_a_mixed_batch_equals_each_request_alone_in_shared_forward_passes(engine):
     requests = [
         GenerationRequest(ids(engine, PROMPTS[i % 4]), [None, "alpha", "beta", "gamma"][i % 4],
@@ -115,18 +142,25 @@ def test_lru_eviction_deletes_the_adapter_from_the_one_model(tiny_llama, adapter
     engine.generate([GenerationRequest(ids(engine, "x"), "alpha", 2)])  # alpha used last
     engine.load_adapter("gamma", adapters["gamma"])
     assert engine.loaded_adapters() == ["alpha", "gamma"]
-    assert len(engine.model.peft_config) == 2  # beta is gone from the model, not just the map
+    # beta's slot now holds gamma: only two slots besides the base's, ever
+    slots = next(iter(engine.slots.values()))
+    assert slots.A.shape[0] == 3 and sorted(engine.adapters.values()) == [1, 2]
     with pytest.raises(KeyError, match="adapters not loaded: beta"):
         engine.generate([GenerationRequest(ids(engine, "x"), "beta", 2)])
-    base_params = sum(p.numel() for n, p in engine.model.named_parameters() if "lora_" not in n)
-    assert engine.unload_adapter("alpha") and engine.unload_adapter("gamma")
-    assert not hasattr(engine.model, "peft_config")  # back to the plain base
+    base_params = sum(p.numel() for p in engine.model.parameters())
+    assert engine.unload_adapter("alpha")
+    alpha_slot = 1 if engine.adapters["gamma"] == 2 else 2
+    assert all(not s.A[alpha_slot].any() and not s.B[alpha_slot].any()
+               for s in engine.slots.values())  # fmt: skip
+    assert engine.unload_adapter("gamma")
+    assert engine.slots == {}  # back to the plain base: no slots, no hooks
+    assert not any(m._forward_hooks for m in engine.model.modules())
     assert sum(p.numel() for p in engine.model.parameters()) == base_params
     [gen] = engine.generate([GenerationRequest(ids(engine, "x"), None, 2)])
     assert gen.completion_tokens >= 1
 
 
-def test_logprobs_of_generated_and_prompt_tokens(engine):
+def test_logprobs_of_generated_and_prompt_tokens(engine, adapters):
     short, long = ids(engine, "Colour:"), ids(engine, "The warranty of every product is")
     [greedy] = engine.generate([GenerationRequest(short, "beta", 5, logprobs=3)])
     for chosen, top in zip(greedy.token_logprobs, greedy.top_logprobs, strict=True):
@@ -140,9 +174,13 @@ def test_logprobs_of_generated_and_prompt_tokens(engine):
     )  # fmt: skip
     assert alone.completion_tokens == 0 and alone.prompt_logprobs[0] is None
     assert padded.prompt_logprobs[1:] == pytest.approx(alone.prompt_logprobs[1:], abs=1e-4)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(engine.base_path), adapters["alpha"]
+    )
     with torch.no_grad():
-        logits = engine.model(
-            torch.tensor([short]), adapter_names=[engine.adapters["alpha"]]
-        ).logits
+        logits = peft(torch.tensor([short])).logits
     plain = torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(short[1:])[:, None])
     assert alone.prompt_logprobs[1:] == pytest.approx(plain[:, 0].tolist(), abs=1e-4)

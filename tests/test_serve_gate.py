@@ -65,7 +65,7 @@ def test_a_compatible_adapter_passes_every_check(gate, registry):
     verdict, artifact = gate.check("good", [str(registry)])
     assert verdict.servable and verdict.reason is None and artifact.name == "good"
     assert verdict.checks == ["name", "artifact", "base fingerprint", "safetensors", "rank",
-                              "modules"]  # fmt: skip
+                              "plain lora", "modules"]  # fmt: skip
     assert verdict.rank == 4
 
 

@@ -20,9 +20,11 @@ from types import SimpleNamespace
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve import metrics as serve_metrics
 from ray.serve.context import _get_serve_request_context
 from ray.serve.exceptions import BackPressureError
 from sqlalchemy import delete, select
@@ -193,25 +195,54 @@ async def _api_error(request: Request, e: ApiError):
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception):
+    """Whatever else went wrong still answers in OpenAI's error shape (500), logged whole."""
+    log.error("request to %s failed", request.url.path, exc_info=e)
+    body = ApiError(500, f"internal error ({type(e).__name__}): {e}", "server_error").body()
+    return JSONResponse(body, status_code=500)
+
+
+class SpecCors:
+    """CORS as the serve spec says: none unless `cors_origins` lists origins (Starlette's
+    CORSMiddleware over those). The spec is known only when the ingress starts, after this
+    module made the app, so the ingress puts its origins on the app's state."""
+
+    def __init__(self, app):
+        self.app, self.cors = app, None
+
+    async def __call__(self, scope, receive, send):
+        origins = getattr(scope["app"].state, "cors_origins", None) if "app" in scope else None
+        if not origins or scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.cors is None:
+            self.cors = CORSMiddleware(
+                self.app,
+                allow_origins=origins,
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type"],
+                expose_headers=["x-request-id", "Retry-After"],
+            )
+        return await self.cors(scope, receive, send)
+
+
 @functools.cache
 def _metrics() -> SimpleNamespace:
     """This ingress process's Ray metrics, exported for Prometheus by Ray's metrics agent
     (Serve adds the application, deployment and replica tags; Ray prefixes `ray_`). Made on
     first use, inside the replica."""
-    from ray.serve import metrics
-
     return SimpleNamespace(
-        requests=metrics.Counter(
+        requests=serve_metrics.Counter(
             "ftservice_requests",
             description="Requests by model (adapter or base), route and HTTP status.",
             tag_keys=("model", "route", "status"),
         ),
-        tokens=metrics.Counter(
+        tokens=serve_metrics.Counter(
             "ftservice_tokens",
             description="Prompt and completion tokens by model.",
             tag_keys=("model", "kind"),
         ),
-        latency=metrics.Histogram(
+        latency=serve_metrics.Histogram(
             "ftservice_request_latency_ms",
             description="Time to the response (to its first byte for streams), by model.",
             boundaries=[10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000],
@@ -252,12 +283,16 @@ async def _access(request: Request, call_next):
     return response
 
 
+api.add_middleware(SpecCors)  # outermost: answers preflights before any route
+
+
 @serve.deployment(name="ingress")
 @serve.ingress(api)
 class Ingress:
     def __init__(self, spec_json: dict, model):
         self.spec = ServeSpec.model_validate(spec_json)
         self.model = model
+        api.state.cors_origins = self.spec.cors_origins
         self.store = open_store(self.spec.store.url)
         self.base = resolve_model(self.spec.model)
         self.base_name = self.spec.base_name or self.spec.model.name

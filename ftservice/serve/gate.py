@@ -29,6 +29,7 @@ from ftservice.artifacts import (
 from ftservice.config import NAME_PATTERN, JobSpec
 from ftservice.models import ResolvedModel, load_base_for_adapters, load_causal_lm
 from ftservice.records import HandoffError
+from ftservice.serve.engine import unsupported_lora_features
 from ftservice.serve.spec import GateSpec, ServeSpec
 
 PROBES = [
@@ -166,6 +167,14 @@ class Gate:
                 "serve a lower-rank adapter."
             )
         verdict.checks.append("rank")
+        features = unsupported_lora_features(config)
+        if features:
+            raise GateRefusal(
+                f"{name} uses {', '.join(features)}, which this app's engine does not serve; "
+                "train it as plain LoRA, or merge it (`ftservice export --merge`) and serve "
+                "the result as a base."
+            )
+        verdict.checks.append("plain lora")
         self._check_modules(name, weights)
         verdict.checks.append("modules")
         if artifact.method == "qlora":
