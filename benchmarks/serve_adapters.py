@@ -124,15 +124,25 @@ def held_mib(engines) -> float:
     return round(total / 2**20, 1)
 
 
+def models_mib(models) -> float:
+    """Tensor bytes of whole models (each PeftModel copy holds its own base)."""
+    total = sum(t.nbytes for m in models for t in [*m.parameters(), *m.buffers()])
+    return round(total / 2**20, 1)
+
+
 def throughput_run(args, mode: str) -> dict:
     """One throughput configuration: ours (one base, adapters in it, mixed batches) or
     copies (a PeftModel per adapter, batches split by adapter, run one after another)."""
-    from transformers import AutoTokenizer
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftservice.serve.engine import Engine, GenerationRequest
+    from ftservice.serve.engine import Engine, Generation, GenerationRequest
 
     base, folders = Path(args.base), [Path(f) for f in args.adapters]
     tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     n_adapters = 1 if mode == "ours-1" else ADAPTERS
     order = traffic(args.requests, n_adapters, zipf=not mode.endswith("uniform"))
     if mode in ("ours-1", "ours-8-zipf", "ours-8-uniform"):
@@ -141,11 +151,13 @@ def throughput_run(args, mode: str) -> dict:
             engine.load_adapter(f"a{i}", folders[i])
         run, engines = engine.generate, [engine]
     elif mode == "copies-8-uniform":
-        # a whole model per adapter id (an Engine holding one adapter is one PeftModel)
-        copies = []
-        for i in range(ADAPTERS):
-            copies.append(Engine(base, max_adapters=1))
-            copies[-1].load_adapter(f"a{i}", folders[i])
+        # Ray's multiplexing docs: a whole PeftModel per adapter id, each batch one adapter's
+        copies = [
+            PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(folders[i])
+            ).eval()
+            for i in range(ADAPTERS)
+        ]
 
         def run(rows):
             out = [None] * len(rows)
@@ -153,11 +165,26 @@ def throughput_run(args, mode: str) -> dict:
             for j, r in enumerate(rows):
                 by_adapter.setdefault(int(r.adapter[1:]), []).append(j)
             for a, idx in by_adapter.items():  # one adapter's batch after another
-                for j, g in zip(idx, copies[a].generate([rows[j] for j in idx]), strict=True):
-                    out[j] = g
+                batch = tokenizer.pad(
+                    {"input_ids": [rows[j].prompt_ids for j in idx]},
+                    padding_side="left",
+                    return_tensors="pt",
+                )
+                with torch.no_grad():
+                    seqs = copies[a].generate(
+                        **batch,
+                        max_new_tokens=max(rows[j].max_new_tokens for j in idx),
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
+                for k, j in enumerate(idx):
+                    new = seqs[k, batch["input_ids"].shape[1] :].tolist()
+                    if tokenizer.eos_token_id in new:
+                        new = new[: new.index(tokenizer.eos_token_id)]
+                    out[j] = Generation("", new, "", len(rows[j].prompt_ids), len(new))
             return out
 
-        engines = copies
+        engines = []
     else:
         raise ValueError(mode)
     requests = [
@@ -182,7 +209,7 @@ def throughput_run(args, mode: str) -> dict:
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1),
         "adapters_used": len(set(order)),
-        "tensor_mib": held_mib(engines),
+        "tensor_mib": held_mib(engines) if engines else models_mib(copies),
     }
 
 

@@ -285,7 +285,7 @@ class Engine:
     def _route(self, rows: list[GenerationRequest]) -> None:
         """Which slot each row of the next forward passes uses."""
         slots = [self.adapters[r.adapter] if r.adapter else 0 for r in rows]
-        self._rows = torch.tensor(slots)
+        self._rows = torch.tensor(slots, device=self.model.device)
         self._one_slot = slots[0] if len(set(slots)) == 1 else None
 
     def loaded_adapters(self) -> list[str]:
