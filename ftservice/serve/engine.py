@@ -35,8 +35,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 
-LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-"""How PEFT saves a LoRA weight: the adapted module's path in the base, then A or B."""
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+"""How PEFT saves a LoRA weight: the adapted module's path in the base, then A or B (the
+gate checks shapes with the same pattern)."""
 
 
 @dataclass
@@ -192,10 +193,10 @@ def read_lora(folder: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]
         )
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(folder / "adapter_model.safetensors").items():
-        m = LORA_KEY.fullmatch(key)
+        m = LORA_KEY.match(key)
         if m is None:
             raise ValueError(f"{folder.name}: unexpected tensor {key} (not a LoRA A or B)")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
+        pairs.setdefault(m.group("module"), {})[m.group("part")] = tensor
     rank = config["r"]
     scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)
     return {path: (ab["A"], ab["B"]) for path, ab in pairs.items()}, scaling
@@ -234,10 +235,16 @@ class Engine:
             if not self._free:
                 self._evict(next(iter(self.adapters)))
             slot = self._free.pop(0)
-            for path, (a, b) in weights.items():
-                lora = self._slots_for(path, a.shape[0])
-                lora.A[slot, :, : a.shape[0]] = a.T
-                lora.B[slot, : b.shape[1], :] = b.T * scaling
+            try:
+                for path, (a, b) in weights.items():
+                    lora = self._slots_for(path, a.shape[0])
+                    lora.A[slot, :, : a.shape[0]] = a.T
+                    lora.B[slot, : b.shape[1], :] = b.T * scaling
+            except Exception:  # nothing half-loaded stays: the slot is cleared and free again
+                for lora in self.slots.values():
+                    lora.clear(slot)
+                self._free.append(slot)
+                raise
             self.adapters[name] = slot
             self.stats.adapter_loads += 1
 

@@ -29,7 +29,7 @@ from ftservice.artifacts import (
 from ftservice.config import NAME_PATTERN, JobSpec
 from ftservice.models import ResolvedModel, load_base_for_adapters, load_causal_lm
 from ftservice.records import HandoffError
-from ftservice.serve.engine import unsupported_lora_features
+from ftservice.serve.engine import LORA_KEY, unsupported_lora_features
 from ftservice.serve.spec import GateSpec, ServeSpec
 
 PROBES = [
@@ -40,7 +40,6 @@ PROBES = [
     "List three colours.",
     "Summarise the water cycle.",
 ]
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
 @dataclass
@@ -193,7 +192,7 @@ class Gate:
         with safe_open(str(weights), framework="pt") as st:
             shapes = {key: st.get_slice(key).get_shape() for key in st.keys()}  # noqa: SIM118
         for key, shape in shapes.items():
-            m = _LORA_KEY.match(key.replace(".default.", "."))
+            m = LORA_KEY.match(key.replace(".default.", "."))
             if m is None:
                 continue
             module = m.group("module")
