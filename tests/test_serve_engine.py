@@ -14,7 +14,7 @@ from ftservice.serve.engine import Engine, GenerationRequest
 PROMPTS = ["The warranty of", "Our headquarters", "Battery life is", "Colour:"]
 
 
-def write_adapter(folder: Path, base: Path, seed: int) -> Path:
+def write_adapter(folder: Path, base: Path, seed: int, rank: int = 4) -> Path:
     """A LoRA adapter with random non-zero B, strong enough to change greedy answers."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -22,7 +22,9 @@ def write_adapter(folder: Path, base: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base),
-        LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False),
+        LoraConfig(
+            r=rank, lora_alpha=16 * rank, target_modules="all-linear", init_lora_weights=False
+        ),
     )
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -144,14 +146,13 @@ def test_lru_eviction_deletes_the_adapter_from_the_one_model(tiny_llama, adapter
     assert engine.loaded_adapters() == ["alpha", "gamma"]
     # beta's slot now holds gamma: only two slots besides the base's, ever
     slots = next(iter(engine.slots.values()))
-    assert slots.A.shape[0] == 3 and sorted(engine.adapters.values()) == [1, 2]
+    assert slots.A.shape[1] == 2 * slots.rank and sorted(engine.adapters.values()) == [1, 2]
     with pytest.raises(KeyError, match="adapters not loaded: beta"):
         engine.generate([GenerationRequest(ids(engine, "x"), "beta", 2)])
     base_params = sum(p.numel() for p in engine.model.parameters())
     assert engine.unload_adapter("alpha")
     alpha_slot = 1 if engine.adapters["gamma"] == 2 else 2
-    assert all(not s.A[alpha_slot].any() and not s.B[alpha_slot].any()
-               for s in engine.slots.values())  # fmt: skip
+    assert all(not w.any() for s in engine.slots.values() for w in s.view(alpha_slot))
     assert engine.unload_adapter("gamma")
     assert engine.slots == {}  # back to the plain base: no slots, no hooks
     assert not any(m._forward_hooks for m in engine.model.modules())
@@ -184,3 +185,21 @@ def test_logprobs_of_generated_and_prompt_tokens(engine, adapters):
         logits = peft(torch.tensor([short])).logits
     plain = torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(short[1:])[:, None])
     assert alone.prompt_logprobs[1:] == pytest.approx(plain[:, 0].tolist(), abs=1e-4)
+
+
+def test_adapters_of_different_ranks_share_a_batch_and_answer_as_alone(
+    tiny_llama, adapters, tmp_path
+):
+    """The slots grow to the largest rank loaded (a rank-8 adapter after rank-4 ones, then a
+    rank-2 one) and every adapter still answers in a mixed batch exactly as it does alone."""
+    engine = Engine(tiny_llama, max_adapters=4)
+    engine.load_adapter("alpha", adapters["alpha"])
+    engine.load_adapter("wide", write_adapter(tmp_path / "wide", tiny_llama, 7, rank=8))
+    engine.load_adapter("narrow", write_adapter(tmp_path / "narrow", tiny_llama, 8, rank=2))
+    assert {s.rank for s in engine.slots.values()} == {8}
+    names = [None, "alpha", "wide", "narrow"]
+    alone = {n: engine.generate([GenerationRequest(ids(engine, PROMPTS[1]), n, 8)])[0]
+             for n in names}  # fmt: skip
+    mixed = engine.generate([GenerationRequest(ids(engine, PROMPTS[1]), n, 8) for n in names])
+    assert [g.token_ids for g in mixed] == [alone[n].token_ids for n in names]
+    assert len({tuple(alone[n].token_ids) for n in names}) == 4

@@ -22,6 +22,7 @@ adapter left the hooks and slots are removed and the model is the plain base aga
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
@@ -143,23 +144,37 @@ def _stop_prefix(text: str, stops: list[str]) -> int:
 
 
 class LoraSlots:
-    """The LoRA weights of one base Linear for every slot: A [slots, in, r] and B·scaling
-    [slots, r, out]; r grows to the largest rank loaded (lower ranks are zero-padded)."""
+    """The LoRA weights of one base Linear for slots 1..n, side by side: A [in, n·r] and
+    B·scaling [n·r, out], slot k in columns (rows of B) (k-1)·r .. k·r. r grows to the largest
+    rank loaded (lower ranks are zero-padded). A mixed batch runs x @ A, keeps each row's own
+    slot block (a mask), and multiplies by B: two dense matmuls, no per-row weight copies."""
 
     def __init__(self, linear: torch.nn.Linear, slots: int, rank: int):
         kw = {"dtype": linear.weight.dtype, "device": linear.weight.device}
-        self.A = torch.zeros(slots, linear.in_features, rank, **kw)
-        self.B = torch.zeros(slots, rank, linear.out_features, **kw)
+        self.n, self.rank = slots, rank
+        self.A = torch.zeros(linear.in_features, slots * rank, **kw)
+        self.B = torch.zeros(slots * rank, linear.out_features, **kw)
+
+    def block(self, slot: int) -> slice:
+        return slice((slot - 1) * self.rank, slot * self.rank)
+
+    def view(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot's A [in, r] and scaled B [r, out] (views)."""
+        cols = self.block(slot)
+        return self.A[:, cols], self.B[cols]
 
     def fit(self, rank: int) -> None:
-        if rank > self.A.shape[2]:
-            grow = rank - self.A.shape[2]
-            self.A = torch.nn.functional.pad(self.A, (0, grow))
-            self.B = torch.nn.functional.pad(self.B, (0, 0, 0, grow))
+        if rank > self.rank:
+            grow, n = rank - self.rank, self.n
+            a = self.A.reshape(self.A.shape[0], n, self.rank)
+            self.A = torch.nn.functional.pad(a, (0, grow)).reshape(self.A.shape[0], n * rank)
+            b = self.B.reshape(n, self.rank, self.B.shape[1])
+            self.B = torch.nn.functional.pad(b, (0, 0, 0, grow)).reshape(n * rank, -1)
+            self.rank = rank
 
     def clear(self, slot: int) -> None:
-        self.A[slot].zero_()
-        self.B[slot].zero_()
+        for t in self.view(slot):
+            t.zero_()
 
 
 def unsupported_lora_features(config: dict) -> list[str]:
@@ -214,9 +229,11 @@ class Engine:
         self.adapters: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU order
         self.slots: dict[str, LoraSlots] = {}  # module path -> its LoRA slots
         self._hooks: list = []
-        self._free = list(range(1, max_adapters + 1))  # slot 0 is the base
+        self._free = list(range(1, max_adapters + 1))  # slot 0 is the base; lowest first
         self._rows: torch.Tensor | None = None  # the slot of each row of this forward
         self._one_slot: int | None = None  # set when every row uses the same slot
+        self._top = 0  # the highest slot of this forward's rows (columns past it are unused)
+        self._masks: dict[int, torch.Tensor] = {}  # rank -> each row's slot block, this call
         self._lock = threading.Lock()  # generation, loading and deleting never overlap
         self.stats = EngineStats()
 
@@ -238,12 +255,13 @@ class Engine:
             try:
                 for path, (a, b) in weights.items():
                     lora = self._slots_for(path, a.shape[0])
-                    lora.A[slot, :, : a.shape[0]] = a.T
-                    lora.B[slot, : b.shape[1], :] = b.T * scaling
+                    slot_a, slot_b = lora.view(slot)
+                    slot_a[:, : a.shape[0]] = a.T
+                    slot_b[: b.shape[1], :] = b.T * scaling
             except Exception:  # nothing half-loaded stays: the slot is cleared and free again
                 for lora in self.slots.values():
                     lora.clear(slot)
-                self._free.append(slot)
+                bisect.insort(self._free, slot)
                 raise
             self.adapters[name] = slot
             self.stats.adapter_loads += 1
@@ -253,7 +271,7 @@ class Engine:
             linear = self.model.get_submodule(path)
             if not isinstance(linear, torch.nn.Linear):
                 raise ValueError(f"{path} is a {type(linear).__name__}, not a Linear layer")
-            self.slots[path] = LoraSlots(linear, self.max_adapters + 1, rank)
+            self.slots[path] = LoraSlots(linear, self.max_adapters, rank)
             self._hooks.append(linear.register_forward_hook(self._lora_hook(self.slots, path)))
         self.slots[path].fit(rank)
         return self.slots[path]
@@ -264,10 +282,11 @@ class Engine:
                 return None
             lora, x = slots[path], args[0]  # x [batch, seq, in]
             if self._one_slot is not None:
-                k = self._one_slot
-                return output + (x @ lora.A[k]) @ lora.B[k]
-            a, b = lora.A[self._rows], lora.B[self._rows]  # [batch, in, r], [batch, r, out]
-            return output + torch.bmm(torch.bmm(x, a), b)
+                a, b = lora.view(self._one_slot)
+                return output + (x @ a) @ b
+            cols = self._top * lora.rank
+            xa = x @ lora.A[:, :cols]  # [batch, seq, top·r]: every used slot's down-projection
+            return output + (xa * self._mask(lora.rank)) @ lora.B[:cols]
 
         return hook
 
@@ -282,7 +301,7 @@ class Engine:
         slot = self.adapters.pop(name)
         for lora in self.slots.values():
             lora.clear(slot)
-        self._free.append(slot)
+        bisect.insort(self._free, slot)
         self.stats.adapter_evictions += 1
         if not self.adapters:  # the plain base again: no hooks, no slots
             for handle in self._hooks:
@@ -294,6 +313,15 @@ class Engine:
         slots = [self.adapters[r.adapter] if r.adapter else 0 for r in rows]
         self._rows = torch.tensor(slots, device=self.model.device)
         self._one_slot = slots[0] if len(set(slots)) == 1 else None
+        self._top, self._masks = max(slots), {}
+
+    def _mask(self, rank: int) -> torch.Tensor:
+        """[batch, 1, top·rank]: 1 in each row's own slot block, 0 elsewhere (base rows: 0)."""
+        if rank not in self._masks:
+            block = torch.arange(self._top * rank, device=self._rows.device) // rank + 1
+            mask = (block[None, :] == self._rows[:, None]).to(self.model.dtype)
+            self._masks[rank] = mask[:, None, :]
+        return self._masks[rank]
 
     def loaded_adapters(self) -> list[str]:
         return list(self.adapters)
@@ -345,6 +373,7 @@ class Engine:
             return self._generate_rows(rows, key, batch, prompt_len)
         finally:
             self._rows = self._one_slot = None
+            self._masks = {}
 
     def _generate_rows(self, rows, key, batch, prompt_len) -> list[Generation]:
         tok = self.tokenizer
