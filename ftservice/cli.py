@@ -26,6 +26,12 @@ artifacts_app = typer.Typer(no_args_is_help=True, help="See and tidy a registry 
 app.add_typer(artifacts_app, name="artifacts")
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the service (in its store).")
 app.add_typer(keys_app, name="keys")
+feedback_app = typer.Typer(
+    no_args_is_help=True, help="Preference campaigns: annotators, leaderboard, export, backup."
+)
+app.add_typer(feedback_app, name="feedback")
+annotators_app = typer.Typer(no_args_is_help=True, help="Who may vote in a campaign.")
+feedback_app.add_typer(annotators_app, name="annotators")
 serve_app = typer.Typer(no_args_is_help=True, help="Serve a base and its adapters on Ray Serve.")
 app.add_typer(serve_app, name="serve")
 
@@ -698,6 +704,166 @@ def keys_revoke(name: str, store: StoreUrl = DEFAULT_STORE) -> None:
 
     revoke_key(open_store(store), name)
     print(f"key '{name}' revoked")
+
+
+@annotators_app.command("add")
+def annotators_add(
+    name: str,
+    campaign: Annotated[str, typer.Option(help="The campaign NAME may vote in.")],
+    store: StoreUrl = DEFAULT_STORE,
+) -> None:
+    """Let NAME vote in a campaign: makes an annotator key (printed once) unless NAME has one."""
+    from ftservice.feedback.votes import add_annotator
+    from ftservice.store.db import open_store
+
+    secret = add_annotator(open_store(store), name, campaign)
+    if secret is not None:
+        print(secret)
+        print(f"annotator '{name}' can vote in '{campaign}': give them this key (sign in on "
+              "/arena); it is not shown again", file=sys.stderr)  # fmt: skip
+    else:
+        print(f"annotator '{name}' (an existing key) can vote in '{campaign}'", file=sys.stderr)
+
+
+def _campaign_votes(store_url: str, campaign: str):
+    from ftservice.feedback import votes
+    from ftservice.store.db import open_store
+
+    store = open_store(store_url)
+    votes.campaign_spec(store, campaign)  # names the campaigns there are when unknown
+    rows = [votes.vote_json(v) for v in votes.effective_votes(store, campaign)]
+    items = votes.items_of(store, [v["comparison_id"] for v in rows])
+    return store, rows, items
+
+
+@feedback_app.command("leaderboard")
+def feedback_leaderboard(
+    campaign: str,
+    store: StoreUrl = DEFAULT_STORE,
+    out: Annotated[
+        str | None, typer.Option(help="Folder for the plots (default state/feedback/CAMPAIGN).")
+    ] = None,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    as_json: AsJson = False,
+) -> None:
+    """Bradley–Terry ratings with bootstrap intervals, the win-rate matrix and annotator
+    agreement; writes leaderboard.png and winrate.png."""
+    from pathlib import Path
+
+    from ftservice.feedback import votes
+    from ftservice.feedback.leaderboard import leaderboard, plots
+
+    db, rows, items = _campaign_votes(store, campaign)
+    board = leaderboard(rows, votes.campaign_base(db, campaign), resamples, items=items)
+    folder = Path(out or f"state/feedback/{campaign}")
+    written = plots(board, folder) if len(board["ratings"]) >= 2 else []
+    if as_json:
+        _print_json(board | {"plots": [str(p) for p in written]})
+        return
+    print(f"{campaign}: {board['votes']} votes · {board['scale']}")
+    _table(
+        [
+            {
+                "rank": r["rank"],
+                "model": r["model"],
+                "rating": f"{r['rating']:.0f}",
+                "95% interval": f"{r['ci95'][0]:.0f} – {r['ci95'][1]:.0f}",
+                "votes": r["votes"],
+            }
+            for r in board["ratings"]
+        ],
+        ["rank", "model", "rating", "95% interval", "votes"],
+    )
+    agreement = board.get("agreement")
+    if agreement:
+        print(
+            f"agreement: {agreement['pairwise']:.0%} of annotator pairs on "
+            f"{agreement['items']} shared comparisons; Fleiss' kappa "
+            f"{agreement['fleiss_kappa']}"
+        )
+    for p in written:
+        print(f"wrote {p}")  # fmt: skip
+
+
+@feedback_app.command("export")
+def feedback_export(
+    campaign: str,
+    format: Annotated[str, typer.Option("--format", help="trl, openai or kto.")] = "trl",
+    out: Annotated[str | None, typer.Option(help="File to write (JSON lines).")] = None,
+    store: StoreUrl = DEFAULT_STORE,
+) -> None:
+    """Preference data from the votes that count: TRL's conversational preference format,
+    OpenAI's DPO format or TRL's KTO format, with a lineage side file."""
+    from pathlib import Path
+
+    from ftservice.feedback.export import export_rows, write_export
+
+    _, rows, items = _campaign_votes(store, campaign)
+    try:
+        data, lineage, counts = export_rows(rows, items, format)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--format") from None
+    path = Path(out or f"state/feedback/{campaign}/{format}.jsonl")
+    side = write_export(data, lineage, counts, path,
+                        {"campaign": campaign, "format": format, "votes": len(rows)})  # fmt: skip
+    print(f"wrote {len(data)} rows to {path} (lineage: {side})")
+    print("  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+@feedback_app.command("dump")
+def feedback_dump(
+    campaign: str,
+    out: Annotated[str | None, typer.Option(help="File (JSON lines); default stdout.")] = None,
+    store: StoreUrl = DEFAULT_STORE,
+) -> None:
+    """Back up a campaign: every row of it (votes with corrections, comparisons, answers)."""
+    from ftservice.feedback.votes import dump
+    from ftservice.store.db import open_store
+
+    lines = "".join(json.dumps(x) + "\n" for x in dump(open_store(store), campaign))
+    if out:
+        from pathlib import Path
+
+        Path(out).write_text(lines)
+        print(f"wrote {lines.count(chr(10))} rows to {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(lines)
+
+
+@feedback_app.command("load")
+def feedback_load(file: str, store: StoreUrl = DEFAULT_STORE) -> None:
+    """Restore a dump; rows already in the store are kept as they are."""
+    from pathlib import Path
+
+    from ftservice.feedback.votes import FeedbackError, load
+    from ftservice.store.db import open_store
+
+    lines = []
+    for n, text in enumerate(Path(file).read_text().splitlines(), 1):
+        if text.strip():
+            try:
+                lines.append(json.loads(text))
+            except ValueError as e:
+                raise FeedbackError(f"{file}:{n}: not JSON ({e})") from None
+    inserted = load(open_store(store), lines, file)
+    print(f"restored from {file}: " + (", ".join(f"{k} {v}" for k, v in inserted.items())
+                                       or "nothing new"))  # fmt: skip
+
+
+@feedback_app.command("forget")
+def feedback_forget(
+    annotator: str,
+    store: StoreUrl = DEFAULT_STORE,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Delete one person's votes, comments and comparisons (their typed prompts too)."""
+    from ftservice.feedback.votes import forget
+    from ftservice.store.db import open_store
+
+    if not yes and not typer.confirm(f"Delete every vote and comment of '{annotator}'?"):
+        raise typer.Exit(1)
+    counts = forget(open_store(store), annotator)
+    print(f"forgot '{annotator}': " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
 @app.command()

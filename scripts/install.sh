@@ -9,6 +9,19 @@ py="$venv/bin/python"
 stamp="$venv/.ftservice-install"
 want=$(cat pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1)
 
+# The comparison page's browser tests drive Debian's Chromium through Playwright's Python API
+# (`playwright install` downloads a browser and fails here).
+if [ ! -x /usr/bin/chromium ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    echo "ftservice: installing Debian's chromium for the browser tests" >&2
+    if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+            $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; then
+        echo "ftservice: could not install chromium; the browser tests will fail until" \
+            "'apt-get install -y chromium' has run" >&2
+    fi
+fi
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/ftservice" ]; then
     exit 0
 fi

@@ -10,9 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 REPO = Path(__file__).resolve().parents[1]
 # Converted built-in models are big (540 MB) and slow to make (40 s): share one cache across
@@ -298,3 +300,27 @@ def kill_driver_then_rerun(tmp_path: Path, env: dict, spec) -> dict:
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     return json.loads(second.stdout[second.stdout.index("{\n") :])
+
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """The service's store on a SQLite file, and in a schema of its own on the local
+    PostgreSQL (dropped after)."""
+    from ftservice.store.db import open_store
+
+    if request.param == "sqlite":
+        yield open_store(f"sqlite:///{tmp_path / 'state' / 'ftservice.db'}")
+        return
+    schema = f"ftservice_test_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield open_store(PG, schema=schema)
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
-from ftservice.store.db import open_store
 from ftservice.store.keys import (
     KeyStoreError,
     authenticate,
@@ -21,25 +19,6 @@ from ftservice.store.keys import (
     revoke_key,
     take_request,
 )
-
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        yield open_store(f"sqlite:///{tmp_path / 'state' / 'ftservice.db'}")
-        return
-    schema = f"ftservice_test_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield open_store(PG, schema=schema)
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 def test_keys_are_hashed_scoped_revocable_and_count_usage(store):

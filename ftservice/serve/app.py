@@ -13,13 +13,14 @@ import asyncio
 import functools
 import json
 import logging
+import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -32,6 +33,8 @@ from transformers import AutoTokenizer
 
 from ftservice.config import JobSpec
 from ftservice.models import resolve_model
+from ftservice.serve.api import api
+from ftservice.serve.arena import ArenaRoutes
 from ftservice.serve.batcher import Batcher
 from ftservice.serve.engine import Engine, Generation, GenerationRequest
 from ftservice.serve.gate import Gate, candidates, check_name
@@ -187,8 +190,6 @@ def model_deployment(spec: ServeSpec):
 
 # ---- the ingress ---------------------------------------------------------------------------
 
-api = FastAPI(title="ftservice", docs_url=None, redoc_url=None)
-
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError):
@@ -288,7 +289,7 @@ api.add_middleware(SpecCors)  # outermost: answers preflights before any route
 
 @serve.deployment(name="ingress")
 @serve.ingress(api)
-class Ingress:
+class Ingress(ArenaRoutes):
     def __init__(self, spec_json: dict, model):
         self.spec = ServeSpec.model_validate(spec_json)
         self.model = model
@@ -307,6 +308,8 @@ class Ingress:
         self._tokenizers: dict[str, object] = {}
         self.created = int(time.time())
         self.retries = 0  # replica deaths this ingress met under its requests (sent again)
+        self.plot_dir = tempfile.mkdtemp(prefix="ftservice-plots-")
+        self.arena_setup()
 
     # ---- who may call ------------------------------------------------------------------------
 

@@ -93,3 +93,27 @@ def stops(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
+
+
+# ---- the comparison page's API (ours: unknown fields are errors) ------------------------------
+
+
+class ArenaRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SignInRequest(ArenaRequest):
+    token: str = Field(min_length=1, max_length=200)
+
+
+class NextRequest(ArenaRequest):
+    prompt: str | None = Field(None, description="A prompt of the annotator's own.")
+
+
+class VoteRequest(ArenaRequest):
+    vote_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
+    comparison_id: str = Field(min_length=1, max_length=32)
+    verdict: Literal["a", "b", "tie", "both_bad"]
+    comment: str | None = None
+    better_answer: str | None = None
+    replaces: str | None = Field(None, max_length=64)

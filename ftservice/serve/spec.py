@@ -7,9 +7,10 @@ import fnmatch
 import os
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from ftservice.config import ModelSpec, Problem, Spec, read_yaml, validate_spec
+from ftservice.config import ModelSpec, Problem, Spec, SpecError, read_yaml, validate_spec
+from ftservice.feedback.campaign import CampaignSpec, load_campaign
 
 SERVE_KEYS = {"registries", "adapters", "replicas", "batching", "store", "limits"}
 """Top-level keys only a serve spec has: how `ftservice validate` tells the kinds apart."""
@@ -132,6 +133,26 @@ class ServeSpec(Spec):
         default_factory=list, description="Origins allowed by CORS; none unless listed."
     )
     log_prompts: bool = Field(False, description="Put prompt text in the access log.")
+    campaigns: list[CampaignSpec] = Field(
+        default_factory=list,
+        description="Preference campaigns the comparison page (/arena) runs: campaign files "
+        "(YAML, read when the spec is) or campaigns written inline.",
+    )
+
+    @field_validator("campaigns", mode="before")
+    @classmethod
+    def _read_campaign_files(cls, value):
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                try:
+                    item = load_campaign(item).model_dump()
+                except SpecError as e:
+                    raise ValueError(str(e)) from None
+            out.append(item)
+        return out
 
     def wants(self, name: str) -> bool:
         """Whether `adapters` selects an artifact of this name."""
@@ -158,6 +179,12 @@ def serve_problems(spec: ServeSpec) -> list[Problem]:
                 f"limits.max_tokens {spec.limits.max_tokens}; lower it or raise the cap",
             )
         )
+    names = [c.name for c in spec.campaigns]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            problems.append(
+                Problem(f"campaigns.{i}.name", f"campaign '{name}' is listed twice; rename one")
+            )
     return problems
 
 

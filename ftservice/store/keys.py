@@ -9,14 +9,14 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from ftservice.errors import FtserviceError
-from ftservice.store.models import ApiKey, RateWindow
+from ftservice.store.models import ApiKey, RateWindow, WebSession
 
 SCOPES = ("inference", "admin", "annotator", "jobs")
 KEY_PREFIX = "fts-"
@@ -151,3 +151,46 @@ def take_request(store: sessionmaker[Session], caller: Caller, per_minute: int) 
     if count > per_minute:
         return max(1.0, (minute + 1) * 60 - now)
     return None
+
+
+SESSION_HOURS = 12
+
+
+def open_session(store: sessionmaker[Session], caller: Caller) -> tuple[str, str]:
+    """A page session for a stored key: (cookie value, CSRF token). Only the cookie's sha256
+    is stored."""
+    if caller.key_id is None:
+        raise KeyStoreError("keys from FTSERVICE_API_KEYS cannot sign in to the page")
+    cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+    now = datetime.now(UTC)
+    with store.begin() as session:
+        session.add(
+            WebSession(digest=digest(cookie), key_id=caller.key_id, csrf=csrf, created_at=now,
+                       expires_at=now + timedelta(hours=SESSION_HOURS))
+        )  # fmt: skip
+    return cookie, csrf
+
+
+def session_caller(store: sessionmaker[Session], cookie: str) -> tuple[Caller, str] | None:
+    """The caller and CSRF token of a live page session; None when unknown, expired or its
+    key revoked."""
+    with store() as session:
+        row = session.execute(
+            select(WebSession, ApiKey)
+            .join(ApiKey, ApiKey.id == WebSession.key_id)
+            .where(WebSession.digest == digest(cookie), ApiKey.revoked_at.is_(None))
+        ).first()
+    if row is None:
+        return None
+    web, key = row
+    expires = web.expires_at if web.expires_at.tzinfo else web.expires_at.replace(tzinfo=UTC)
+    if expires < datetime.now(UTC):
+        return None
+    caller = Caller(key.name, frozenset(key.scope_set), key.project, key.id,
+                    key.requests_per_minute)  # fmt: skip
+    return caller, web.csrf
+
+
+def close_session(store: sessionmaker[Session], cookie: str) -> None:
+    with store.begin() as session:
+        session.execute(delete(WebSession).where(WebSession.digest == digest(cookie)))

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -59,3 +69,116 @@ class DisabledAdapter(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     disabled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     by_key: Mapped[str] = mapped_column(String(100))
+
+
+# ---- preference collection (the feedback issue): inserted, never updated -------------------
+
+
+class Campaign(Base):
+    """A campaign as the app serving it last declared it (its spec as JSON)."""
+
+    __tablename__ = "campaigns"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    app: Mapped[str] = mapped_column(String(100))
+    base: Mapped[str] = mapped_column(String(200))
+    """The base's name on the app's API (the leaderboard centres on it)."""
+    spec: Mapped[str] = mapped_column(Text)
+    declared_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class CampaignAnnotator(Base):
+    """A key (with the annotator scope) that may vote in a campaign."""
+
+    __tablename__ = "campaign_annotators"
+
+    campaign: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key_name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebSession(Base):
+    """A signed-in page: the cookie's sha256, its key and the CSRF token posts must carry."""
+
+    __tablename__ = "web_sessions"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Comparison(Base):
+    """One comparison the server issued to one annotator: a prompt, two models shown as A
+    (left) and B (right), the generation parameters and seed. Annotators who overlap on an
+    item (the same prompt, pair and seed) each get a comparison of their own."""
+
+    __tablename__ = "comparisons"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    campaign: Mapped[str] = mapped_column(String(100), index=True)
+    item: Mapped[str] = mapped_column(String(32), index=True)
+    annotator: Mapped[str] = mapped_column(String(100), index=True)
+    prompt_id: Mapped[str] = mapped_column(String(200))
+    prompt: Mapped[str] = mapped_column(Text)
+    """The chat messages, as JSON."""
+    model_a: Mapped[str] = mapped_column(String(100))
+    model_b: Mapped[str] = mapped_column(String(100))
+    fingerprint_a: Mapped[str | None] = mapped_column(String(100))
+    fingerprint_b: Mapped[str | None] = mapped_column(String(100))
+    swapped: Mapped[bool] = mapped_column(Boolean)
+    """The pair chooser's first model was put on the right (the coin of this comparison)."""
+    params: Mapped[str] = mapped_column(Text)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Answer(Base):
+    """A model's answer to an item (shared by the comparisons of that item)."""
+
+    __tablename__ = "answers"
+
+    item: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(String(100), primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    finish_reason: Mapped[str] = mapped_column(String(20))
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    first_token_ms: Mapped[float | None] = mapped_column(Float)
+    total_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Vote(Base):
+    """A vote, with everything it was about copied in: rows are never updated in place. A
+    correction is a new row naming the vote it replaces; the latest of a chain counts."""
+
+    __tablename__ = "votes"
+    __table_args__ = (UniqueConstraint("comparison_id", "replaces"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vote_id: Mapped[str] = mapped_column(String(64), unique=True)
+    """The client's id: the same id again is a replay, answered with the stored vote."""
+    comparison_id: Mapped[str] = mapped_column(ForeignKey("comparisons.id", ondelete="CASCADE"))
+    replaces: Mapped[str] = mapped_column(String(64))
+    """The vote id this one corrects; '' for a first vote (one per comparison)."""
+    campaign: Mapped[str] = mapped_column(String(100), index=True)
+    annotator: Mapped[str] = mapped_column(String(100), index=True)
+    verdict: Mapped[str] = mapped_column(String(10))
+    """a (left), b (right), tie or both_bad."""
+    comment: Mapped[str | None] = mapped_column(Text)
+    better_answer: Mapped[str | None] = mapped_column(Text)
+    prompt: Mapped[str] = mapped_column(Text)
+    response_a: Mapped[str] = mapped_column(Text)
+    response_b: Mapped[str] = mapped_column(Text)
+    model_a: Mapped[str] = mapped_column(String(100))
+    model_b: Mapped[str] = mapped_column(String(100))
+    fingerprint_a: Mapped[str | None] = mapped_column(String(100))
+    fingerprint_b: Mapped[str | None] = mapped_column(String(100))
+    swapped: Mapped[bool] = mapped_column(Boolean)
+    params: Mapped[str] = mapped_column(Text)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    latency: Mapped[str] = mapped_column(Text)
+    """JSON: each answer's first-token and total ms, and the ms from issue to vote."""
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

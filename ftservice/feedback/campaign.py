@@ -1,0 +1,133 @@
+"""A feedback campaign: which models compete, on which prompts, how pairs are chosen, how many
+votes each prompt gets, how many annotators see each comparison, and each annotator's quota.
+Typed like the other specs; a serve spec lists the campaigns its page runs."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import random
+from itertools import combinations
+from typing import Literal
+
+from pydantic import Field
+
+from ftservice.config import Problem, Spec, read_yaml, validate_spec
+
+
+class CampaignGeneration(Spec):
+    max_tokens: int = Field(128, ge=1, description="New tokens of each answer.")
+    temperature: float = Field(
+        0.7, ge=0, le=2, description="Sampling temperature (both answers share the seed)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+
+
+class CampaignSpec(Spec):
+    """One preference campaign on a serving app."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Campaign name (required).")
+    models: list[str] = Field(
+        default_factory=lambda: ["*"],
+        min_length=1,
+        description="Models that compete: adapter names or globs, and the base's name ('*': "
+        "every servable adapter and the base).",
+    )
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompt files (the prompts format: 'instruction', 'prompt', or 'messages' "
+        "ending in a user turn; an answer in the record is ignored).",
+    )
+    allow_custom_prompts: bool = Field(
+        False, description="Annotators may type a prompt of their own."
+    )
+    pairs: Literal["uniform", "adaptive"] = Field(
+        "adaptive",
+        description="uniform: every pair equally often; adaptive: toward pairs whose order is "
+        "least certain (few votes, ratings close), as Chatbot Arena samples.",
+    )
+    votes_per_prompt: int = Field(
+        3, ge=1, description="Comparisons (items) made of each prompt, each with its own pair."
+    )
+    overlap: int = Field(
+        1, ge=1, description="Annotators who see the same comparison (for agreement)."
+    )
+    quota: int | None = Field(
+        50, ge=1, description="Votes per annotator in this campaign; unset: no cap."
+    )
+    generation: CampaignGeneration = Field(
+        default_factory=CampaignGeneration, description="How the answers are generated."
+    )
+    requests_per_minute: int = Field(
+        120, ge=1, description="Per-annotator rate limit on the page's API (429 over)."
+    )
+    max_comment_chars: int = Field(
+        2000, ge=1, description="Longest comment or hand-written answer (413 over)."
+    )
+    max_prompt_chars: int = Field(4000, ge=1, description="Longest typed prompt (413 over).")
+
+
+def campaign_problems(spec: CampaignSpec) -> list[Problem]:
+    if not spec.prompts and not spec.allow_custom_prompts:
+        return [
+            Problem(
+                "prompts",
+                "the campaign has no prompts: list prompt files, or set "
+                "allow_custom_prompts: true so annotators type their own",
+            )
+        ]
+    return []
+
+
+def load_campaign(path: str | os.PathLike, overrides: list[str] | None = None) -> CampaignSpec:
+    """Read a YAML campaign; SpecError lists every problem with its line."""
+    data, lines = read_yaml(path, "campaign")
+    return validate_spec(CampaignSpec, data, str(path), lines, overrides, campaign_problems)
+
+
+def load_prompts(spec: CampaignSpec) -> list[tuple[str, list[dict]]]:
+    """(prompt id, chat messages ending in a user turn) of every record of the prompt files."""
+    from ftservice.data.loaders import load_rows
+
+    out = []
+    for row in load_rows(spec.prompts):
+        messages = list(row["messages"])
+        while messages and messages[-1]["role"] == "assistant":  # an answer is not the prompt
+            messages.pop()
+        if messages and messages[-1]["role"] == "user":
+            out.append((row["id"], messages))
+    return out
+
+
+def competitors(spec: CampaignSpec, servable: list[str]) -> list[str]:
+    """The servable models (the base's name among them) that the campaign's patterns select."""
+    return [m for m in servable if any(fnmatch.fnmatchcase(m, p) for p in spec.models)]
+
+
+def choose_pair(
+    models: list[str],
+    policy: str,
+    rng: random.Random,
+    counts: dict[frozenset, int] | None = None,
+    ratings: dict[str, float] | None = None,
+) -> tuple[str, str]:
+    """Two different models. Uniform: any pair equally likely. Adaptive: pair (i, j) weighted
+    by p(1-p)/(n+1), where p is i's chance to beat j by the current ratings (0.5 without
+    ratings) and n the pair's votes so far: close pairs with few votes come up most, and
+    every pair keeps a chance (a floor of a tenth of the mean weight)."""
+    if len(models) < 2:
+        raise ValueError(f"a comparison needs two models; the campaign has {models or 'none'}")
+    pairs = list(combinations(sorted(models), 2))
+    if policy == "uniform":
+        pair = rng.choice(pairs)
+    else:
+        counts, ratings = counts or {}, ratings or {}
+        weights = []
+        for i, j in pairs:
+            gap = (ratings.get(i, 1000.0) - ratings.get(j, 1000.0)) / 400
+            p = 1 / (1 + math.pow(10, -gap))
+            weights.append(p * (1 - p) / (counts.get(frozenset((i, j)), 0) + 1))
+        floor = 0.1 * sum(weights) / len(weights)
+        pair = rng.choices(pairs, weights=[max(w, floor) for w in weights])[0]
+    return pair if rng.random() < 0.5 else (pair[1], pair[0])

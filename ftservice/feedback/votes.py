@@ -1,0 +1,477 @@
+"""The vote store's operations: campaigns and their annotators, issuing comparisons, the
+answers, votes (replays and corrections), progress, backup and restore, forgetting a person.
+Every table here is insert-only but for the campaign's declared spec."""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from ftservice.errors import FtserviceError
+from ftservice.feedback.campaign import CampaignSpec, choose_pair
+from ftservice.store.keys import KeyStoreError, create_key
+from ftservice.store.models import (
+    Answer,
+    ApiKey,
+    Campaign,
+    CampaignAnnotator,
+    Comparison,
+    Vote,
+    WebSession,
+)
+
+VERDICTS = ("a", "b", "tie", "both_bad")
+VOTE_FIELDS = (
+    "vote_id", "comparison_id", "replaces", "campaign", "annotator", "verdict", "comment",
+    "better_answer", "prompt", "response_a", "response_b", "model_a", "model_b",
+    "fingerprint_a", "fingerprint_b", "swapped", "params", "seed", "latency", "issued_at",
+    "created_at",
+)  # fmt: skip
+
+
+class FeedbackError(FtserviceError):
+    """A feedback operation that cannot be done; `status` is the HTTP status it answers."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request"):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def _insert(session: Session):
+    return (postgresql if session.get_bind().dialect.name == "postgresql" else sqlite).insert
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---- campaigns and annotators ---------------------------------------------------------------
+
+
+def declare_campaign(store: sessionmaker[Session], app: str, base: str, spec: CampaignSpec) -> None:
+    """Record the campaign as this app runs it (the CLI reads it back)."""
+    with store.begin() as session:
+        session.merge(
+            Campaign(name=spec.name, app=app, base=base, spec=spec.model_dump_json(),
+                     declared_at=_now())
+        )  # fmt: skip
+
+
+def campaign_base(store: sessionmaker[Session], name: str) -> str:
+    campaign_spec(store, name)  # the error for an unknown campaign
+    with store() as session:
+        return session.get(Campaign, name).base
+
+
+def campaign_spec(store: sessionmaker[Session], name: str) -> CampaignSpec:
+    with store() as session:
+        row = session.get(Campaign, name)
+        known = session.scalars(select(Campaign.name)).all()
+    if row is None:
+        raise FeedbackError(
+            f"no campaign '{name}' in this store (known: {', '.join(known) or 'none'}); a "
+            "campaign is recorded when an app listing it in `campaigns:` starts",
+            404,
+            "campaign_not_found",
+        )
+    return CampaignSpec.model_validate_json(row.spec)
+
+
+def add_annotator(store: sessionmaker[Session], name: str, campaign: str) -> str | None:
+    """Let key NAME vote in CAMPAIGN; a new annotator key is made (and its secret returned)
+    when NAME has none. An existing key must have the annotator scope."""
+    with store() as session:
+        key = session.scalar(select(ApiKey).where(ApiKey.name == name))
+    secret = None
+    if key is None:
+        secret = create_key(store, name, ["annotator"], project=campaign)
+    elif "annotator" not in key.scope_set or key.revoked_at is not None:
+        raise KeyStoreError(
+            f"key '{name}' exists without the annotator scope (or is revoked); choose another "
+            "name for the annotator"
+        )
+    with store.begin() as session:
+        stmt = _insert(session)(CampaignAnnotator).values(
+            campaign=campaign, key_name=name, added_at=_now()
+        )
+        session.execute(stmt.on_conflict_do_nothing())
+    return secret
+
+
+def annotator_campaigns(store: sessionmaker[Session], name: str) -> list[str]:
+    with store() as session:
+        rows = session.scalars(
+            select(CampaignAnnotator.campaign).where(CampaignAnnotator.key_name == name)
+        )
+        return sorted(rows)
+
+
+# ---- issuing comparisons ----------------------------------------------------------------------
+
+
+@dataclass
+class Issued:
+    comparison: Comparison
+    answers: dict[str, Answer]
+    """Answers the item already has (another annotator's stream, or this one's)."""
+
+
+def progress(store: sessionmaker[Session], campaign: str, annotator: str) -> int:
+    """Comparisons this annotator has voted on in the campaign."""
+    with store() as session:
+        return session.scalar(
+            select(func.count(func.distinct(Vote.comparison_id))).where(
+                Vote.campaign == campaign, Vote.annotator == annotator
+            )
+        )
+
+
+def _answers(session: Session, item: str) -> dict[str, Answer]:
+    return {a.model: a for a in session.scalars(select(Answer).where(Answer.item == item))}
+
+
+def pair_counts(store: sessionmaker[Session], campaign: str) -> dict[frozenset, int]:
+    with store() as session:
+        rows = session.execute(
+            select(Comparison.model_a, Comparison.model_b, func.count())
+            .where(Comparison.campaign == campaign)
+            .group_by(Comparison.model_a, Comparison.model_b)
+        ).all()
+    counts: Counter = Counter()
+    for a, b, n in rows:
+        counts[frozenset((a, b))] += n
+    return dict(counts)
+
+
+def issue(
+    store: sessionmaker[Session],
+    spec: CampaignSpec,
+    annotator: str,
+    models: list[str],
+    fingerprints: dict[str, str | None],
+    prompts: list[tuple[str, list[dict]]],
+    rng: random.Random,
+    ratings: dict[str, float] | None = None,
+    custom: list[dict] | None = None,
+) -> Issued | None:
+    """The next comparison for an annotator, None when there is none (quota reached or every
+    prompt used). A comparison issued and not voted on yet comes back first; then an item
+    other annotators saw that still wants overlap; then a new item: the least-used prompt, a
+    pair by the campaign's policy, a seed. `custom`: the annotator's own prompt (messages)."""
+    with store() as session:
+        voted = select(Vote.comparison_id).where(Vote.annotator == annotator)
+        mine = select(Comparison).where(
+            Comparison.campaign == spec.name, Comparison.annotator == annotator
+        )
+        if custom is None:
+            pending = session.scalars(
+                mine.where(Comparison.id.not_in(voted)).order_by(Comparison.issued_at)
+            ).first()
+            if pending is not None:
+                return Issued(pending, _answers(session, pending.item))
+        done = session.scalar(
+            select(func.count(func.distinct(Vote.comparison_id))).where(
+                Vote.campaign == spec.name, Vote.annotator == annotator
+            )
+        )
+        if spec.quota is not None and done >= spec.quota:
+            return None
+        template = None
+        if custom is None and spec.overlap > 1:
+            seen = select(Comparison.item).where(Comparison.annotator == annotator)
+            wanting = (
+                select(Comparison.item)
+                .where(Comparison.campaign == spec.name, Comparison.item.not_in(seen))
+                .group_by(Comparison.item)
+                .having(func.count(func.distinct(Comparison.annotator)) < spec.overlap)
+                .order_by(func.min(Comparison.issued_at))
+                .limit(1)
+            )
+            item = session.scalar(wanting)
+            if item is not None:
+                template = session.scalars(
+                    select(Comparison).where(Comparison.item == item)
+                ).first()
+        if template is not None:
+            prompt_id, prompt, item = template.prompt_id, template.prompt, template.item
+            pair = (template.model_a, template.model_b)
+            params, seed = template.params, template.seed
+            pair = pair if rng.random() < 0.5 else (pair[1], pair[0])
+        else:
+            if custom is not None:
+                prompt_id, messages = "custom", custom
+            else:
+                used = Counter(
+                    dict(
+                        session.execute(
+                            select(Comparison.prompt_id, func.count(func.distinct(Comparison.item)))
+                            .where(Comparison.campaign == spec.name)
+                            .group_by(Comparison.prompt_id)
+                        ).all()
+                    )
+                )
+                open_ = [p for p in prompts if used[p[0]] < spec.votes_per_prompt]
+                if not open_:
+                    return None
+                fewest = min(used[p[0]] for p in open_)
+                prompt_id, messages = rng.choice([p for p in open_ if used[p[0]] == fewest])
+            prompt, item = json.dumps(messages), uuid.uuid4().hex
+            pair = choose_pair(models, spec.pairs, rng, pair_counts(store, spec.name), ratings)
+            params = spec.generation.model_dump_json()
+            seed = rng.randrange(2**31)
+    first = min(pair)  # the chooser's order is sorted; which one went left is the coin
+    comparison = Comparison(
+        id=uuid.uuid4().hex, campaign=spec.name, item=item, annotator=annotator,
+        prompt_id=prompt_id, prompt=prompt, model_a=pair[0], model_b=pair[1],
+        fingerprint_a=fingerprints.get(pair[0]), fingerprint_b=fingerprints.get(pair[1]),
+        swapped=pair[0] != first, params=params, seed=seed, issued_at=_now(),
+    )  # fmt: skip
+    with store.begin() as session:
+        session.add(comparison)
+    with store() as session:
+        return Issued(comparison, _answers(session, item))
+
+
+def comparison_for(store: sessionmaker[Session], comparison_id: str, annotator: str) -> Issued:
+    """A comparison issued to this annotator; 404 for any other (unknown or someone else's:
+    the two are not told apart)."""
+    with store() as session:
+        row = session.get(Comparison, comparison_id)
+        if row is None or row.annotator != annotator:
+            raise FeedbackError(
+                f"no comparison '{comparison_id}' was issued to you", 404, "comparison_not_found"
+            )
+        return Issued(row, _answers(session, row.item))
+
+
+def store_answer(
+    store: sessionmaker[Session], item: str, model: str, out: dict, first_ms, total_ms
+) -> None:
+    """Keep a model's answer to an item (the first one stored wins)."""
+    with store.begin() as session:
+        stmt = _insert(session)(Answer).values(
+            item=item, model=model, text=out["text"], finish_reason=out["finish_reason"],
+            completion_tokens=out["completion_tokens"], first_token_ms=first_ms,
+            total_ms=total_ms, created_at=_now(),
+        )  # fmt: skip
+        session.execute(stmt.on_conflict_do_nothing())
+
+
+# ---- votes ------------------------------------------------------------------------------------
+
+
+def vote_json(v: Vote) -> dict:
+    out = {f: getattr(v, f) for f in VOTE_FIELDS}
+    out["replaces"] = v.replaces or None
+    for f in ("prompt", "params", "latency"):
+        out[f] = json.loads(out[f])
+    for f in ("issued_at", "created_at"):
+        out[f] = out[f].isoformat()
+    return out
+
+
+def cast_vote(
+    store: sessionmaker[Session],
+    annotator: str,
+    vote_id: str,
+    comparison_id: str,
+    verdict: str,
+    comment: str | None = None,
+    better_answer: str | None = None,
+    replaces: str | None = None,
+) -> tuple[dict, bool]:
+    """Store a vote; (the vote, whether it was a replay). The same vote id again returns
+    the stored vote and stores nothing. A correction names the vote it replaces (by the same
+    annotator, on the same comparison, the latest of its chain)."""
+    if verdict not in VERDICTS:
+        raise FeedbackError(f"verdict '{verdict}': use one of {', '.join(VERDICTS)}", 400)
+    with store() as session:
+        stored = session.scalar(select(Vote).where(Vote.vote_id == vote_id))
+    if stored is not None:
+        return _replay(stored, annotator)
+    issued = comparison_for(store, comparison_id, annotator)
+    c = issued.comparison
+    missing = [m for m in (c.model_a, c.model_b) if m not in issued.answers]
+    if missing:
+        raise FeedbackError(
+            f"comparison '{comparison_id}' has no stored answer from both models yet; vote "
+            "once both answers are shown",
+            409,
+            "answers_pending",
+        )
+    if replaces:
+        with store() as session:
+            old = session.scalar(select(Vote).where(Vote.vote_id == replaces))
+        if old is None or old.annotator != annotator or old.comparison_id != comparison_id:
+            raise FeedbackError(
+                f"replaces: no vote '{replaces}' of yours on this comparison", 404, "vote_not_found"
+            )
+    a, b = issued.answers[c.model_a], issued.answers[c.model_b]
+    now = _now()
+    issued_at = c.issued_at if c.issued_at.tzinfo else c.issued_at.replace(tzinfo=UTC)
+    latency = {
+        "a": {"first_token_ms": a.first_token_ms, "total_ms": a.total_ms},
+        "b": {"first_token_ms": b.first_token_ms, "total_ms": b.total_ms},
+        "issue_to_vote_ms": round((now - issued_at).total_seconds() * 1000, 1),
+    }
+    row = dict(
+        vote_id=vote_id, comparison_id=comparison_id, replaces=replaces or "",
+        campaign=c.campaign, annotator=annotator, verdict=verdict, comment=comment,
+        better_answer=better_answer, prompt=c.prompt, response_a=a.text, response_b=b.text,
+        model_a=c.model_a, model_b=c.model_b, fingerprint_a=c.fingerprint_a,
+        fingerprint_b=c.fingerprint_b, swapped=c.swapped, params=c.params, seed=c.seed,
+        latency=json.dumps(latency), issued_at=issued_at, created_at=now,
+    )  # fmt: skip
+    with store.begin() as session:
+        stmt = _insert(session)(Vote).values(**row).on_conflict_do_nothing().returning(Vote.id)
+        inserted = session.execute(stmt).scalar()
+    with store() as session:
+        stored = session.scalar(select(Vote).where(Vote.vote_id == vote_id))
+    if inserted is None:
+        if stored is not None:  # the same id raced in from a second request
+            return _replay(stored, annotator)
+        what = f"vote '{replaces}' was already corrected" if replaces else "you already voted"
+        raise FeedbackError(
+            f"{what} on comparison '{comparison_id}'; to change a vote, send a new vote_id "
+            "with replaces naming the latest one",
+            409,
+            "already_voted",
+        )
+    return vote_json(stored), False
+
+
+def _replay(stored: Vote, annotator: str) -> tuple[dict, bool]:
+    if stored.annotator != annotator:  # never tell one annotator about another's votes
+        raise FeedbackError("vote_id is taken; generate a new one (a UUID)", 409, "vote_id_taken")
+    return vote_json(stored), True
+
+
+def effective_votes(store: sessionmaker[Session], campaign: str) -> list[Vote]:
+    """The votes that count: the latest of each correction chain, oldest first."""
+    with store() as session:
+        corrected = select(Vote.replaces).where(Vote.replaces != "", Vote.campaign == campaign)
+        return list(
+            session.scalars(
+                select(Vote)
+                .where(Vote.campaign == campaign, Vote.vote_id.not_in(corrected))
+                .order_by(Vote.id)
+            )
+        )
+
+
+def items_of(store: sessionmaker[Session], comparison_ids: list[str]) -> dict[str, str]:
+    """comparison id -> item."""
+    with store() as session:
+        rows = session.execute(
+            select(Comparison.id, Comparison.item).where(Comparison.id.in_(comparison_ids))
+        ).all()
+    return dict(rows)
+
+
+# ---- backup, restore, forget --------------------------------------------------------------
+
+
+def dump(store: sessionmaker[Session], campaign: str) -> list[dict]:
+    """Every row of a campaign as JSON lines: the campaign, its annotators, comparisons,
+    answers and votes (all of them, corrections included)."""
+
+    def row(obj) -> dict:
+        out = {}
+        for col in obj.__table__.columns:
+            value = getattr(obj, col.key)
+            out[col.key] = value.isoformat() if isinstance(value, datetime) else value
+        return out
+
+    with store() as session:
+        head = session.get(Campaign, campaign)
+        if head is None:
+            raise FeedbackError(f"no campaign '{campaign}' in this store", 404)
+        comparisons = session.scalars(select(Comparison).where(Comparison.campaign == campaign))
+        comparisons = list(comparisons)
+        items = sorted({c.item for c in comparisons})
+        lines = [{"table": "campaigns", "row": row(head)}]
+        for table, rows in [
+            ("campaign_annotators", session.scalars(
+                select(CampaignAnnotator).where(CampaignAnnotator.campaign == campaign))),
+            ("comparisons", comparisons),
+            ("answers", session.scalars(select(Answer).where(Answer.item.in_(items)))),
+            ("votes", session.scalars(
+                select(Vote).where(Vote.campaign == campaign).order_by(Vote.id))),
+        ]:  # fmt: skip
+            lines += [{"table": table, "row": row(r)} for r in rows]
+    return lines
+
+
+TABLES = {
+    "campaigns": Campaign, "campaign_annotators": CampaignAnnotator,
+    "comparisons": Comparison, "answers": Answer, "votes": Vote,
+}  # fmt: skip
+
+
+def load(store: sessionmaker[Session], lines: list[dict], source: str = "dump") -> Counter:
+    """Restore a dump: rows already present are kept as they are (a restore never changes
+    stored rows), the others inserted. Counts of inserted rows per table."""
+    inserted: Counter = Counter()
+    with store.begin() as session:
+        for n, line in enumerate(lines, 1):
+            table = TABLES.get(line.get("table"))
+            if table is None or not isinstance(line.get("row"), dict):
+                raise FeedbackError(
+                    f"{source}:{n}: not a dump line (want {{'table': one of "
+                    f"{', '.join(TABLES)}, 'row': {{...}}}})"
+                )
+            values = dict(line["row"])
+            for col in table.__table__.columns:
+                if isinstance(col.type, type(Campaign.declared_at.type)) and values.get(col.key):
+                    values[col.key] = datetime.fromisoformat(values[col.key])
+            if table is Vote:
+                values.pop("id", None)
+            stmt = _insert(session)(table).values(**values).on_conflict_do_nothing()
+            if session.execute(stmt.returning(*table.__table__.primary_key.columns)).first():
+                inserted[line["table"]] += 1
+    return inserted
+
+
+def forget(store: sessionmaker[Session], annotator: str) -> dict[str, int]:
+    """Delete one person's votes, comments, comparisons (their typed prompts among them),
+    page sessions and campaign memberships; answers no other comparison uses go too."""
+    with store.begin() as session:
+        comments = session.scalar(
+            select(func.count()).where(
+                Vote.annotator == annotator,
+                (Vote.comment.is_not(None)) | (Vote.better_answer.is_not(None)),
+            )
+        )
+        votes = session.execute(delete(Vote).where(Vote.annotator == annotator)).rowcount
+        items = set(
+            session.scalars(select(Comparison.item).where(Comparison.annotator == annotator))
+        )
+        comparisons = session.execute(
+            delete(Comparison).where(Comparison.annotator == annotator)
+        ).rowcount
+        still = set(session.scalars(select(Comparison.item).where(Comparison.item.in_(items))))
+        answers = session.execute(delete(Answer).where(Answer.item.in_(items - still))).rowcount
+        key = session.scalar(select(ApiKey).where(ApiKey.name == annotator))
+        sessions = 0
+        if key is not None:
+            sessions = session.execute(
+                delete(WebSession).where(WebSession.key_id == key.id)
+            ).rowcount
+        memberships = session.execute(
+            delete(CampaignAnnotator).where(CampaignAnnotator.key_name == annotator)
+        ).rowcount
+    return {"votes": votes, "comments": comments, "comparisons": comparisons,
+            "answers": answers, "sessions": sessions, "memberships": memberships}  # fmt: skip
+
+
+def new_vote_id() -> str:
+    return secrets.token_hex(16)

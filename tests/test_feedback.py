@@ -1,0 +1,296 @@
+"""Preference collection without a server: the vote store on SQLite and the local PostgreSQL
+(issue, answers, replays, corrections, overlap, quotas, dump/load, forget), migrations from the
+previous revision, the leaderboard on votes simulated from known strengths, and exports that
+`ftservice data check` reads."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from ftservice.feedback import votes
+from ftservice.feedback.campaign import CampaignSpec, choose_pair, competitors
+from ftservice.feedback.export import export_rows, write_export
+from ftservice.feedback.leaderboard import leaderboard
+from ftservice.store.db import make_engine, open_store, upgrade
+from ftservice.store.keys import create_key
+
+PROMPTS = [(f"p{i}", [{"role": "user", "content": f"Question {i}?"}]) for i in range(4)]
+MODELS = ["base", "alpha", "beta"]
+PRINTS = {"base": "f0", "alpha": "f1", "beta": "f2"}
+
+
+def campaign(**kw) -> CampaignSpec:
+    return CampaignSpec.model_validate({"name": "c1", "prompts": [], "allow_custom_prompts": True}
+                                       | kw)  # fmt: skip
+
+
+def answer_both(store, issued) -> None:
+    c = issued.comparison
+    for model in (c.model_a, c.model_b):
+        out = {"text": f"{model} says <b>hi</b>", "finish_reason": "stop", "completion_tokens": 3}
+        votes.store_answer(store, c.item, model, out, 5.0, 20.0)
+
+
+def issue(store, spec, who, rng, **kw):
+    return votes.issue(store, spec, who, MODELS, PRINTS, PROMPTS, rng, **kw)
+
+
+def test_votes_are_idempotent_corrections_are_new_rows_and_only_the_latest_counts(store):
+    spec = campaign(quota=10)
+    votes.declare_campaign(store, "app", "base", spec)
+    rng = random.Random(0)
+    first = issue(store, spec, "ann", rng)
+    assert issue(store, spec, "ann", rng).comparison.id == first.comparison.id  # pending first
+    cid = first.comparison.id
+    with pytest.raises(votes.FeedbackError, match="no stored answer") as e:
+        votes.cast_vote(store, "ann", "v-0000001", cid, "a")
+    assert e.value.status == 409
+    answer_both(store, first)
+    stored, replayed = votes.cast_vote(store, "ann", "v-0000001", cid, "a", comment="<script>")
+    assert not replayed and stored["verdict"] == "a" and stored["comment"] == "<script>"
+    assert stored["model_a"] == first.comparison.model_a and stored["response_a"].endswith("hi</b>")
+    again, replayed = votes.cast_vote(store, "ann", "v-0000001", cid, "b")  # a replay
+    assert replayed and again["verdict"] == "a"
+    with pytest.raises(votes.FeedbackError, match="already voted") as e:
+        votes.cast_vote(store, "ann", "v-0000002", cid, "b")
+    assert e.value.status == 409
+    with pytest.raises(votes.FeedbackError, match="was issued to you") as e:
+        votes.cast_vote(store, "other", "v-0000003", cid, "b")  # someone else's comparison
+    assert e.value.status == 404
+    with pytest.raises(votes.FeedbackError, match="vote_id is taken"):
+        votes.cast_vote(store, "other", "v-0000001", cid, "b")  # never shows another's vote
+    fixed, _ = votes.cast_vote(store, "ann", "v-0000004", cid, "tie", replaces="v-0000001")
+    assert fixed["replaces"] == "v-0000001"
+    with pytest.raises(votes.FeedbackError, match="already corrected"):
+        votes.cast_vote(store, "ann", "v-0000005", cid, "b", replaces="v-0000001")
+    counted = votes.effective_votes(store, "c1")
+    assert [v.vote_id for v in counted] == ["v-0000004"]
+    with store() as session:
+        assert session.execute(text("SELECT count(*) FROM votes")).scalar() == 2
+        first_row = session.execute(
+            text("SELECT verdict FROM votes WHERE vote_id = 'v-0000001'")
+        ).scalar()
+    assert first_row == "a"  # the corrected vote is kept as it was
+    assert votes.progress(store, "c1", "ann") == 1
+
+
+def test_the_same_vote_sent_twice_from_fifty_threads_is_stored_once(store):
+    spec = campaign(quota=None)
+    votes.declare_campaign(store, "app", "base", spec)
+    rng = random.Random(1)
+    issued = []
+    for k in range(40):
+        i = issue(store, spec, f"ann{k % 10}", rng, custom=[{"role": "user", "content": f"q{k}"}])
+        answer_both(store, i)
+        issued.append(i.comparison)
+    attempts = [(c, f"vote-{c.id}") for c in issued] * 2
+    random.Random(2).shuffle(attempts)
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(
+            lambda a: votes.cast_vote(store, a[0].annotator, a[1], a[0].id, "b"), attempts))  # fmt: skip
+    assert sum(not replayed for _, replayed in results) == 40
+    with store() as session:
+        assert session.execute(text("SELECT count(*) FROM votes")).scalar() == 40
+
+
+def test_overlap_quota_and_prompts_per_item(store):
+    spec = campaign(allow_custom_prompts=False, prompts=["x"], overlap=2, votes_per_prompt=1,
+                    quota=3)  # fmt: skip
+    votes.declare_campaign(store, "app", "base", spec)
+    rng = random.Random(3)
+    seen = {}
+    for who in ("ann1", "ann2"):
+        for _ in range(3):
+            i = issue(store, spec, who, rng)
+            answer_both(store, i)
+            votes.cast_vote(store, who, votes.new_vote_id(), i.comparison.id, "a")
+            seen.setdefault(who, []).append(i.comparison)
+        assert issue(store, spec, who, rng) is None  # the quota of 3
+    items1 = {c.item for c in seen["ann1"]}
+    items2 = {c.item for c in seen["ann2"]}
+    assert items1 == items2 and len(items1) == 3  # the second annotator got the same items
+    by_item = {c.item: c for c in seen["ann1"]}
+    for c in seen["ann2"]:
+        twin = by_item[c.item]
+        assert {c.model_a, c.model_b} == {twin.model_a, twin.model_b} and c.seed == twin.seed
+    assert len({c.prompt_id for c in seen["ann1"]}) == 3  # one item per prompt (votes_per_prompt)
+    ann3 = [issue(store, spec, "ann3", rng) for _ in range(1)]
+    assert ann3[0] is not None and ann3[0].comparison.item not in items1  # overlap 2 is full
+
+
+def test_dump_load_and_forget(store, tmp_path):
+    spec = campaign()
+    votes.declare_campaign(store, "app", "base", spec)
+    rng = random.Random(4)
+    for who in ("ann1", "ann2"):
+        for k in range(2):
+            i = issue(store, spec, who, rng, custom=[{"role": "user", "content": f"{who} {k}"}])
+            answer_both(store, i)
+            votes.cast_vote(store, who, votes.new_vote_id(), i.comparison.id, "b",
+                            comment="meh" if k == 0 else None)  # fmt: skip
+    lines = votes.dump(store, "c1")
+    assert sum(line["table"] == "votes" for line in lines) == 4
+    other = open_store(f"sqlite:///{tmp_path / 'restored.db'}")
+    assert votes.load(other, lines)["votes"] == 4
+    assert votes.load(other, lines) == {}  # loading twice adds nothing
+    assert len(votes.effective_votes(other, "c1")) == 4
+    with pytest.raises(votes.FeedbackError, match=r"dump:2: not a dump line"):
+        votes.load(other, [lines[0], {"table": "users", "row": {}}])
+    counts = votes.forget(store, "ann1")
+    assert counts["votes"] == 2 and counts["comments"] == 1 and counts["comparisons"] == 2
+    left = votes.effective_votes(store, "c1")
+    assert {v.annotator for v in left} == {"ann2"} and len(left) == 2
+    with store() as session:
+        prompts = session.execute(text("SELECT prompt FROM comparisons")).scalars().all()
+    assert not any("ann1" in p for p in prompts)  # their typed prompts are gone too
+
+
+def test_a_database_of_the_previous_revision_keeps_its_rows(tmp_path):
+    from alembic import command
+    from alembic.config import Config
+
+    from ftservice.store.db import MIGRATIONS
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0002")
+    assert "votes" not in inspect(engine).get_table_names()
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO api_keys (name, prefix, digest, scopes, project, created_at, "
+                       "requests, prompt_tokens, completion_tokens) VALUES ('old', 'fts-abcd', "
+                       "'d1', 'inference', 'default', '2026-01-01', 5, 6, 7)"))  # fmt: skip
+        c.execute(text("INSERT INTO disabled_adapters VALUES ('app', 'x', '2026-01-01', 'k')"))
+    upgrade(engine)
+    assert {"votes", "comparisons", "answers", "campaigns"} <= set(
+        inspect(engine).get_table_names()
+    )
+    with engine.connect() as c:
+        assert c.execute(text("SELECT name, requests FROM api_keys")).all() == [("old", 5)]
+        assert c.execute(text("SELECT count(*) FROM disabled_adapters")).scalar() == 1
+
+
+def test_pairs_uniform_and_adaptive():
+    rng = random.Random(5)
+    models = ["a", "b", "c", "d"]
+    uniform = [frozenset(choose_pair(models, "uniform", rng)) for _ in range(3000)]
+    counts = np.array(list({p: uniform.count(p) for p in set(uniform)}.values()))
+    assert len(counts) == 6 and counts.min() > 400  # every pair about 500 times
+    sides = [choose_pair(models, "uniform", rng)[0] for _ in range(2000)]
+    assert 0.4 < sides.count("a") / sides.count("d") < 2.5  # both orders happen
+    # adaptive: close pairs with few votes come up more than settled, distant ones
+    ratings = {"a": 1000, "b": 1010, "c": 1400, "d": 600}
+    votes_so_far = {frozenset(("a", "b")): 0, frozenset(("c", "d")): 200}
+    picks = [frozenset(choose_pair(models, "adaptive", rng, votes_so_far, ratings))
+             for _ in range(3000)]  # fmt: skip
+    assert picks.count(frozenset("ab")) > 5 * picks.count(frozenset("cd")) > 0
+    assert competitors(campaign(models=["al*", "base"]), ["base", "alpha", "beta"]) == [
+        "base", "alpha"]  # fmt: skip
+    with pytest.raises(ValueError, match="needs two models"):
+        choose_pair(["a"], "uniform", rng)
+
+
+def simulated_votes(strength: dict[str, float], n: int, rng: np.random.Generator) -> list[dict]:
+    names = list(strength)
+    out = []
+    for k in range(n):
+        i, j = rng.choice(len(names), 2, replace=False)
+        a, b = names[i], names[j]
+        p = 1 / (1 + 10 ** (-(strength[a] - strength[b]) / 400))
+        tie = 0.4 * min(p, 1 - p)  # ties keep a's expected score at p (a tie is half a win)
+        u = rng.random()
+        verdict = "tie" if u < tie else ("a" if u < tie + p - tie / 2 else "b")
+        out.append({"model_a": a, "model_b": b, "verdict": verdict, "annotator": f"s{k % 5}",
+                    "comparison_id": str(k), "latency": {"issue_to_vote_ms": 1000}})  # fmt: skip
+    return out
+
+
+def test_the_leaderboard_recovers_known_strengths_with_honest_intervals():
+    """Votes simulated from known ratings (the base at 1000, some ties): over 50 replications
+    the fitted order is the true one and the 95% bootstrap intervals hold the true values in
+    at least 85% of cases."""
+    truth = {"base": 1000.0, "a": 1150.0, "b": 900.0, "c": 1300.0}
+    order = sorted(truth, key=lambda m: -truth[m])
+    rng = np.random.default_rng(6)
+    covered = total = right_order = 0
+    for rep in range(50):
+        board = leaderboard(simulated_votes(truth, 400, rng), "base", resamples=100, seed=rep)
+        rows = {r["model"]: r for r in board["ratings"]}
+        right_order += [r["model"] for r in board["ratings"]] == order
+        assert rows["base"]["rating"] == pytest.approx(1000.0)
+        for m, r in rows.items():
+            if m != "base":
+                total += 1
+                covered += r["ci95"][0] <= truth[m] <= r["ci95"][1]
+    assert right_order >= 45, right_order
+    assert covered / total >= 0.85, covered / total
+    win = board["winrate"]
+    assert win["c"]["b"] > 0.7 and win["b"]["c"] < 0.3
+
+
+def test_agreement_between_annotators_on_shared_items():
+    base = {"latency": {"issue_to_vote_ms": 500}}
+    rows, items = [], {}
+    # three annotators on 6 items; a and b always agree, c disagrees on two
+    for item in range(6):
+        for who in ("a", "b", "c"):
+            verdict = "a" if item % 2 else "b"
+            if who == "c" and item < 2:
+                verdict = "tie"
+            cid = f"{item}-{who}"
+            items[cid] = f"item{item}"
+            rows.append(base | {"model_a": "x", "model_b": "y", "verdict": verdict,
+                                "annotator": who, "comparison_id": cid})  # fmt: skip
+    agree = leaderboard(rows, "x", resamples=20, items=items)["agreement"]
+    assert agree["items"] == 6 and agree["fleiss_raters"] == 3
+    assert agree["pairwise"] == pytest.approx(14 / 18, abs=1e-3)
+    assert agree["cohen_kappa"]["a|b"] == 1.0 and agree["cohen_kappa"]["a|c"] < 1.0
+    assert 0 < agree["fleiss_kappa"] < 1
+
+
+def test_exports_resolve_conflicts_and_pass_data_check(tmp_path, cli_env):
+    def vote(cid, who, verdict, a="x", b="y", edit=None):
+        return {"vote_id": f"{cid}-{who}", "comparison_id": cid, "annotator": who,
+                "verdict": verdict, "model_a": a, "model_b": b, "better_answer": edit,
+                "prompt": [{"role": "user", "content": f"prompt {cid}"}],
+                "response_a": f"answer of {a}", "response_b": f"answer of {b}"}  # fmt: skip
+
+    rows = [
+        vote("1", "u1", "a"), vote("1b", "u2", "b", a="y", b="x"), vote("1c", "u3", "tie"),
+        vote("2", "u1", "a"), vote("2b", "u2", "b"),  # a conflict: dropped
+        vote("3", "u1", "tie"), vote("4", "u1", "both_bad", edit="A hand-written answer."),
+    ]  # fmt: skip
+    items = {"1": "i1", "1b": "i1", "1c": "i1", "2": "i2", "2b": "i2", "3": "i3", "4": "i4"}
+    for fmt, fmt_name in (("trl", "preference"), ("openai", "openai_dpo"), ("kto", None)):
+        data, lineage, counts = export_rows(rows, items, fmt)
+        if fmt != "kto":
+            assert counts == {"pairs": 1, "dropped_conflict": 1, "dropped_tie": 1,
+                              "dropped_both_bad": 1, "pairs_from_edits": 2, "rows": 3,
+                              "items": 4}  # fmt: skip
+            first = data[0]
+            chosen = first["chosen"] if fmt == "trl" else first["preferred_output"]
+            assert chosen == [{"role": "assistant", "content": "answer of x"}]
+            assert lineage[0]["vote_ids"] == ["1-u1", "1b-u2", "1c-u3"]
+        else:
+            labels = [(r["completion"][0]["content"], r["label"]) for r in data]
+            assert ("answer of x", True) in labels and ("answer of y", False) in labels
+            assert ("A hand-written answer.", True) in labels
+        out = tmp_path / f"{fmt}.jsonl"
+        write_export(data, lineage, counts, out, {"format": fmt})
+        assert json.loads((tmp_path / f"{fmt}.jsonl.lineage.json").read_text())["counts"]
+        check = subprocess.run([sys.executable, "-m", "ftservice", "data", "check", str(out)],
+                               capture_output=True, text=True, env=cli_env)  # fmt: skip
+        assert check.returncode == 0, check.stderr
+        if fmt_name:
+            assert fmt_name in check.stdout, check.stdout
