@@ -13,14 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import inspect, text
 
 from ftservice.feedback import votes
 from ftservice.feedback.campaign import CampaignSpec, choose_pair, competitors
 from ftservice.feedback.export import export_rows, write_export
 from ftservice.feedback.leaderboard import leaderboard
 from ftservice.store.db import make_engine, open_store, upgrade
-from ftservice.store.keys import create_key
 
 PROMPTS = [(f"p{i}", [{"role": "user", "content": f"Question {i}?"}]) for i in range(4)]
 MODELS = ["base", "alpha", "beta"]
@@ -93,9 +92,13 @@ def test_the_same_vote_sent_twice_from_fifty_threads_is_stored_once(store):
         issued.append(i.comparison)
     attempts = [(c, f"vote-{c.id}") for c in issued] * 2
     random.Random(2).shuffle(attempts)
+
+    def send(attempt):
+        comparison, vote_id = attempt
+        return votes.cast_vote(store, comparison.annotator, vote_id, comparison.id, "b")
+
     with ThreadPoolExecutor(50) as pool:
-        results = list(pool.map(
-            lambda a: votes.cast_vote(store, a[0].annotator, a[1], a[0].id, "b"), attempts))  # fmt: skip
+        results = list(pool.map(send, attempts))
     assert sum(not replayed for _, replayed in results) == 40
     with store() as session:
         assert session.execute(text("SELECT count(*) FROM votes")).scalar() == 40
