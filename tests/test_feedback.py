@@ -297,3 +297,51 @@ def test_exports_resolve_conflicts_and_pass_data_check(tmp_path, cli_env):
         assert check.returncode == 0, check.stderr
         if fmt_name:
             assert fmt_name in check.stdout, check.stdout
+
+
+def test_exported_pairs_train_a_dpo_step(tmp_path, tiny_llama):
+    """The TRL and OpenAI exports are training data as they are: one DPO step from each moves
+    every trainable parameter (in-process, as a Ray worker builds the trainer)."""
+    import torch
+    from test_dpo import spec_for
+
+    from ftservice.models import build_model, load_tokenizer, resolve_model
+    from ftservice.train.dpo import dpo_trainer
+
+    rows = [{"vote_id": f"v{k}", "comparison_id": f"c{k}", "annotator": "u", "verdict": "a",
+             "model_a": "alpha", "model_b": "beta",
+             "prompt": [{"role": "user", "content": f"How heavy is product {k}?"}],
+             "response_a": f"Product {k} weighs {100 + k} grams.",
+             "response_b": "I think it might be heavy, perhaps, I am not sure."}
+            for k in range(8)]  # fmt: skip
+    items = {f"c{k}": f"i{k}" for k in range(8)}
+    base_spec = spec_for(tmp_path, tiny_llama)
+    model_ref = resolve_model(base_spec.model)
+    start = tmp_path / "start"  # an SFT-like adapter: B non-zero, so A gets gradients too
+    adapter = build_model(base_spec, model_ref)
+    with torch.no_grad():
+        for n, p in adapter.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    adapter.save_pretrained(start)
+    for fmt in ("trl", "openai"):
+        data, lineage, counts = export_rows(rows, items, fmt)
+        path = tmp_path / f"{fmt}.jsonl"
+        write_export(data, lineage, counts, path, {"format": fmt})
+        spec = spec_for(
+            tmp_path, tiny_llama, name=f"dpo-{fmt}", stage="dpo", data={"train": [str(path)]},
+            dpo={"beta": 0.1, "parent": str(start)},
+            train={"max_steps": 1, "learning_rate": 1e-2, "micro_batch_size": 4},
+        )  # fmt: skip
+        trainer = dpo_trainer(
+            spec, model_ref, {"name": "start", "location": str(start)},
+            load_tokenizer(model_ref), str(tmp_path / f"w-{fmt}"), 1, [],
+        )  # fmt: skip
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                  if p.requires_grad}  # fmt: skip
+        trainer.train()
+        assert trainer.state.global_step == 1
+        after = dict(trainer.model.named_parameters())
+        same = [n for n, p in before.items() if torch.equal(p, after[n])]
+        assert same == [], same[:3]
+        assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))

@@ -200,7 +200,10 @@ def plots(board: dict, folder: Path) -> list[Path]:
     lo = np.array([row["ci95"][0] for row in rows])
     hi = np.array([row["ci95"][1] for row in rows])
     ax.errorbar(r, y, xerr=[r - lo, hi - r], fmt="o", capsize=4, color="#2b6cb0")
-    ax.set_yticks(y, [f"{row['model']} ({row['votes']} votes)" for row in rows])
+    ax.set_yticks(
+        y,
+        [f"{row['model']} ({row['votes']} vote{'' if row['votes'] == 1 else 's'})" for row in rows],
+    )
     ax.axvline(CENTRE, color="#999", lw=0.8, ls="--")
     ax.set_xlabel("rating (95% bootstrap interval)")
     ax.set_title(f"Leaderboard: {board['votes']} votes")

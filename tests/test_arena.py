@@ -1,0 +1,508 @@
+"""The comparison page and its API on a real Serve app: signed in through Debian's Chromium
+(Playwright), answers streamed side by side, votes by click and by key, identities revealed,
+the leaderboard page; over plain HTTP: cookies and CSRF, every refusal with its status, and
+1000 votes from 50 clients each sent twice (with the ingress killed mid-load) stored exactly
+once on SQLite and on the local PostgreSQL."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import PG, free_port, short_dir
+from sqlalchemy import create_engine, text
+from test_serve_engine import write_adapter
+from test_serve_gate import publish_adapter
+from transformers import AutoTokenizer
+
+from ftservice.config import ModelSpec
+from ftservice.models import resolve_model
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+HOSTILE = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
+SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+
+
+def campaigns(prompts: Path) -> list[dict]:
+    return [
+        {"name": "demo", "prompts": [str(prompts)], "allow_custom_prompts": True,
+         "pairs": "uniform", "votes_per_prompt": 20, "quota": 5,
+         "generation": {"max_tokens": 160, "temperature": 0.0}},
+        {"name": "load", "prompts": [str(prompts)], "votes_per_prompt": 400, "quota": None,
+         "requests_per_minute": 100000, "generation": {"max_tokens": 2, "temperature": 0.0}},
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def arena(tmp_path_factory, tiny_llama):
+    """One Serve app with two adapters and two campaigns; annotators' keys."""
+    import ray
+    from ray import serve
+
+    from ftservice.feedback.votes import add_annotator
+    from ftservice.serve.app import build_app
+    from ftservice.serve.spec import ServeSpec
+    from ftservice.store.db import open_store
+    from ftservice.store.keys import create_key
+
+    root = tmp_path_factory.mktemp("arena")
+    registry = root / "registry"
+    base = resolve_model(ModelSpec(name=str(tiny_llama)))
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        folder = write_adapter(root / name, tiny_llama, seed)
+        AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
+        publish_adapter(registry, name, folder, base)
+    prompts = root / "prompts.jsonl"
+    rows = [
+        {"id": f"q{i}", "instruction": f"Tell me about product number {i}."} for i in range(6)
+    ] + [{"id": "hostile", "instruction": f"Explain {HOSTILE}"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))  # fmt: skip
+    url = f"sqlite:///{root / 'state' / 'ftservice.db'}"
+    spec_json = {
+        "name": "arena", "model": {"name": str(tiny_llama)}, "base_name": "tiny",
+        "registries": [str(registry)], "replicas": {"num": 1, "cpus": 0.5},
+        "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+        "limits": {"max_tokens": 256, "max_request_bytes": 16384},
+        "store": {"url": url}, "campaigns": campaigns(prompts),
+    }  # fmt: skip
+    store = open_store(url)
+    keys = {"user": create_key(store, "user", ["inference"])}
+    for who in ("ann1", "ann2"):
+        keys[who] = add_annotator(store, who, "demo")
+    keys["slow"] = create_key(store, "slow", ["annotator"], requests_per_minute=3)
+    add_annotator(store, "slow", "demo")
+    keys["outsider"] = create_key(store, "outsider", ["annotator"])  # in no campaign
+    port = free_port()
+    ray_tmp = short_dir("ftr-arena-")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(root))
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        ray.init(num_cpus=2, _temp_dir=str(ray_tmp), include_dashboard=False,
+                 logging_level="warning")  # fmt: skip
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(ServeSpec.model_validate(spec_json)), name="arena",
+                      route_prefix="/")  # fmt: skip
+            yield {"url": f"http://127.0.0.1:{port}", "keys": keys, "store": store,
+                   "root": root, "spec": spec_json, "prompts": prompts}  # fmt: skip
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+class Client:
+    """A plain HTTP client with a cookie jar (as a browser keeps the session cookie)."""
+
+    def __init__(self, arena, prefix: str = ""):
+        self.base = arena["url"] + prefix
+        self.cookies: dict[str, str] = {}
+        self.csrf: str | None = None
+        self.set_cookie: list[str] = []
+
+    def call(self, method, path, body=None, bearer=None, csrf=True, raw=None):
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if bearer:
+            req.add_header("Authorization", f"Bearer {bearer}")
+        if self.cookies:
+            req.add_header("Cookie", "; ".join(f"{k}={v}" for k, v in self.cookies.items()))
+        if csrf and self.csrf:
+            req.add_header("X-CSRF-Token", self.csrf)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                status, headers, payload = r.status, r.headers, r.read()
+        except urllib.error.HTTPError as e:
+            status, headers, payload = e.code, e.headers, e.read()
+        for c in headers.get_all("set-cookie") or []:
+            self.set_cookie.append(c)
+            name, _, value = c.split(";")[0].partition("=")
+            self.cookies[name] = value.strip('"')
+        try:
+            return status, json.loads(payload) if payload else None
+        except ValueError:
+            return status, {"not_json": payload.decode(errors="replace")}
+
+    def sign_in(self, token):
+        status, me = self.call("POST", "/arena/api/session", {"token": token})
+        assert status == 200, me
+        self.csrf = me["csrf"]
+        return me
+
+    def stream(self, cid) -> list[dict]:
+        req = urllib.request.Request(f"{self.base}/arena/api/comparisons/{cid}/stream")
+        req.add_header("Cookie", "; ".join(f"{k}={v}" for k, v in self.cookies.items()))
+        with urllib.request.urlopen(req, timeout=120) as r:
+            body = r.read().decode()
+        return [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
+
+
+def test_the_api_refuses_what_it_must_with_the_right_status(arena):
+    ann = Client(arena)
+    status, body = ann.call("POST", "/arena/api/session", {"token": "fts-nope"})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, body = ann.call("POST", "/arena/api/session", {"token": arena["keys"]["user"]})
+    assert status == 403 and "annotator" in body["error"]["message"]
+    assert ann.call("POST", "/arena/api/campaigns/demo/next", {})[0] == 401  # not signed in
+    me = ann.sign_in(arena["keys"]["ann1"])
+    assert [c["name"] for c in me["campaigns"]] == ["demo"]
+    [cookie] = [c for c in ann.set_cookie if c.startswith("ftservice_session=")]
+    flags = cookie.lower()
+    assert "httponly" in flags and "samesite=strict" in flags and "path=/arena" in flags
+    status, body = ann.call("POST", "/arena/api/campaigns/demo/next", {}, csrf=False)
+    assert status == 403 and body["error"]["code"] == "csrf_failed"
+    status, body = ann.call("POST", "/arena/api/campaigns/load/next", {})
+    assert status == 403 and body["error"]["code"] == "not_in_campaign"
+    assert ann.call("POST", "/arena/api/campaigns/nope/next", {})[0] == 404
+    status, body = ann.call("POST", "/arena/api/campaigns/demo/next", {"nope": 1})
+    assert status == 400 and "nope" in body["error"]["message"]
+    status, c = ann.call("POST", "/arena/api/campaigns/demo/next", {})
+    assert status == 200 and c["progress"] == {
+        "name": "demo", "done": 0, "quota": 5, "allow_custom_prompts": True,
+        "max_comment_chars": 2000}  # fmt: skip
+    vote = {"vote_id": uuid.uuid4().hex, "comparison_id": c["id"], "verdict": "a"}
+    status, body = ann.call("POST", "/arena/api/votes", vote)
+    assert status == 409 and body["error"]["code"] == "answers_pending"  # not streamed yet
+    events = ann.stream(c["id"])
+    assert events[-1] == {"complete": True}
+    assert {e["side"] for e in events if e.get("done")} == {"a", "b"}
+    status, body = ann.call("POST", "/arena/api/votes", vote | {"comment": "x" * 2001})
+    assert status == 413 and body["error"]["param"] == "comment"
+    status, body = ann.call("POST", "/arena/api/votes", vote | {"comparison_id": "f" * 32})
+    assert status == 404
+    other = Client(arena)
+    other.sign_in(arena["keys"]["ann2"])
+    status, body = other.call("POST", "/arena/api/votes", vote)  # ann1's comparison
+    assert status == 404 and body["error"]["code"] == "comparison_not_found"
+    assert other.call("GET", f"/arena/api/comparisons/{c['id']}/stream")[0] == 404
+    status, first = ann.call("POST", "/arena/api/votes", vote)
+    assert status == 200 and not first["replayed"]
+    assert set(first["revealed"].values()) <= {"tiny", "alpha", "beta"}
+    assert first["progress"]["done"] == 1
+    status, again = ann.call("POST", "/arena/api/votes", vote | {"verdict": "b"})  # a replay
+    assert status == 200 and again["replayed"] and again["vote"]["verdict"] == "a"
+    status, body = ann.call("POST", "/arena/api/votes", vote | {"vote_id": uuid.uuid4().hex})
+    assert status == 409 and body["error"]["code"] == "already_voted"
+    fix = vote | {"vote_id": uuid.uuid4().hex, "verdict": "tie", "replaces": vote["vote_id"]}
+    status, body = ann.call("POST", "/arena/api/votes", fix)
+    assert status == 200 and body["vote"]["replaces"] == vote["vote_id"]
+    slow = Client(arena)
+    slow.sign_in(arena["keys"]["slow"])
+    codes = [slow.call("POST", "/arena/api/campaigns/demo/next", {})[0] for _ in range(4)]
+    assert codes[:2] == [200, 200] and codes[-1] == 429  # sign-in counted none; 3 a minute
+    outsider = Client(arena)
+    assert outsider.sign_in(arena["keys"]["outsider"])["campaigns"] == []
+    status, _ = ann.call("DELETE", "/arena/api/session")
+    assert status == 204
+    assert ann.call("GET", "/arena/api/session")[0] == 401  # the session is gone server-side
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium through Playwright's Python API (one for the module)."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: the page's tests need Debian's Chromium. Install it with "
+            "'apt-get install -y chromium' (scripts/install.sh does where it may); never "
+            "'playwright install'."
+        )
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )  # fmt: skip
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def signed_in_page(browser, arena, who: str, width: int = 1280, height: int = 900):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{arena['url']}/arena")
+    page.locator("#token").fill("fts-wrong")
+    page.locator("#sign-in button").click()
+    page.locator("#sign-in-error").filter(has_text="unknown or revoked key").wait_for()
+    page.locator("#token").fill(arena["keys"][who])
+    page.keyboard.press("Enter")
+    page.locator("#arena").wait_for()
+    return context, page, errors
+
+
+def watch_stream(page) -> list[int]:
+    """Lengths of answer A read while both answers stream, until the votes are enabled."""
+    seen = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        seen.append(len(page.locator("#text-a").text_content() or ""))
+        if page.locator("#votes button[data-verdict='a']").is_enabled():
+            break
+        time.sleep(0.02)
+    return seen
+
+
+def stored_vote(arena, vote_model_a: str) -> dict:
+    with arena["store"]() as session:
+        row = session.execute(
+            text("SELECT * FROM votes WHERE annotator = 'ann2' ORDER BY id DESC LIMIT 1")
+        ).mappings().one()  # fmt: skip
+    return dict(row)
+
+
+def distinct_colours(png: bytes) -> int:
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    return len(set(image.getdata()))
+
+
+def test_the_page_signs_in_streams_both_answers_and_takes_votes_by_click_and_key(browser, arena):
+    context, page, errors = signed_in_page(browser, arena, "ann2")
+    try:
+        cookies = {c["name"]: c for c in context.cookies()}
+        assert cookies["ftservice_session"]["httpOnly"]
+        assert cookies["ftservice_session"]["sameSite"] == "Strict"
+        assert page.evaluate("document.cookie") == ""  # scripts cannot read the session
+        page.locator("#prompt").filter(has_text="Tell me about").or_(
+            page.locator("#prompt").filter(has_text="Explain")).wait_for()  # fmt: skip
+        lengths = watch_stream(page)
+        streamed = sorted({n for n in lengths if n > 0})
+        assert len(streamed) >= 2, f"answer A never grew between two reads: {lengths[-20:]}"
+        assert page.locator("#text-b").text_content()
+        assert page.locator("#model-a").text_content() == ""  # blind until the vote
+        page.locator("#extra summary").click()
+        page.locator("#comment").fill("A reads better.")
+        page.locator("#votes button[data-verdict='a']").click()
+        page.locator("#model-a").filter(has_text="").wait_for()
+        page.locator("#next").wait_for()
+        revealed = (
+            page.locator("#model-a").text_content(),
+            page.locator("#model-b").text_content(),
+        )
+        assert set(revealed) <= {"tiny", "alpha", "beta"} and revealed[0] != revealed[1]
+        assert page.locator("#progress-text").text_content() == "1 / 5 done"
+        row = stored_vote(arena, revealed[0])
+        assert (row["model_a"], row["model_b"], row["verdict"]) == (*revealed, "a")
+        assert row["comment"] == "A reads better." and row["response_a"]
+        with arena["store"]() as session:
+            swapped = session.execute(text("SELECT swapped FROM comparisons WHERE id = :i"),
+                                      {"i": row["comparison_id"]}).scalar()  # fmt: skip
+        assert swapped == (row["model_a"] != min(revealed))  # the coin is recorded
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        shot = page.screenshot(path=str(SHOTS / "arena.png"), full_page=True)
+        assert distinct_colours(shot) > 50
+        assert page.locator("#pane-a").is_visible() and page.locator("#pane-b").is_visible()
+        # the keyboard alone: Enter for the next comparison, 2 for "B is better"
+        first_id = row["comparison_id"]
+        page.locator("body").press("Enter")
+        page.locator("#progress-text").wait_for()
+        watch_stream(page)
+        page.keyboard.press("2")
+        page.locator("#next").wait_for()
+        assert page.locator("#progress-text").text_content() == "2 / 5 done"
+        second = stored_vote(arena, "")
+        assert second["verdict"] == "b" and second["comparison_id"] != first_id
+        assert page.locator("#model-b").text_content() == second["model_b"]
+        assert errors == []
+    finally:
+        context.close()
+
+
+def test_html_in_prompts_answers_and_comments_is_shown_as_text(browser, arena):
+    context, page, errors = signed_in_page(browser, arena, "ann1", width=390, height=844)
+    try:
+        page.locator("#custom-prompt").wait_for()
+        page.locator("#custom-prompt").fill(f"What is {HOSTILE}?")
+        page.locator("#custom button").click()
+        page.locator("#prompt").filter(has_text="<script>window.__xss = 1</script>").wait_for()
+        watch_stream(page)
+        assert page.evaluate("window.__xss") is None
+        assert page.locator("#prompt img, #prompt script").count() == 0
+        page.locator("#extra summary").click()
+        page.locator("#better").fill(f"Better: {HOSTILE}")
+        page.locator("#votes button[data-verdict='tie']").click()
+        page.locator("#next").wait_for()
+        with arena["store"]() as session:
+            better = session.execute(text(
+                "SELECT better_answer FROM votes WHERE annotator = 'ann1' ORDER BY id DESC"
+            )).scalars().first()  # fmt: skip
+        assert better == f"Better: {HOSTILE}"  # stored as sent, never run
+        # a narrow screen: the answers stack, both on the page
+        a, b = page.locator("#pane-a").bounding_box(), page.locator("#pane-b").bounding_box()
+        assert b["y"] > a["y"] + a["height"] - 1 and a["width"] <= 390
+        assert page.evaluate("window.__xss") is None and errors == []
+    finally:
+        context.close()
+
+
+def test_the_leaderboard_page_shows_ratings_and_plots_to_signed_in_annotators(browser, arena):
+    context, page, errors = signed_in_page(browser, arena, "ann2")
+    try:
+        page.goto(f"{arena['url']}/arena/leaderboard?campaign=demo")
+        page.locator("#ratings tbody tr").first.wait_for()
+        assert page.locator("#ratings tbody tr").count() >= 2
+        widths = []
+        for _ in range(300):  # (the page's CSP refuses wait_for_function's string eval)
+            widths = [page.locator(f"#plot-{p}").evaluate("img => img.naturalWidth")
+                      for p in ("ratings", "winrate")]  # fmt: skip
+            if all(widths):
+                break
+            time.sleep(0.1)
+        assert all(widths), "the plots did not load"
+        shot = page.screenshot(path=str(SHOTS / "leaderboard-page.png"), full_page=True)
+        assert distinct_colours(shot) > 50 and errors == []
+    finally:
+        context.close()
+    anonymous = browser.new_context()
+    try:
+        page = anonymous.new_page()
+        page.goto(f"{arena['url']}/arena/leaderboard")
+        page.locator("#status").filter(has_text="Sign in").wait_for()
+        assert page.locator("#ratings tbody tr").count() == 0
+    finally:
+        anonymous.close()
+
+
+def prepared_comparisons(store, annotators: int, each: int) -> dict[str, tuple[str, list]]:
+    """Annotators of the load campaign with comparisons issued and answered, made straight
+    in the store (what is under test here is the votes): {name: (key, comparison ids)}."""
+    from ftservice.feedback import votes
+
+    spec = votes.campaign_spec(store, "load")
+    rng = random.Random(0)
+    out = {}
+    for k in range(annotators):
+        name = f"load{k}"
+        secret = votes.add_annotator(store, name, "load")
+        ids = []
+        for j in range(each):
+            issued = votes.issue(store, spec, name, ["tiny", "alpha", "beta"], {}, [], rng,
+                                 custom=[{"role": "user", "content": f"{name} {j}"}])  # fmt: skip
+            c = issued.comparison
+            for model in (c.model_a, c.model_b):
+                out_ = {"text": f"{model} {j}", "finish_reason": "stop", "completion_tokens": 2}
+                votes.store_answer(store, c.item, model, out_, 1.0, 2.0)
+            ids.append(c.id)
+        out[name] = (secret, ids)
+    return out
+
+
+def vote_storm(arena, prefix: str, prepared: dict, app: str) -> dict[str, bool]:
+    """Every vote sent twice from 50 client threads (the same vote id), the ingress killed
+    once a few hundred are acknowledged; a client sends again after an error, as the page
+    does. {vote id: replayed} of every acknowledged vote."""
+    import ray
+
+    attempts = [(key, cid, f"{cid}-vote") for key, ids in prepared.values() for cid in ids] * 2
+    random.Random(1).shuffle(attempts)
+    acked: dict[str, bool] = {}
+    failures: list[object] = []  # what clients met while the ingress was down
+    lock = threading.Lock()
+    killed = threading.Event()
+    verdicts = ["a", "b", "tie", "both_bad"]
+
+    def send(attempt):
+        key, cid, vote_id = attempt
+        client = Client(arena, prefix)
+        body = {"vote_id": vote_id, "comparison_id": cid, "verdict": verdicts[len(cid) % 4]}
+        deadline = time.time() + 180
+        while True:
+            try:
+                status, out = client.call("POST", "/arena/api/votes", body, bearer=key)
+            except (OSError, http.client.HTTPException):  # the connection dropped with the ingress
+                status, out = None, None
+            if status == 200:
+                with lock:
+                    acked[vote_id] = acked.get(vote_id, True) and out["replayed"]
+                return
+            assert status is None or status >= 500, (status, out)
+            failures.append(status)
+            assert time.time() < deadline, f"no answer for {vote_id}: {status} {out}"
+            time.sleep(0.3)
+
+    def killer():
+        while len(acked) < 300:
+            time.sleep(0.05)
+        [victim] = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if f"{app}#ingress#" in a["name"]]  # fmt: skip
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        killed.set()
+
+    k = threading.Thread(target=killer, daemon=True)
+    k.start()
+    with ThreadPoolExecutor(50) as pool:
+        list(pool.map(send, attempts))
+    assert killed.is_set(), "the ingress was never killed"
+    assert failures, "no client met the ingress's death: the kill proved nothing"
+    return acked
+
+
+def count_votes(store, campaign: str = "load") -> tuple[int, set[str]]:
+    with store() as session:
+        ids = set(session.execute(text("SELECT vote_id FROM votes WHERE campaign = :c"),
+                                  {"c": campaign}).scalars())  # fmt: skip
+    return len(ids), ids
+
+
+def test_a_thousand_votes_sent_twice_with_the_ingress_killed_are_stored_once_on_sqlite(arena):
+    prepared = prepared_comparisons(arena["store"], 50, 20)
+    acked = vote_storm(arena, "", prepared, "arena")
+    rows, ids = count_votes(arena["store"])
+    assert rows == 1000 and len(acked) == 1000
+    assert set(acked) <= ids  # no acknowledged vote was lost
+    assert sum(not replayed for replayed in acked.values()) <= 1000
+
+
+def test_a_thousand_votes_sent_twice_with_the_ingress_killed_are_stored_once_on_postgresql(
+    arena,
+):
+    from ray import serve
+
+    from ftservice.serve.app import build_app
+    from ftservice.serve.spec import ServeSpec
+    from ftservice.store.db import open_store
+
+    schema = f"ftservice_arena_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f"CREATE SCHEMA {schema}"))
+    url = f"{PG}?options=-csearch_path%3D{schema}"
+    try:
+        store = open_store(url)
+        spec = dict(arena["spec"], name="arena-pg", store={"url": url},
+                    replicas={"num": 1, "cpus": 0.3})  # fmt: skip
+        serve.run(build_app(ServeSpec.model_validate(spec)), name="arena-pg", route_prefix="/pg")
+        prepared = prepared_comparisons(store, 50, 20)
+        acked = vote_storm(arena, "/pg", prepared, "arena-pg")
+        rows, ids = count_votes(store)
+        assert rows == 1000 and len(acked) == 1000 and set(acked) <= ids
+        with admin.connect() as c:  # the tables really are in the test's own schema
+            n = c.execute(text(f"SELECT count(*) FROM {schema}.votes")).scalar()
+        assert n == 1000
+    finally:
+        serve.delete("arena-pg")
+        with admin.connect() as c:
+            c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
