@@ -31,7 +31,6 @@ from ftservice.models import resolve_model
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
 HOSTILE = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
 
 def campaigns(prompts: Path) -> list[dict]:
@@ -310,8 +309,7 @@ def test_the_page_signs_in_streams_both_answers_and_takes_votes_by_click_and_key
             swapped = session.execute(text("SELECT swapped FROM comparisons WHERE id = :i"),
                                       {"i": row["comparison_id"]}).scalar()  # fmt: skip
         assert swapped == (row["model_a"] != min(revealed))  # the coin is recorded
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        shot = page.screenshot(path=str(SHOTS / "arena.png"), full_page=True)
+        shot = page.screenshot(path=str(arena["root"] / "arena.png"), full_page=True)
         assert distinct_colours(shot) > 50
         assert page.locator("#pane-a").is_visible() and page.locator("#pane-b").is_visible()
         # the keyboard alone: Enter for the next comparison, 2 for "B is better"
@@ -371,7 +369,7 @@ def test_the_leaderboard_page_shows_ratings_and_plots_to_signed_in_annotators(br
                 break
             time.sleep(0.1)
         assert all(widths), "the plots did not load"
-        shot = page.screenshot(path=str(SHOTS / "leaderboard-page.png"), full_page=True)
+        shot = page.screenshot(path=str(arena["root"] / "leaderboard.png"), full_page=True)
         assert distinct_colours(shot) > 50 and errors == []
     finally:
         context.close()
