@@ -87,13 +87,17 @@ def _root(
 
 @app.command()
 def validate(spec: str, overrides: Overrides = None, as_json: AsJson = False) -> None:
-    """Check a job or serve spec; print it fully resolved, or every problem (exit code 2)."""
+    """Check a job, serve or campaign spec; print it fully resolved, or every problem (exit
+    code 2)."""
     from ftservice.config import dump_spec, load_spec, read_yaml
+    from ftservice.feedback.campaign import is_campaign_spec, load_campaign
     from ftservice.serve.spec import is_serve_spec, load_serve_spec
 
     data, _ = read_yaml(spec)
     if is_serve_spec(data):
         resolved = load_serve_spec(spec, overrides or [])
+    elif is_campaign_spec(data):
+        resolved = load_campaign(spec, overrides or [])
     else:
         resolved = load_spec(spec, overrides or [], check_inputs=True)
     if as_json:
@@ -105,15 +109,16 @@ def validate(spec: str, overrides: Overrides = None, as_json: AsJson = False) ->
 
 @app.command()
 def schema(
-    kind: Annotated[str, typer.Option(help="job or serve.")] = "job",
+    kind: Annotated[str, typer.Option(help="job, serve or campaign.")] = "job",
 ) -> None:
-    """Print the JSON Schema of job or serve specs (for editor completion and checks)."""
+    """Print the JSON Schema of job, serve or campaign specs (for editors and checks)."""
     from ftservice.config import JobSpec
+    from ftservice.feedback.campaign import CampaignSpec
     from ftservice.serve.spec import ServeSpec
 
-    models = {"job": JobSpec, "serve": ServeSpec}
+    models = {"job": JobSpec, "serve": ServeSpec, "campaign": CampaignSpec}
     if kind not in models:
-        raise typer.BadParameter(f"--kind {kind}: use job or serve")
+        raise typer.BadParameter(f"--kind {kind}: use job, serve or campaign")
     _print_json(models[kind].model_json_schema())
 
 

@@ -345,3 +345,56 @@ def test_exported_pairs_train_a_dpo_step(tmp_path, tiny_llama):
         same = [n for n, p in before.items() if torch.equal(p, after[n])]
         assert same == [], same[:3]
         assert torch.isfinite(torch.tensor(trainer.state.log_history[-1]["train_loss"]))
+
+
+def test_the_feedback_commands(tmp_path, cli_env):
+    """annotators add, leaderboard (table, JSON, both plots), export, dump, load and forget,
+    as a user runs them against the store."""
+    url = f"sqlite:///{tmp_path / 'state' / 'ftservice.db'}"
+    store = open_store(url)
+    spec = campaign(quota=None)
+    votes.declare_campaign(store, "app", "base", spec)
+
+    def ftservice(*args, check=True):
+        out = subprocess.run([sys.executable, "-m", "ftservice", *args, "--store", url],
+                             capture_output=True, text=True, env=cli_env, cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 0 or not check, out.stderr
+        return out
+
+    key = ftservice("feedback", "annotators", "add", "rater1", "--campaign", "c1").stdout.strip()
+    assert key.startswith("fts-") and "rater1" in ftservice("keys", "list").stdout
+    again = ftservice("feedback", "annotators", "add", "rater1", "--campaign", "c1")
+    assert again.stdout == "" and "existing key" in again.stderr  # never a second secret
+    rng = random.Random(7)
+    strengths = {"base": 0.5, "alpha": 0.8, "beta": 0.2}
+    for k in range(60):
+        i = issue(store, spec, f"rater{k % 3}", rng, custom=[{"role": "user", "content": str(k)}])
+        answer_both(store, i)
+        a, b = i.comparison.model_a, i.comparison.model_b
+        verdict = "a" if rng.random() < strengths[a] / (strengths[a] + strengths[b]) else "b"
+        votes.cast_vote(store, f"rater{k % 3}", votes.new_vote_id(), i.comparison.id, verdict)
+    board = json.loads(ftservice("feedback", "leaderboard", "c1", "--json", "--resamples",
+                                 "50", "--out", "plots").stdout)  # fmt: skip
+    assert board["votes"] == 60 and board["ratings"][0]["model"] == "alpha"
+    assert [r["model"] for r in board["ratings"] if r["model"] == "base"] and any(
+        r["rating"] == 1000.0 for r in board["ratings"])  # fmt: skip
+    for name in ("leaderboard.png", "winrate.png"):
+        assert (tmp_path / "plots" / name).stat().st_size > 10_000
+    table = ftservice("feedback", "leaderboard", "c1", "--resamples", "20").stdout
+    assert "alpha" in table and "95% interval" in table.lower()
+    out = ftservice("feedback", "export", "c1", "--format", "openai", "--out", "o.jsonl").stdout
+    assert "wrote 60 rows" in out and (tmp_path / "o.jsonl.lineage.json").is_file()
+    bad = ftservice("feedback", "export", "c1", "--format", "csv", check=False)
+    assert bad.returncode != 0 and "trl, openai, kto" in bad.stderr
+    unknown = ftservice("feedback", "leaderboard", "nope", check=False)
+    assert unknown.returncode != 0 and "known: c1" in unknown.stderr
+    ftservice("feedback", "dump", "c1", "--out", "c1.jsonl")
+    restored = f"sqlite:///{tmp_path / 'restored.db'}"
+    load = subprocess.run([sys.executable, "-m", "ftservice", "feedback", "load", "c1.jsonl",
+                           "--store", restored], capture_output=True, text=True, env=cli_env,
+                          cwd=tmp_path)  # fmt: skip
+    assert load.returncode == 0 and "votes 60" in load.stdout, load.stderr
+    assert len(votes.effective_votes(open_store(restored), "c1")) == 60
+    gone = ftservice("feedback", "forget", "rater1", "--yes").stdout
+    assert "20 votes" in gone
+    assert len(votes.effective_votes(store, "c1")) == 40

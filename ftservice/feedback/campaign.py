@@ -80,6 +80,14 @@ def campaign_problems(spec: CampaignSpec) -> list[Problem]:
     return []
 
 
+CAMPAIGN_KEYS = {"votes_per_prompt", "overlap", "quota", "pairs", "allow_custom_prompts"}
+"""Top-level keys only a campaign has: how `ftservice validate` tells the kinds apart."""
+
+
+def is_campaign_spec(data: dict) -> bool:
+    return bool(CAMPAIGN_KEYS & set(data))
+
+
 def load_campaign(path: str | os.PathLike, overrides: list[str] | None = None) -> CampaignSpec:
     """Read a YAML campaign; SpecError lists every problem with its line."""
     data, lines = read_yaml(path, "campaign")

@@ -10,9 +10,9 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ftservice.config import ModelSpec, Problem, Spec, SpecError, read_yaml, validate_spec
-from ftservice.feedback.campaign import CampaignSpec, load_campaign
+from ftservice.feedback.campaign import CampaignSpec, campaign_problems, load_campaign
 
-SERVE_KEYS = {"registries", "adapters", "replicas", "batching", "store", "limits"}
+SERVE_KEYS = {"registries", "adapters", "replicas", "batching", "store", "limits", "campaigns"}
 """Top-level keys only a serve spec has: how `ftservice validate` tells the kinds apart."""
 
 
@@ -179,6 +179,10 @@ def serve_problems(spec: ServeSpec) -> list[Problem]:
                 f"limits.max_tokens {spec.limits.max_tokens}; lower it or raise the cap",
             )
         )
+    for i, campaign in enumerate(spec.campaigns):
+        for problem in campaign_problems(campaign):
+            problem.path = f"campaigns.{i}.{problem.path}"
+            problems.append(problem)
     names = [c.name for c in spec.campaigns]
     for i, name in enumerate(names):
         if name in names[:i]:
