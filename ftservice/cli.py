@@ -580,6 +580,9 @@ def serve_run(
             '$FTSERVICE_API_KEY" -H "Content-Type: application/json" -d \'{"model": "'
             f'{base}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\''
         )
+        for campaign in job.campaigns:
+            print(f"page:   {url}/arena (campaign {campaign.name}; an annotator key: ftservice "
+                  f"feedback annotators add NAME --campaign {campaign.name})")  # fmt: skip
         print("Ctrl-C stops it.", flush=True)
         stop.wait()
         print("draining and stopping ...", flush=True)

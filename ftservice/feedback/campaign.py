@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field
 
 from ftservice.config import Problem, Spec, read_yaml, validate_spec
+from ftservice.data.loaders import load_rows
 
 
 class CampaignGeneration(Spec):
@@ -96,8 +97,6 @@ def load_campaign(path: str | os.PathLike, overrides: list[str] | None = None) -
 
 def load_prompts(spec: CampaignSpec) -> list[tuple[str, list[dict]]]:
     """(prompt id, chat messages ending in a user turn) of every record of the prompt files."""
-    from ftservice.data.loaders import load_rows
-
     out = []
     for row in load_rows(spec.prompts):
         messages = list(row["messages"])
