@@ -69,7 +69,8 @@ def main() -> None:
         time.sleep(2)  # the plots
         page.screenshot(path=str(out / "leaderboard-page.png"), full_page=True)
         browser.close()
-    print(f"wrote {out / 'arena.png'} and {out / 'leaderboard-page.png'}")
+    shots = ["arena.png"] if args.votes else []
+    print("wrote " + ", ".join(str(out / name) for name in [*shots, "leaderboard-page.png"]))
 
 
 if __name__ == "__main__":

@@ -744,6 +744,15 @@ def _campaign_votes(store_url: str, campaign: str):
     return store, rows, items
 
 
+def _interval(row: dict) -> str:
+    lo, hi = row["ci95"]
+    if row.get("open") == "above":
+        return f"open: never lost ({row['won']} wins)"
+    if row.get("open") == "below":
+        return f"open: never won ({row['lost']} losses)"
+    return f"{lo:.0f} – {hi:.0f}"
+
+
 @feedback_app.command("leaderboard")
 def feedback_leaderboard(
     campaign: str,
@@ -775,7 +784,7 @@ def feedback_leaderboard(
                 "rank": r["rank"],
                 "model": r["model"],
                 "rating": f"{r['rating']:.0f}",
-                "95% interval": f"{r['ci95'][0]:.0f} – {r['ci95'][1]:.0f}",
+                "95% interval": _interval(r),
                 "votes": r["votes"],
             }
             for r in board["ratings"]

@@ -38,6 +38,8 @@ def campaigns(prompts: Path) -> list[dict]:
         {"name": "demo", "prompts": [str(prompts)], "allow_custom_prompts": True,
          "pairs": "uniform", "votes_per_prompt": 20, "quota": 5,
          "generation": {"max_tokens": 160, "temperature": 0.0}},
+        {"name": "overlap", "prompts": [str(prompts)], "overlap": 2, "quota": 3,
+         "pairs": "adaptive", "generation": {"max_tokens": 24, "temperature": 1.0}},
         {"name": "load", "prompts": [str(prompts)], "votes_per_prompt": 400, "quota": None,
          "requests_per_minute": 100000, "generation": {"max_tokens": 2, "temperature": 0.0}},
     ]  # fmt: skip
@@ -79,6 +81,7 @@ def arena(tmp_path_factory, tiny_llama):
     keys = {"user": create_key(store, "user", ["inference"])}
     for who in ("ann1", "ann2"):
         keys[who] = add_annotator(store, who, "demo")
+        add_annotator(store, who, "overlap")
     keys["slow"] = create_key(store, "slow", ["annotator"], requests_per_minute=3)
     add_annotator(store, "slow", "demo")
     keys["outsider"] = create_key(store, "outsider", ["annotator"])  # in no campaign
@@ -158,7 +161,7 @@ def test_the_api_refuses_what_it_must_with_the_right_status(arena):
     assert status == 403 and "annotator" in body["error"]["message"]
     assert ann.call("POST", "/arena/api/campaigns/demo/next", {})[0] == 401  # not signed in
     me = ann.sign_in(arena["keys"]["ann1"])
-    assert [c["name"] for c in me["campaigns"]] == ["demo"]
+    assert [c["name"] for c in me["campaigns"]] == ["demo", "overlap"]
     [cookie] = [c for c in ann.set_cookie if c.startswith("ftservice_session=")]
     flags = cookie.lower()
     assert "httponly" in flags and "samesite=strict" in flags and "path=/arena" in flags
@@ -504,3 +507,35 @@ def test_a_thousand_votes_sent_twice_with_the_ingress_killed_are_stored_once_on_
         with admin.connect() as c:
             c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def test_annotators_of_one_comparison_see_the_same_sampled_answers_their_votes_keep(arena):
+    """Overlap 2 with sampling: two annotators get the same item and stream it at the same
+    time; the answer is generated once, and each vote keeps exactly the text its annotator
+    was shown. Pairs are chosen adaptively from the votes so far."""
+    first, second = Client(arena), Client(arena)
+    first.sign_in(arena["keys"]["ann1"])
+    second.sign_in(arena["keys"]["ann2"])
+    for round_ in range(3):
+        c1 = first.call("POST", "/arena/api/campaigns/overlap/next", {})[1]
+        c2 = second.call("POST", "/arena/api/campaigns/overlap/next", {})[1]
+        with arena["store"]() as session:
+            items = session.execute(
+                text("SELECT item, model_a, model_b FROM comparisons WHERE id IN (:a, :b)"),
+                {"a": c1["id"], "b": c2["id"]},
+            )
+            items = items.all()  # fmt: skip
+        assert len({i.item for i in items}) == 1, "overlap 2: both annotators get the item"
+        with ThreadPoolExecutor(2) as pool:
+            seen = list(pool.map(lambda x: x[0].stream(x[1]["id"]), [(first, c1), (second, c2)]))
+        for client, c, events in ((first, c1, seen[0]), (second, c2, seen[1])):
+            shown = {side: "".join(e.get("text", "") for e in events if e.get("side") == side)
+                     for side in "ab"}  # fmt: skip
+            vote = {"vote_id": uuid.uuid4().hex, "comparison_id": c["id"], "verdict": "a"}
+            status, out = client.call("POST", "/arena/api/votes", vote)
+            assert status == 200, out
+            query = text("SELECT response_a, response_b FROM votes WHERE vote_id = :v")
+            with arena["store"]() as session:
+                row = session.execute(query, {"v": vote["vote_id"]}).one()
+            assert (row.response_a, row.response_b) == (shown["a"], shown["b"]), round_
+            assert shown["a"] and shown["b"]

@@ -16,9 +16,12 @@ import numpy as np
 
 SCALE, CENTRE = 400.0, 1000.0
 PRIOR_C = 1e4
-"""The logistic regression's L2 strength (sklearn's C, in log10-odds units): weak enough to
-be negligible with a few votes per pair, strong enough to keep a model that never lost
-finite."""
+"""The logistic regression's L2 strength (sklearn's C): negligible; the virtual ties below
+are what keep a model that never lost finite."""
+VIRTUAL_TIES = 1
+"""Ties added between every pair of models that met (add-one smoothing, as rating systems
+seed new players): 12 wins of 12 give +559 points, not infinity; with tens of votes per pair
+the shift is a few points."""
 
 
 def outcomes(votes: list[dict]) -> list[tuple[str, str, float]]:
@@ -28,10 +31,16 @@ def outcomes(votes: list[dict]) -> list[tuple[str, str, float]]:
     return [(v["model_a"], v["model_b"], score[v["verdict"]]) for v in votes]
 
 
+def virtual_ties(games: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    pairs = sorted({tuple(sorted((i, j))) for i, j, _ in games})
+    return [(i, j, 0.5) for i, j in pairs for _ in range(VIRTUAL_TIES)]
+
+
 def fit_ratings(games: list[tuple[str, str, float]], models: list[str], base: str | None):
-    """Ratings of the models from (i, j, i's score) games."""
+    """Ratings of the models from (i, j, i's score) games (plus the virtual ties)."""
     from sklearn.linear_model import LogisticRegression
 
+    games = games + virtual_ties(games)
     index = {m: k for k, m in enumerate(models)}
     rows, ys, weights = [], [], []
     for i, j, s in games:
@@ -42,10 +51,6 @@ def fit_ratings(games: list[tuple[str, str, float]], models: list[str], base: st
                 rows.append(x)
                 ys.append(y)
                 weights.append(w)
-    if len(set(ys)) < 2:  # every game won by the left (or all lost): mirror one to fit
-        rows.append(-rows[0])
-        ys.append(1 - ys[0])
-        weights.append(1e-6)
     lr = LogisticRegression(fit_intercept=False, C=PRIOR_C, tol=1e-8, max_iter=1000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -71,7 +76,8 @@ def leaderboard(
         "votes": len(votes),
         "models": models,
         "scale": (
-            f"Bradley–Terry, {SCALE:g} points per factor of 10 in odds, "
+            f"Bradley–Terry, {SCALE:g} points per factor of 10 in odds, one virtual tie per "
+            "pair, "
             + (f"the base '{base}' at {CENTRE:g}" if base in models else f"mean {CENTRE:g}")
         ),
     }
@@ -89,11 +95,21 @@ def leaderboard(
         for m, r in fit_ratings(sample, present, base).items():
             boot[m].append(r)
     counts = Counter(m for i, j, _ in games for m in (i, j))
+    lost = Counter(i if s == 0 else j for i, j, s in games if s in (0.0, 1.0))
+    won = Counter(i if s == 1 else j for i, j, s in games if s in (0.0, 1.0))
     table = []
     for m in sorted(models, key=lambda m: -ratings[m]):
         lo, hi = np.percentile(boot[m], [2.5, 97.5]) if boot[m] else (np.nan, np.nan)
-        table.append({"model": m, "rating": round(ratings[m], 1), "ci95": [round(float(lo), 1),
-                      round(float(hi), 1)], "votes": counts[m]})  # fmt: skip
+        row = {"model": m, "rating": round(ratings[m], 1),
+               "ci95": [round(float(lo), 1), round(float(hi), 1)],
+               "votes": counts[m], "won": won[m], "lost": lost[m]}  # fmt: skip
+        # a model that never lost (or never won) has no upper (lower) bound the votes support:
+        # every resample is the same clean sweep, so the bootstrap cannot see the spread
+        if m != base and won[m] and not lost[m]:
+            row["open"] = "above"
+        elif m != base and lost[m] and not won[m]:
+            row["open"] = "below"
+        table.append(row)
     for rank, row in enumerate(table, 1):
         row["rank"] = rank
     out |= {
@@ -200,6 +216,13 @@ def plots(board: dict, folder: Path) -> list[Path]:
     lo = np.array([row["ci95"][0] for row in rows])
     hi = np.array([row["ci95"][1] for row in rows])
     ax.errorbar(r, y, xerr=[r - lo, hi - r], fmt="o", capsize=4, color="#2b6cb0")
+    span = max(float(np.nanmax(hi) - np.nanmin(lo)), 200.0)
+    for k, row in enumerate(rows):  # an open end: an arrow, not a cap
+        if row.get("open"):
+            edge, step = (hi[k], 1) if row["open"] == "above" else (lo[k], -1)
+            ax.annotate("", xy=(edge + step * 0.25 * span, k), xytext=(edge, k),
+                        arrowprops={"arrowstyle": "->", "color": "#2b6cb0", "lw": 1.5})  # fmt: skip
+    ax.set_xlim(np.nanmin(lo) - 0.3 * span, np.nanmax(hi) + 0.3 * span)
     ax.set_yticks(
         y,
         [f"{row['model']} ({row['votes']} vote{'' if row['votes'] == 1 else 's'})" for row in rows],
@@ -217,7 +240,8 @@ def plots(board: dict, folder: Path) -> list[Path]:
         for b, j in enumerate(models):
             if i != j and board["winrate"][i][j] is not None:
                 grid[a, b] = board["winrate"][i][j]
-    fig, ax = plt.subplots(figsize=(2 + 0.8 * len(models), 1.5 + 0.7 * len(models)))
+    size = max(4.5, 2 + 0.8 * len(models))
+    fig, ax = plt.subplots(figsize=(size, 2.5 + 0.7 * len(models)))
     im = ax.imshow(grid, cmap="RdBu", vmin=0, vmax=1)
     ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
     ax.set_yticks(range(len(models)), models)
@@ -225,7 +249,7 @@ def plots(board: dict, folder: Path) -> list[Path]:
         for b in range(len(models)):
             if not np.isnan(grid[a, b]):
                 ax.text(b, a, f"{grid[a, b]:.2f}", ha="center", va="center", fontsize=9)
-    ax.set_title("Win rate of row against column")
+    ax.set_title("Win rate, row against column")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(paths[1], dpi=120)

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 
 from ftservice.feedback import votes as store_votes
 from ftservice.feedback.campaign import CampaignSpec, competitors, load_prompts
-from ftservice.feedback.leaderboard import leaderboard, plots
+from ftservice.feedback.leaderboard import fit_ratings, leaderboard, outcomes, plots
 from ftservice.serve.api import api
 from ftservice.serve.protocol import (
     ApiError,
@@ -47,6 +47,7 @@ CSP = (
 )
 LEADERBOARD_TTL_S = 5.0
 LEADERBOARD_RESAMPLES = 200
+RATINGS_TTL_S = 30.0
 
 
 def _page(name: str) -> FileResponse:
@@ -80,6 +81,11 @@ class ArenaRoutes:
             store_votes.declare_campaign(self.store, self.spec.name, self.base_name, c)
         self._rng = random.Random(secrets.randbits(64))
         self._boards: dict[str, tuple[float, dict]] = {}
+        self._ratings: dict[str, tuple[float, dict[str, float]]] = {}
+        # (item, model) -> the generation of that answer running in this ingress: a second
+        # annotator of the same item waits for it and is shown the stored answer, so what
+        # every annotator saw is what their vote keeps
+        self._generating: dict[tuple[str, str], asyncio.Future] = {}
 
     # ---- who ------------------------------------------------------------------------------
 
@@ -185,10 +191,17 @@ class ArenaRoutes:
         return chosen, prints
 
     def ratings(self, campaign: str) -> dict[str, float]:
-        cached = self._boards.get(campaign)
-        if cached is None:
-            return {}
-        return {row["model"]: row["rating"] for row in cached[1].get("ratings", [])}
+        """Current ratings for adaptive pair choice (a plain fit, no bootstrap), refreshed at
+        most every RATINGS_TTL_S."""
+        cached = self._ratings.get(campaign)
+        if cached is not None and time.monotonic() - cached[0] < RATINGS_TTL_S:
+            return cached[1]
+        rows = [store_votes.vote_json(v) for v in store_votes.effective_votes(self.store, campaign)]
+        games = outcomes(rows)
+        models = sorted({m for i, j, _ in games for m in (i, j)})
+        ratings = fit_ratings(games, models, self.base_name) if len(models) >= 2 else {}
+        self._ratings[campaign] = (time.monotonic(), ratings)
+        return ratings
 
     # ---- pages ----------------------------------------------------------------------------
 
@@ -302,10 +315,11 @@ class ArenaRoutes:
                 "server_error",
                 "not_enough_models",
             )
+        ratings = await asyncio.to_thread(self.ratings, name) if spec.pairs == "adaptive" else {}
         try:
             issued = await asyncio.to_thread(
                 store_votes.issue, self.store, spec, caller.name, models, prints,
-                self.campaign_prompts[name], self._rng, self.ratings(name), custom,
+                self.campaign_prompts[name], self._rng, ratings, custom,
             )  # fmt: skip
         except store_votes.FeedbackError as e:
             raise _feedback_error(e) from None
@@ -328,12 +342,20 @@ class ArenaRoutes:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def side(label: str, model: str):
+            key = (c.item, model)
             stored = issued.answers.get(model)
-            if stored is not None:  # another annotator's stream of this item made it
+            running = self._generating.get(key)
+            if stored is None and running is not None:  # another annotator's stream of it
+                await asyncio.shield(running)  # (always ends with a result, never raises)
+                found = await asyncio.to_thread(store_votes.comparison_for, self.store, cid,
+                                                caller.name)  # fmt: skip
+                stored = found.answers.get(model)
+            if stored is not None:  # shown as stored: what the vote will keep
                 await queue.put({"side": label, "text": stored.text})
                 await queue.put({"side": label, "done": True,
                                  "finish_reason": stored.finish_reason})  # fmt: skip
                 return
+            mine = self._generating[key] = asyncio.get_running_loop().create_future()
             t0, first, final = time.time(), None, None
             try:
                 adapter = await asyncio.to_thread(self.resolve, model)
@@ -359,6 +381,11 @@ class ArenaRoutes:
             except Exception as e:  # the page shows it and offers to try again
                 message = e.message if isinstance(e, ApiError) else f"generation failed: {e}"
                 await queue.put({"side": label, "error": message})
+            finally:
+                if not mine.done():
+                    mine.set_result(None)
+                if self._generating.get(key) is mine:
+                    del self._generating[key]
 
         async def events():
             tasks = [asyncio.ensure_future(side("a", c.model_a)),

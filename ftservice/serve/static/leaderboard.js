@@ -18,6 +18,13 @@ function cell(text, numeric) {
   return td;
 }
 
+function interval(r) {
+  const [lo, hi] = r.ci95.map((x) => x.toFixed(0));
+  if (r.open === "above") return `open: never lost (${r.won} wins)`;
+  if (r.open === "below") return `open: never won (${r.lost} losses)`;
+  return `${lo} – ${hi}`;
+}
+
 async function show(campaign) {
   const board = await getJson(`/arena/api/campaigns/${encodeURIComponent(campaign)}/leaderboard`);
   $("scale").textContent = `${board.votes} votes counted · ${board.scale}`;
@@ -25,7 +32,7 @@ async function show(campaign) {
   body.replaceChildren(...board.ratings.map((r) => {
     const tr = document.createElement("tr");
     tr.append(cell(r.rank, true), cell(r.model), cell(r.rating.toFixed(0), true),
-              cell(`${r.ci95[0].toFixed(0)} – ${r.ci95[1].toFixed(0)}`, true), cell(r.votes, true));
+              cell(interval(r), true), cell(`${r.votes} (${r.won}–${r.lost})`, true));
     return tr;
   }));
   const a = board.agreement;
