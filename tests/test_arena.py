@@ -337,7 +337,11 @@ def test_html_in_prompts_answers_and_comments_is_shown_as_text(browser, arena):
         page.locator("#custom-prompt").wait_for()
         page.locator("#custom-prompt").fill(f"What is {HOSTILE}?")
         page.locator("#custom button").click()
-        page.locator("#prompt").filter(has_text="<script>window.__xss = 1</script>").wait_for()
+        shown = page.locator("#prompt").filter(has_text="<script>window.__xss = 1</script>")
+        try:
+            shown.wait_for(timeout=60_000)
+        except Exception:
+            raise AssertionError(f"status: {page.locator('#status').text_content()}") from None
         watch_stream(page)
         assert page.evaluate("window.__xss") is None
         assert page.locator("#prompt img, #prompt script").count() == 0

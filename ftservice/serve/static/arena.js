@@ -137,6 +137,8 @@ function enableVotes(on) {
 async function loadNext(customPrompt) {
   if (state.busy) return;
   state.busy = true;
+  const ask = $("custom").querySelector("button");
+  ask.disabled = true;  // one request for a comparison at a time
   if (state.stream) state.stream.close();
   Object.assign(state, { comparison: null, ready: false, voted: null, retries: 0 });
   enableVotes(false);
@@ -165,6 +167,7 @@ async function loadNext(customPrompt) {
     status(err.message);
   } finally {
     state.busy = false;
+    ask.disabled = false;
   }
 }
 
