@@ -733,13 +733,16 @@ def annotators_add(
         print(f"annotator '{name}' (an existing key) can vote in '{campaign}'", file=sys.stderr)
 
 
-def _campaign_votes(store_url: str, campaign: str):
+def _campaign_votes(store_url: str, campaign: str, source: str = "all"):
     from ftservice.feedback import votes
     from ftservice.store.db import open_store
 
+    if source not in ("all", "human", "simulated"):
+        raise typer.BadParameter(f"{source}: use all, human or simulated", param_hint="--source")
     store = open_store(store_url)
     votes.campaign_spec(store, campaign)  # names the campaigns there are when unknown
-    rows = [votes.vote_json(v) for v in votes.effective_votes(store, campaign)]
+    counted = votes.effective_votes(store, campaign, None if source == "all" else source)
+    rows = [votes.vote_json(v) for v in counted]
     items = votes.items_of(store, [v["comparison_id"] for v in rows])
     return store, rows, items
 
@@ -761,6 +764,9 @@ def feedback_leaderboard(
         str | None, typer.Option(help="Folder for the plots (default state/feedback/CAMPAIGN).")
     ] = None,
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples.")] = 1000,
+    source: Annotated[
+        str, typer.Option(help="Whose votes: all, human or simulated annotators'.")
+    ] = "all",
     as_json: AsJson = False,
 ) -> None:
     """Bradley–Terry ratings with bootstrap intervals, the win-rate matrix and annotator
@@ -770,7 +776,7 @@ def feedback_leaderboard(
     from ftservice.feedback import votes
     from ftservice.feedback.leaderboard import leaderboard, plots
 
-    db, rows, items = _campaign_votes(store, campaign)
+    db, rows, items = _campaign_votes(store, campaign, source)
     board = leaderboard(rows, votes.campaign_base(db, campaign), resamples, items=items)
     folder = Path(out or f"state/feedback/{campaign}")
     written = plots(board, folder) if len(board["ratings"]) >= 2 else []
@@ -800,6 +806,55 @@ def feedback_leaderboard(
         )
     for p in written:
         print(f"wrote {p}")  # fmt: skip
+
+
+@feedback_app.command("simulate")
+def feedback_simulate(
+    campaign: str,
+    url: Annotated[str, typer.Option(help="The serving app.")] = "http://127.0.0.1:8000",
+    annotators: Annotated[int, typer.Option(help="Simulated annotators (keys).")] = 3,
+    votes: Annotated[int, typer.Option(help="Votes to cast in all.")] = 30,
+    rule: Annotated[str, typer.Option(help="How they judge: preference (the shipped rule).")] = (
+        "preference"
+    ),
+    noise: Annotated[float, typer.Option(help="Share of random votes.")] = 0.1,
+    seed: int = 0,
+    store: StoreUrl = DEFAULT_STORE,
+) -> None:
+    """Simulated annotators vote through the page's HTTP routes, judging by a written rule
+    with a share of random votes; their keys (project `simulated`) are revoked at the end."""
+    import secrets
+    import time
+
+    from ftservice.feedback.simulate import SIMULATED_PROJECT, simulate
+    from ftservice.feedback.votes import add_annotator, campaign_spec
+    from ftservice.store.db import open_store
+    from ftservice.store.keys import revoke_key
+
+    db = open_store(store)
+    campaign_spec(db, campaign)
+    run = secrets.token_hex(3)
+    names = [f"sim-{campaign}-{run}-{k}" for k in range(annotators)]
+    keys = [add_annotator(db, n, campaign, project=SIMULATED_PROJECT) for n in names]
+    last = [0.0]
+
+    def progress(report) -> None:
+        if report.votes == votes or time.time() - last[0] > 5:
+            last[0] = time.time()
+            print(f"simulate {campaign}: {report.votes}/{votes} votes "
+                  f"({report.seconds:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+
+    try:
+        report = simulate(url, campaign, keys, votes, rule, noise, seed, progress)
+    finally:
+        for n in names:
+            revoke_key(db, n)
+    verdicts = ", ".join(f"{k} {v}" for k, v in sorted(report.verdicts.items()))
+    print(f"{report.votes} votes by {annotators} simulated annotators in {report.seconds:.0f} s "
+          f"({verdicts}; {report.random_votes} random; {report.retries} retries)")  # fmt: skip
+    if report.votes < votes:
+        print(f"stopped early: {report.done_annotators} annotators reached their quota or the "
+              "campaign's end", file=sys.stderr)  # fmt: skip
 
 
 @feedback_app.command("export")

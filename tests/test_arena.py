@@ -10,6 +10,8 @@ import http.client
 import json
 import random
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -40,6 +42,8 @@ def campaigns(prompts: Path) -> list[dict]:
          "generation": {"max_tokens": 160, "temperature": 0.0}},
         {"name": "overlap", "prompts": [str(prompts)], "overlap": 2, "quota": 3,
          "pairs": "adaptive", "generation": {"max_tokens": 24, "temperature": 1.0}},
+        {"name": "sim", "prompts": [str(prompts)], "quota": 4, "pairs": "uniform",
+         "generation": {"max_tokens": 8, "temperature": 0.0}},
         {"name": "load", "prompts": [str(prompts)], "votes_per_prompt": 400, "quota": None,
          "requests_per_minute": 100000, "generation": {"max_tokens": 2, "temperature": 0.0}},
     ]  # fmt: skip
@@ -543,3 +547,35 @@ def test_annotators_of_one_comparison_see_the_same_sampled_answers_their_votes_k
                 row = session.execute(query, {"v": vote["vote_id"]}).one()
             assert (row.response_a, row.response_b) == (shown["a"], shown["b"]), round_
             assert shown["a"] and shown["b"]
+
+
+def test_simulated_annotators_vote_through_the_page_routes_by_the_rule(arena, cli_env):
+    """`ftservice feedback simulate`: three annotator keys vote over HTTP (no noise: every
+    verdict is the shipped rule's on the answers stored); their votes are labelled simulated,
+    their keys revoked after, and the leaderboard can leave them out."""
+    from ftservice.data.preference_rule import prefers
+
+    url = arena["spec"]["store"]["url"]
+    done = subprocess.run(
+        [sys.executable, "-m", "ftservice", "feedback", "simulate", "sim", "--url", arena["url"],
+         "--annotators", "3", "--votes", "7", "--noise", "0", "--store", url],
+        capture_output=True, text=True, env=cli_env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "7 votes by 3 simulated annotators" in done.stdout
+    with arena["store"]() as session:
+        rows = session.execute(text(
+            "SELECT annotator, verdict, source, response_a, response_b FROM votes "
+            "WHERE campaign = 'sim'")).all()  # fmt: skip
+        revoked = session.execute(text(
+            "SELECT count(*) FROM api_keys WHERE name LIKE 'sim-sim-%' "
+            "AND revoked_at IS NOT NULL")).scalar()  # fmt: skip
+    assert len(rows) == 7 and {r.source for r in rows} == {"simulated"}
+    assert len({r.annotator for r in rows}) == 3 and revoked == 3
+    assert all(r.verdict == "ab"[prefers(r.response_a, r.response_b)] for r in rows)
+    humans = subprocess.run(
+        [sys.executable, "-m", "ftservice", "feedback", "leaderboard", "sim", "--json",
+         "--source", "human", "--resamples", "10", "--store", url],
+        capture_output=True, text=True, env=cli_env, cwd=arena["root"],
+    )  # fmt: skip
+    assert humans.returncode == 0 and json.loads(humans.stdout)["votes"] == 0, humans.stderr

@@ -31,7 +31,7 @@ from ftservice.store.models import (
 
 VERDICTS = ("a", "b", "tie", "both_bad")
 VOTE_FIELDS = (
-    "vote_id", "comparison_id", "replaces", "campaign", "annotator", "verdict", "comment",
+    "vote_id", "comparison_id", "replaces", "campaign", "annotator", "verdict", "source", "comment",
     "better_answer", "prompt", "response_a", "response_b", "model_a", "model_b",
     "fingerprint_a", "fingerprint_b", "swapped", "params", "seed", "latency", "issued_at",
     "created_at",
@@ -86,14 +86,16 @@ def campaign_spec(store: sessionmaker[Session], name: str) -> CampaignSpec:
     return CampaignSpec.model_validate_json(row.spec)
 
 
-def add_annotator(store: sessionmaker[Session], name: str, campaign: str) -> str | None:
+def add_annotator(
+    store: sessionmaker[Session], name: str, campaign: str, project: str | None = None
+) -> str | None:
     """Let key NAME vote in CAMPAIGN; a new annotator key is made (and its secret returned)
     when NAME has none. An existing key must have the annotator scope."""
     with store() as session:
         key = session.scalar(select(ApiKey).where(ApiKey.name == name))
     secret = None
     if key is None:
-        secret = create_key(store, name, ["annotator"], project=campaign)
+        secret = create_key(store, name, ["annotator"], project=project or campaign)
     elif "annotator" not in key.scope_set or key.revoked_at is not None:
         raise KeyStoreError(
             f"key '{name}' exists without the annotator scope (or is revoked); choose another "
@@ -288,6 +290,7 @@ def cast_vote(
     comment: str | None = None,
     better_answer: str | None = None,
     replaces: str | None = None,
+    source: str = "human",
 ) -> tuple[dict, bool]:
     """Store a vote; (the vote, whether it was a replay). The same vote id again returns
     the stored vote and stores nothing. A correction names the vote it replaces (by the same
@@ -325,7 +328,7 @@ def cast_vote(
     }
     row = dict(
         vote_id=vote_id, comparison_id=comparison_id, replaces=replaces or "",
-        campaign=c.campaign, annotator=annotator, verdict=verdict, comment=comment,
+        campaign=c.campaign, annotator=annotator, verdict=verdict, source=source, comment=comment,
         better_answer=better_answer, prompt=c.prompt, response_a=a.text, response_b=b.text,
         model_a=c.model_a, model_b=c.model_b, fingerprint_a=c.fingerprint_a,
         fingerprint_b=c.fingerprint_b, swapped=c.swapped, params=c.params, seed=c.seed,
@@ -355,17 +358,17 @@ def _replay(stored: Vote, annotator: str) -> tuple[dict, bool]:
     return vote_json(stored), True
 
 
-def effective_votes(store: sessionmaker[Session], campaign: str) -> list[Vote]:
-    """The votes that count: the latest of each correction chain, oldest first."""
+def effective_votes(
+    store: sessionmaker[Session], campaign: str, source: str | None = None
+) -> list[Vote]:
+    """The votes that count: the latest of each correction chain, oldest first; `source`:
+    only human or only simulated annotators' votes."""
     with store() as session:
         corrected = select(Vote.replaces).where(Vote.replaces != "", Vote.campaign == campaign)
-        return list(
-            session.scalars(
-                select(Vote)
-                .where(Vote.campaign == campaign, Vote.vote_id.not_in(corrected))
-                .order_by(Vote.id)
-            )
-        )
+        query = select(Vote).where(Vote.campaign == campaign, Vote.vote_id.not_in(corrected))
+        if source is not None:
+            query = query.where(Vote.source == source)
+        return list(session.scalars(query.order_by(Vote.id)))
 
 
 def items_of(store: sessionmaker[Session], comparison_ids: list[str]) -> dict[str, str]:

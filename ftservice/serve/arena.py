@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from ftservice.feedback import votes as store_votes
 from ftservice.feedback.campaign import CampaignSpec, competitors, load_prompts
 from ftservice.feedback.leaderboard import fit_ratings, leaderboard, outcomes, plots
+from ftservice.feedback.simulate import SIMULATED_PROJECT
 from ftservice.serve.api import api
 from ftservice.serve.protocol import (
     ApiError,
@@ -432,6 +433,7 @@ class ArenaRoutes:
                 store_votes.cast_vote, self.store, caller.name, req.vote_id, req.comparison_id,
                 req.verdict, (req.comment or "").strip() or None,
                 (req.better_answer or "").strip() or None, req.replaces,
+                "simulated" if caller.project == SIMULATED_PROJECT else "human",
             )  # fmt: skip
         except store_votes.FeedbackError as e:
             raise _feedback_error(e) from None

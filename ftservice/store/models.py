@@ -166,6 +166,8 @@ class Vote(Base):
     annotator: Mapped[str] = mapped_column(String(100), index=True)
     verdict: Mapped[str] = mapped_column(String(10))
     """a (left), b (right), tie or both_bad."""
+    source: Mapped[str] = mapped_column(String(20))
+    """human, or simulated (a key of the project `simulated`, as `feedback simulate` makes)."""
     comment: Mapped[str | None] = mapped_column(Text)
     better_answer: Mapped[str | None] = mapped_column(Text)
     prompt: Mapped[str] = mapped_column(Text)

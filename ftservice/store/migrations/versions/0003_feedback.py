@@ -82,6 +82,7 @@ def upgrade() -> None:
         sa.Column("campaign", sa.String(100), nullable=False, index=True),
         sa.Column("annotator", sa.String(100), nullable=False, index=True),
         sa.Column("verdict", sa.String(10), nullable=False),
+        sa.Column("source", sa.String(20), nullable=False, server_default="human"),
         sa.Column("comment", sa.Text),
         sa.Column("better_answer", sa.Text),
         sa.Column("prompt", sa.Text, nullable=False),
