@@ -118,9 +118,9 @@ class DataSpec(Spec):
     max_eval_samples: int | None = Field(
         None, ge=1, description="Only the first N held-out examples (quicker evaluations)."
     )
-    format: Literal["auto", "alpaca", "sharegpt", "openai", "text", "preference", "openai_dpo"] = (
-        Field("auto", description="Record format; 'auto' recognises it from the fields.")
-    )
+    format: Literal[
+        "auto", "alpaca", "sharegpt", "openai", "text", "preference", "openai_dpo", "kto"
+    ] = Field("auto", description="Record format; 'auto' recognises it from the fields.")
     system_prompt: str | None = Field(
         None, description="System turn added to every conversation that has none."
     )

@@ -275,7 +275,7 @@ def test_exports_resolve_conflicts_and_pass_data_check(tmp_path, cli_env):
         vote("3", "u1", "tie"), vote("4", "u1", "both_bad", edit="A hand-written answer."),
     ]  # fmt: skip
     items = {"1": "i1", "1b": "i1", "1c": "i1", "2": "i2", "2b": "i2", "3": "i3", "4": "i4"}
-    for fmt, fmt_name in (("trl", "preference"), ("openai", "openai_dpo"), ("kto", None)):
+    for fmt, fmt_name in (("trl", "preference"), ("openai", "openai_dpo"), ("kto", "kto")):
         data, lineage, counts = export_rows(rows, items, fmt)
         if fmt != "kto":
             assert counts == {"pairs": 1, "dropped_conflict": 1, "dropped_tie": 1,
@@ -295,8 +295,7 @@ def test_exports_resolve_conflicts_and_pass_data_check(tmp_path, cli_env):
         check = subprocess.run([sys.executable, "-m", "ftservice", "data", "check", str(out)],
                                capture_output=True, text=True, env=cli_env)  # fmt: skip
         assert check.returncode == 0, check.stderr
-        if fmt_name:
-            assert fmt_name in check.stdout, check.stdout
+        assert fmt_name in check.stdout, check.stdout
 
 
 def test_exported_pairs_train_a_dpo_step(tmp_path, tiny_llama):
@@ -398,3 +397,28 @@ def test_the_feedback_commands(tmp_path, cli_env):
     gone = ftservice("feedback", "forget", "rater1", "--yes").stdout
     assert "20 votes" in gone
     assert len(votes.effective_votes(store, "c1")) == 40
+
+
+def test_a_kto_export_is_read_as_unpaired_answers_and_a_dpo_job_refuses_it(tmp_path, tiny_llama):
+    from test_dpo import spec_for
+
+    from ftservice.data.loaders import DataError, load_rows
+    from ftservice.train.driver import _refuse_kinds
+
+    vote = {"vote_id": "v1", "comparison_id": "c1", "annotator": "u", "verdict": "b",
+            "model_a": "x", "model_b": "y", "prompt": [{"role": "user", "content": "Hi?"}],
+            "response_a": "long hedge", "response_b": "Plain fact."}  # fmt: skip
+    data, lineage, counts = export_rows([vote], {"c1": "i1"}, "kto")
+    path = tmp_path / "kto.jsonl"
+    write_export(data, lineage, counts, path, {"format": "kto"})
+    rows = load_rows([str(path)])
+    assert [(r["kind"], r["chosen"], r["rejected"]) for r in rows] == [
+        ("unpaired", "Plain fact.", None), ("unpaired", None, "long hedge")]  # fmt: skip
+    spec = spec_for(tmp_path, tiny_llama, stage="dpo", data={"train": [str(path)]},
+                    dpo={"beta": 0.1, "parent": str(tmp_path)})  # fmt: skip
+    with pytest.raises(DataError, match=r"unpaired .*--format trl"):
+        _refuse_kinds(spec, rows, "data.train")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Hi?", "completion": "Yes.", "label": "yes"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: 'label' must be true or false"):
+        load_rows([str(bad)])

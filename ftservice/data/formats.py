@@ -3,6 +3,7 @@
 Internal form (one Arrow schema for every format, see `SCHEMA`):
   id        - the record's own "id", else "<file>:<line>"
   kind      - "chat" (SFT conversation), "preference" (prompt + chosen/rejected), "text",
+              "unpaired" (KTO: prompt + one answer, in chosen if desirable else rejected),
               "prompt" (turns ending in a user turn: no answer, for stages that need prompts)
   messages  - chat turns [{role, content}]; for preferences and prompts the prompt turns only
   chosen    - preferred assistant answer (preferences)
@@ -24,9 +25,10 @@ from pydantic import ConfigDict, Field
 from ftservice.records import Record, Strict
 
 FORMATS = (
-    "alpaca", "sharegpt", "openai", "text", "preference", "openai_dpo", "prompts", "curated",
+    "alpaca", "sharegpt", "openai", "text", "preference", "openai_dpo", "kto", "prompts",
+    "curated",
 )  # fmt: skip
-KINDS = ("chat", "preference", "text", "prompt")
+KINDS = ("chat", "preference", "text", "prompt", "unpaired")
 REPORT = "report.json"  # beside curated data: the CuratedReport
 
 MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
@@ -49,6 +51,7 @@ FIELDS = {
     "text": (["text"], []),
     "preference": (["prompt", "chosen", "rejected"], []),
     "openai_dpo": (["input", "preferred_output", "non_preferred_output"], []),
+    "kto": (["prompt", "completion", "label"], []),
     "prompts": (["instruction"], ["input", "system"]),
     "curated": (["kind", "messages"], ["id", "chosen", "rejected", "text"]),
 }
@@ -96,6 +99,8 @@ def recognise(record: dict) -> str | None:
         return "curated"  # our own rows, as `data curate` writes them
     if "preferred_output" in keys or "non_preferred_output" in keys:
         return "openai_dpo"
+    if "completion" in keys and "label" in keys:
+        return "kto"  # TRL's unpaired preference format
     if "chosen" in keys or "rejected" in keys:
         return "preference"
     if "messages" in keys:
@@ -263,6 +268,23 @@ def normalise(record: dict, fmt: str, rid: str, system_prompt: str | None = None
             "chosen": _answer(record["chosen"], "chosen"),
             "rejected": _answer(record["rejected"], "rejected"),
         }
+    elif fmt == "kto":
+        prompt = record["prompt"]
+        turns = (
+            [{"role": "user", "content": prompt}]
+            if isinstance(prompt, str)
+            else _messages(prompt, "prompt")
+        )
+        label = record["label"]
+        if not isinstance(label, bool):
+            raise RecordError(f"'label' must be true or false, got {label!r}")
+        answer = _answer(record["completion"], "completion")
+        row |= {
+            "kind": "unpaired",
+            "messages": _with_system(turns, system_prompt),
+            "chosen": answer if label else None,
+            "rejected": None if label else answer,
+        }
     elif fmt == "openai_dpo":
         source = record["input"]
         if not isinstance(source, dict) or "messages" not in source:
@@ -288,6 +310,8 @@ def response_text(row: dict) -> str:
         return row["text"] or ""
     if row["kind"] == "preference":
         return row["chosen"] or ""
+    if row["kind"] == "unpaired":
+        return row["chosen"] or row["rejected"] or ""
     if row["kind"] == "prompt":
         return ""
     return "\n".join(m["content"] for m in row["messages"] if m["role"] == "assistant")

@@ -115,6 +115,11 @@ def _refuse_kinds(spec: JobSpec, rows: list[dict], field: str) -> None:
             "prompt-only data has no answers to learn from; use it where prompts are wanted "
             "(eval.general, a feedback campaign's prompt set), and train on data with answers"
         )
+    elif "unpaired" in kinds:
+        hint = (
+            "unpaired (KTO) answers have no stage here yet; export the votes as pairs instead "
+            "(ftservice feedback export C --format trl) for stage: dpo"
+        )
     elif "preference" in kinds:
         hint = "preference pairs train with stage: dpo"
     else:
