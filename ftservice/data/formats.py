@@ -179,6 +179,13 @@ def _answer(value, field: str) -> str:
     return turns[-1]["content"]
 
 
+def _preference_prompt(prompt) -> list:
+    """A preference prompt: a string (one user turn) or a list of turns."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return _messages(prompt, "prompt")
+
+
 def _prompt_turns(record: dict) -> list:
     """The turns of a prompt-only record (ending in a user turn)."""
     if "messages" in record:
@@ -256,12 +263,7 @@ def normalise(record: dict, fmt: str, rid: str, system_prompt: str | None = None
     elif fmt == "text":
         row |= {"kind": "text", "messages": [], "text": _text(record["text"], "text")}
     elif fmt == "preference":
-        prompt = record["prompt"]
-        turns = (
-            [{"role": "user", "content": prompt}]
-            if isinstance(prompt, str)
-            else _messages(prompt, "prompt")
-        )
+        turns = _preference_prompt(record["prompt"])
         row |= {
             "kind": "preference",
             "messages": _with_system(turns, system_prompt),
@@ -269,12 +271,7 @@ def normalise(record: dict, fmt: str, rid: str, system_prompt: str | None = None
             "rejected": _answer(record["rejected"], "rejected"),
         }
     elif fmt == "kto":
-        prompt = record["prompt"]
-        turns = (
-            [{"role": "user", "content": prompt}]
-            if isinstance(prompt, str)
-            else _messages(prompt, "prompt")
-        )
+        turns = _preference_prompt(record["prompt"])
         label = record["label"]
         if not isinstance(label, bool):
             raise RecordError(f"'label' must be true or false, got {label!r}")

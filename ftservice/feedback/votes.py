@@ -227,7 +227,8 @@ def issue(
                 fewest = min(used[p[0]] for p in open_)
                 prompt_id, messages = rng.choice([p for p in open_ if used[p[0]] == fewest])
             prompt, item = json.dumps(messages), uuid.uuid4().hex
-            pair = choose_pair(models, spec.pairs, rng, pair_counts(store, spec.name), ratings)
+            counts = pair_counts(store, spec.name) if spec.pairs == "adaptive" else None
+            pair = choose_pair(models, spec.pairs, rng, counts, ratings)
             params = spec.generation.model_dump_json()
             seed = rng.randrange(2**31)
     first = min(pair)  # the chooser's order is sorted; which one went left is the coin
@@ -291,17 +292,20 @@ def cast_vote(
     better_answer: str | None = None,
     replaces: str | None = None,
     source: str = "human",
+    issued: Issued | None = None,
 ) -> tuple[dict, bool]:
     """Store a vote; (the vote, whether it was a replay). The same vote id again returns
     the stored vote and stores nothing. A correction names the vote it replaces (by the same
-    annotator, on the same comparison, the latest of its chain)."""
+    annotator, on the same comparison, the latest of its chain). `issued`: the comparison,
+    when the caller has already read it for this annotator."""
     if verdict not in VERDICTS:
         raise FeedbackError(f"verdict '{verdict}': use one of {', '.join(VERDICTS)}", 400)
     with store() as session:
         stored = session.scalar(select(Vote).where(Vote.vote_id == vote_id))
     if stored is not None:
         return _replay(stored, annotator)
-    issued = comparison_for(store, comparison_id, annotator)
+    if issued is None or issued.comparison.id != comparison_id:
+        issued = comparison_for(store, comparison_id, annotator)
     c = issued.comparison
     missing = [m for m in (c.model_a, c.model_b) if m not in issued.answers]
     if missing:

@@ -335,18 +335,22 @@ class Ingress(ArenaRoutes):
                 "permission_error",
                 "insufficient_scope",
             )
-        per_minute = caller.requests_per_minute or self.spec.limits.requests_per_minute
-        if per_minute is not None:
-            wait = take_request(self.store, caller, per_minute)
-            if wait is not None:
-                raise ApiError(
-                    429,
-                    f"rate limit of {per_minute} requests per minute reached",
-                    "rate_limit_exceeded",
-                    "rate_limit_exceeded",
-                    headers={"Retry-After": str(int(wait + 0.999))},
-                )
+        self.limit(caller, caller.requests_per_minute or self.spec.limits.requests_per_minute)
         return caller
+
+    def limit(self, caller: Caller, per_minute: int | None) -> None:
+        """Count the request against the caller's per-minute limit; 429 with Retry-After."""
+        if per_minute is None:
+            return
+        wait = take_request(self.store, caller, per_minute)
+        if wait is not None:
+            raise ApiError(
+                429,
+                f"rate limit of {per_minute} requests per minute reached",
+                "rate_limit_exceeded",
+                "rate_limit_exceeded",
+                headers={"Retry-After": str(int(wait + 0.999))},
+            )
 
     async def body(self, request: Request, model):
         raw = await request.body()

@@ -36,7 +36,6 @@ from ftservice.store.keys import (
     close_session,
     open_session,
     session_caller,
-    take_request,
 )
 
 STATIC = Path(__file__).parent / "static"
@@ -60,12 +59,25 @@ def _page(name: str) -> FileResponse:
 
 
 @functools.cache
-def _file_digest(path: str) -> str:
+def _file_digest(path: str, version: int) -> str:
+    """sha256 prefix of a file; `version` (its mtime) keys the cache."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def _page_scope(request: Request, caller: Caller) -> None:
+    """The page is for annotator (and admin) keys."""
+    request.state.key = caller.name
+    if not {"annotator", "admin"} & caller.scopes:
+        raise ApiError(
+            403,
+            f"key '{caller.name}' lacks the 'annotator' scope the page needs",
+            "permission_error",
+            "insufficient_scope",
+        )
 
 
 def _feedback_error(e: store_votes.FeedbackError) -> ApiError:
@@ -111,14 +123,7 @@ class ArenaRoutes:
                     403, "missing or wrong X-CSRF-Token for this session", "permission_error",
                     "csrf_failed",
                 )  # fmt: skip
-        request.state.key = caller.name
-        if not {"annotator", "admin"} & caller.scopes:
-            raise ApiError(
-                403,
-                f"key '{caller.name}' lacks the 'annotator' scope the page needs",
-                "permission_error",
-                "insufficient_scope",
-            )
+        _page_scope(request, caller)
         if campaign is not None:
             self.campaign(campaign)
             if "admin" not in caller.scopes and campaign not in store_votes.annotator_campaigns(
@@ -132,17 +137,7 @@ class ArenaRoutes:
                 )
         limits = [self.campaigns[campaign].requests_per_minute] if campaign else [
             c.requests_per_minute for c in self.campaigns.values()]  # fmt: skip
-        per_minute = caller.requests_per_minute or (min(limits) if limits else None)
-        if per_minute is not None:
-            wait = take_request(self.store, caller, per_minute)
-            if wait is not None:
-                raise ApiError(
-                    429,
-                    f"rate limit of {per_minute} requests per minute reached",
-                    "rate_limit_exceeded",
-                    "rate_limit_exceeded",
-                    headers={"Retry-After": str(int(wait + 0.999))},
-                )
+        self.limit(caller, caller.requests_per_minute or (min(limits) if limits else None))
         return caller
 
     def campaign(self, name: str) -> CampaignSpec:
@@ -188,7 +183,11 @@ class ArenaRoutes:
         for name in chosen:
             if name in listing:
                 weights = localize(listing[name]["location"]) / "adapter_model.safetensors"
-                prints[name] = _file_digest(str(weights)) if weights.is_file() else None
+                prints[name] = (
+                    _file_digest(str(weights), weights.stat().st_mtime_ns)
+                    if weights.is_file()
+                    else None
+                )
         return chosen, prints
 
     def ratings(self, campaign: str) -> dict[str, float]:
@@ -228,14 +227,7 @@ class ArenaRoutes:
         caller = await asyncio.to_thread(authenticate, self.store, req.token.strip())
         if caller is None:
             raise ApiError(401, "unknown or revoked key", code="invalid_api_key")
-        request.state.key = caller.name
-        if not {"annotator", "admin"} & caller.scopes:
-            raise ApiError(
-                403,
-                f"key '{caller.name}' lacks the 'annotator' scope the page needs",
-                "permission_error",
-                "insufficient_scope",
-            )
+        _page_scope(request, caller)
         if caller.key_id is None:
             raise ApiError(
                 403,
@@ -433,7 +425,7 @@ class ArenaRoutes:
                 store_votes.cast_vote, self.store, caller.name, req.vote_id, req.comparison_id,
                 req.verdict, (req.comment or "").strip() or None,
                 (req.better_answer or "").strip() or None, req.replaces,
-                "simulated" if caller.project == SIMULATED_PROJECT else "human",
+                "simulated" if caller.project == SIMULATED_PROJECT else "human", issued,
             )  # fmt: skip
         except store_votes.FeedbackError as e:
             raise _feedback_error(e) from None
