@@ -59,6 +59,18 @@ class SweepLineage(Strict):
     value: float | None
 
 
+class FeedbackLineage(Strict):
+    """Where a loop's DPO adapter came from: the people's votes it was trained on."""
+
+    loop: str
+    campaign: str
+    round: int
+    votes: int = Field(description="Votes of the round the pairs were exported from.")
+    pairs: int = Field(description="Preference pairs trained on.")
+    pairs_fingerprint: str = Field(description="sha256 of the exported pairs file.")
+    vote_ids: str = Field(description="File in the artifact listing the vote ids, one a line.")
+
+
 class ArtifactMeta(Record):
     """`ftservice.json`: what an artifact is, where it came from, and how good it is."""
 
@@ -76,6 +88,9 @@ class ArtifactMeta(Record):
     parent: str | None = Field(None, description="The artifact this one was trained from.")
     created: str
     lineage: SweepLineage | None = Field(None, description="The sweep trial it was promoted from.")
+    feedback: FeedbackLineage | None = Field(
+        None, description="The loop round whose votes it was trained on."
+    )
 
     @classmethod
     def upgrade(cls, data: dict, found) -> dict | None:
@@ -237,6 +252,8 @@ def publish(
     metrics: dict,
     log_history: list[dict],
     parent: str | None = None,
+    feedback: FeedbackLineage | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Artifact:
     """Check the weights, assemble the artifact under a temporary name, then publish it in
     one step: a rename into a local registry, or an upload whose completion marker is
@@ -275,7 +292,10 @@ def publish(
             metrics=_finite(metrics),
             parent=parent,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            feedback=feedback,
         )
+        for file_name, text in (extra_files or {}).items():
+            (tmp / file_name).write_text(text)
         if adapter:
             _point_adapter_at_base(tmp, base_model.load_as)
         meta.write(tmp / META)

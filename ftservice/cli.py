@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -34,6 +35,10 @@ annotators_app = typer.Typer(no_args_is_help=True, help="Who may vote in a campa
 feedback_app.add_typer(annotators_app, name="annotators")
 serve_app = typer.Typer(no_args_is_help=True, help="Serve a base and its adapters on Ray Serve.")
 app.add_typer(serve_app, name="serve")
+loop_app = typer.Typer(
+    no_args_is_help=True, help="The closed loop: votes → DPO → a new adapter, promoted or not."
+)
+app.add_typer(loop_app, name="loop")
 
 Overrides = Annotated[
     list[str] | None,
@@ -87,14 +92,17 @@ def _root(
 
 @app.command()
 def validate(spec: str, overrides: Overrides = None, as_json: AsJson = False) -> None:
-    """Check a job, serve or campaign spec; print it fully resolved, or every problem (exit
+    """Check a job, serve, campaign or loop spec; print it fully resolved, or every problem (exit
     code 2)."""
     from ftservice.config import dump_spec, load_spec, read_yaml
     from ftservice.feedback.campaign import is_campaign_spec, load_campaign
+    from ftservice.loop import is_loop_spec, load_loop
     from ftservice.serve.spec import is_serve_spec, load_serve_spec
 
     data, _ = read_yaml(spec)
-    if is_serve_spec(data):
+    if is_loop_spec(data):
+        resolved = load_loop(spec, overrides or [])
+    elif is_serve_spec(data):
         resolved = load_serve_spec(spec, overrides or [])
     elif is_campaign_spec(data):
         resolved = load_campaign(spec, overrides or [])
@@ -109,16 +117,17 @@ def validate(spec: str, overrides: Overrides = None, as_json: AsJson = False) ->
 
 @app.command()
 def schema(
-    kind: Annotated[str, typer.Option(help="job, serve or campaign.")] = "job",
+    kind: Annotated[str, typer.Option(help="job, serve, campaign or loop.")] = "job",
 ) -> None:
-    """Print the JSON Schema of job, serve or campaign specs (for editors and checks)."""
+    """Print the JSON Schema of job, serve, campaign or loop specs (for editors and checks)."""
     from ftservice.config import JobSpec
     from ftservice.feedback.campaign import CampaignSpec
+    from ftservice.loop import LoopSpec
     from ftservice.serve.spec import ServeSpec
 
-    models = {"job": JobSpec, "serve": ServeSpec, "campaign": CampaignSpec}
+    models = {"job": JobSpec, "serve": ServeSpec, "campaign": CampaignSpec, "loop": LoopSpec}
     if kind not in models:
-        raise typer.BadParameter(f"--kind {kind}: use job, serve or campaign")
+        raise typer.BadParameter(f"--kind {kind}: use job, serve, campaign or loop")
     _print_json(models[kind].model_json_schema())
 
 
@@ -507,6 +516,8 @@ def artifacts_lineage(name: str, registry: Registry = "artifacts", as_json: AsJs
     steps = [
         {"name": a.name, "method": a.method, "stage": a.stage, "metric": key_metric(a),
          "sweep": f"{a.meta.lineage.sweep}/{a.meta.lineage.trial}" if a.meta.lineage else None,
+         "feedback": a.meta.feedback.model_dump() if a.meta.feedback else None,
+         "ratings": a.meta.metrics.get("feedback_ratings") or [],
          "parent": a.meta.parent, "location": a.location}
         for a in chain
     ]  # fmt: skip
@@ -516,8 +527,14 @@ def artifacts_lineage(name: str, registry: Registry = "artifacts", as_json: AsJs
     print(f"base  {base.name}  ({base.load_as}, fingerprint {base.fingerprint[:12]})")
     for depth, step in enumerate(steps, 1):
         sweep = f"  [sweep {step['sweep']}]" if step["sweep"] else ""
+        fb = step["feedback"]
+        votes = (f"  [loop {fb['loop']} round {fb['round']}: {fb['pairs']} pairs from "
+                 f"{fb['votes']} votes, pairs {fb['pairs_fingerprint'][:12]}, vote ids in "
+                 f"{fb['vote_ids']}]") if fb else ""  # fmt: skip
+        rated = "".join(f"  rating {x['rating']:.0f} [{x['ci95'][0]:.0f}, {x['ci95'][1]:.0f}] "
+                        f"in {x['loop']} round {x['round']}" for x in step["ratings"])  # fmt: skip
         print(f"{'  ' * depth}└─ {step['name']}  {step['method']} {step['stage']}  "
-              f"{step['metric']}{sweep}")  # fmt: skip
+              f"{step['metric']}{sweep}{votes}{rated}")  # fmt: skip
 
 
 @artifacts_app.command("rm")
@@ -1027,3 +1044,93 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@loop_app.command("run")
+def loop_run(
+    spec: str,
+    overrides: Overrides = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the loop where it stopped (its state is in the store).")
+    ] = False,
+    keep_serving: Annotated[
+        bool,
+        typer.Option(help="When the loop started the app, keep serving it after the last round."),
+    ] = True,
+    address: RayAddress = None,
+    as_json: AsJson = False,
+) -> None:
+    """Run rounds on the live app: votes → pairs → DPO on Ray Train → publish → gate →
+    hot-add as a canary of the alias → the next round's votes promote or roll it back."""
+    import threading
+
+    from ftservice.loop import app_healthy, load_loop, run_loop
+    from ftservice.serve.spec import load_serve_spec
+
+    loop = load_loop(spec, overrides or [])
+    serving = load_serve_spec(loop.serve)
+    url = f"http://{serving.host}:{serving.port}"
+    started_here = not app_healthy(url)
+    report = run_loop(spec, overrides or [], resume=resume, address=address)
+    if as_json:
+        _print_json(report)
+    else:
+        print(f"loop {report['loop']} on {url}: {len(report['rounds'])} round(s) in "
+              f"{report['seconds']:.0f} s")  # fmt: skip
+        for r in report["rounds"]:
+            decision = r.get("decision")
+            what = f"  round {r['round']}: {r['votes']} votes"
+            if r.get("leader"):
+                what += f", leader {r['leader']}"
+            if decision:
+                what += f"; {decision['subject']} {decision['action']}"
+            if r.get("challenger"):
+                what += f"; trained {r['challenger']}"
+            print(what)
+        alias = report["alias"]
+        canary = (
+            f" (canary {alias['canary']} {alias['canary_share']:.0%})" if alias["canary"] else ""
+        )
+        print(f"{loop.promotion.alias} → {alias['target']}{canary}")
+        from pathlib import Path
+
+        out = Path(loop.output_dir) / loop.name
+        print(f"report: {out / 'loop.json'}, plot: {out / 'rounds.png'}")
+    if started_here and keep_serving:
+        print(f"serving at {url}/v1 and {url}/arena; Ctrl-C stops it.", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
+@feedback_app.command("history")
+def feedback_history(
+    app_name: Annotated[
+        str | None, typer.Option("--app", help="Only this app's aliases.", show_default=False)
+    ] = None,
+    store: StoreUrl = DEFAULT_STORE,
+    as_json: AsJson = False,
+) -> None:
+    """Every change of a model alias (production) with its evidence: created, canary,
+    promoted, rolled back, inconclusive, refused."""
+    from ftservice.feedback.rounds import alias_history
+    from ftservice.store.db import open_store
+
+    events = alias_history(open_store(store), app_name)
+    if as_json:
+        _print_json(events)
+        return
+    rows = []
+    for e in events:
+        h2h = e["evidence"].get("head_to_head") or {}
+        rate = h2h.get("winrate")
+        rows.append({
+            "at": e["at"][:19], "app": e["app"], "alias": e["alias"], "action": e["action"],
+            "subject": e["subject"] or "-", "target": e["target"],
+            "canary": f"{e['canary']} {e['canary_share']:.0%}" if e["canary"] else "-",
+            "win rate": "-" if rate is None else
+            f"{rate:.2f} [{h2h['interval'][0]:.2f}, {h2h['interval'][1]:.2f}] n={h2h['votes']}",
+            "round": f"{e['loop']}/{e['round']}" if e["loop"] else "-",
+            "why": "; ".join(e["evidence"].get("reasons") or [e["evidence"].get("reason", "")]),
+        })  # fmt: skip
+    _table(rows, ["at", "app", "alias", "action", "subject", "target", "canary", "win rate",
+                  "round", "why"])  # fmt: skip

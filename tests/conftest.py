@@ -170,6 +170,7 @@ class RayHead:
         self.ray_tmp = short_dir("ftr-head-")
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.gcs_address = f"127.0.0.1:{free_port()}"  # what ray.init and RAY_ADDRESS take
         bin_dir = str(Path(sys.executable).parent)
         self.env = {
             **os.environ,
@@ -188,7 +189,7 @@ class RayHead:
                 "--head",
                 "--block",
                 "--node-ip-address=127.0.0.1",
-                f"--port={free_port()}",
+                f"--port={self.gcs_address.split(':')[1]}",
                 f"--dashboard-port={self.dashboard_port}",
                 "--dashboard-host=127.0.0.1",
                 f"--ray-client-server-port={free_port()}",

@@ -133,6 +133,10 @@ def simulate(
             verdict = rng.choice("ab") if randomly else "ab"[judge(shown["a"], shown["b"])]
             body = {"vote_id": uuid.uuid4().hex, "comparison_id": cid, "verdict": verdict}
             status, text = _with_retries(report, lock, f"{base}/arena/api/votes", key, "POST", body)
+            if status == 409 and '"round_closed"' in text:  # a loop closed the round: done
+                with lock:
+                    report.done_annotators += 1
+                return
             if status != 200:
                 raise SimulationError(f"vote on {cid}: HTTP {status}: {text[:300]}")
             with lock:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ftservice.errors import FtserviceError
 from ftservice.feedback.campaign import CampaignSpec, choose_pair
+from ftservice.feedback.rounds import check_round_open
 from ftservice.store.keys import KeyStoreError, create_key
 from ftservice.store.models import (
     Answer,
@@ -64,6 +65,13 @@ def declare_campaign(store: sessionmaker[Session], app: str, base: str, spec: Ca
             Campaign(name=spec.name, app=app, base=base, spec=spec.model_dump_json(),
                      declared_at=_now())
         )  # fmt: skip
+
+
+def app_campaigns(store: sessionmaker[Session], app: str) -> list[CampaignSpec]:
+    """The campaigns declared for an app (by its serve spec, or by a loop)."""
+    with store() as session:
+        rows = session.scalars(select(Campaign.spec).where(Campaign.app == app)).all()
+    return [CampaignSpec.model_validate_json(r) for r in rows]
 
 
 def campaign_base(store: sessionmaker[Session], name: str) -> str:
@@ -164,15 +172,20 @@ def issue(
     rng: random.Random,
     ratings: dict[str, float] | None = None,
     custom: list[dict] | None = None,
+    round_: int | None = None,
+    focus: tuple[str, str, float] | None = None,
 ) -> Issued | None:
     """The next comparison for an annotator, None when there is none (quota reached or every
     prompt used). A comparison issued and not voted on yet comes back first; then an item
     other annotators saw that still wants overlap; then a new item: the least-used prompt, a
-    pair by the campaign's policy, a seed. `custom`: the annotator's own prompt (messages)."""
+    pair by the campaign's policy, a seed. `custom`: the annotator's own prompt (messages).
+    `round_`: the loop round the comparison belongs to (only that round's items are reused);
+    `focus`: (model, model, share): that pair is shown in that share of new items."""
+    same_round = Comparison.round.is_(None) if round_ is None else Comparison.round == round_
     with store() as session:
         voted = select(Vote.comparison_id).where(Vote.annotator == annotator)
         mine = select(Comparison).where(
-            Comparison.campaign == spec.name, Comparison.annotator == annotator
+            Comparison.campaign == spec.name, Comparison.annotator == annotator, same_round
         )
         if custom is None:
             pending = session.scalars(
@@ -192,7 +205,7 @@ def issue(
             seen = select(Comparison.item).where(Comparison.annotator == annotator)
             wanting = (
                 select(Comparison.item)
-                .where(Comparison.campaign == spec.name, Comparison.item.not_in(seen))
+                .where(Comparison.campaign == spec.name, Comparison.item.not_in(seen), same_round)
                 .group_by(Comparison.item)
                 .having(func.count(func.distinct(Comparison.annotator)) < spec.overlap)
                 .order_by(func.min(Comparison.issued_at))
@@ -228,7 +241,11 @@ def issue(
                 prompt_id, messages = rng.choice([p for p in open_ if used[p[0]] == fewest])
             prompt, item = json.dumps(messages), uuid.uuid4().hex
             counts = pair_counts(store, spec.name) if spec.pairs == "adaptive" else None
-            pair = choose_pair(models, spec.pairs, rng, counts, ratings)
+            focused = focus is not None and {focus[0], focus[1]} <= set(models)
+            if focused and rng.random() < focus[2]:
+                pair = (focus[0], focus[1]) if rng.random() < 0.5 else (focus[1], focus[0])
+            else:
+                pair = choose_pair(models, spec.pairs, rng, counts, ratings)
             params = spec.generation.model_dump_json()
             seed = rng.randrange(2**31)
     first = min(pair)  # the chooser's order is sorted; which one went left is the coin
@@ -236,7 +253,7 @@ def issue(
         id=uuid.uuid4().hex, campaign=spec.name, item=item, annotator=annotator,
         prompt_id=prompt_id, prompt=prompt, model_a=pair[0], model_b=pair[1],
         fingerprint_a=fingerprints.get(pair[0]), fingerprint_b=fingerprints.get(pair[1]),
-        swapped=pair[0] != first, params=params, seed=seed, issued_at=_now(),
+        swapped=pair[0] != first, params=params, seed=seed, issued_at=_now(), round=round_,
     )  # fmt: skip
     with store.begin() as session:
         session.add(comparison)
@@ -341,6 +358,14 @@ def cast_vote(
     with store.begin() as session:
         stmt = _insert(session)(Vote).values(**row).on_conflict_do_nothing().returning(Vote.id)
         inserted = session.execute(stmt).scalar()
+        closed = c.round is not None and not check_round_open(session, c.campaign, c.round)
+        if inserted is not None and closed:
+            raise FeedbackError(  # leaving the block rolls the insert back
+                f"round {c.round} of campaign '{c.campaign}' is closed: its votes are "
+                "counted and the loop has moved on; ask for the next comparison",
+                409,
+                "round_closed",
+            )
     with store() as session:
         stored = session.scalar(select(Vote).where(Vote.vote_id == vote_id))
     if inserted is None:

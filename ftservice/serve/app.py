@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import logging
+import random
 import tempfile
 import time
 import uuid
@@ -32,6 +33,7 @@ from sqlalchemy import delete, select
 from transformers import AutoTokenizer
 
 from ftservice.config import JobSpec
+from ftservice.feedback import rounds
 from ftservice.models import resolve_model
 from ftservice.serve.api import api
 from ftservice.serve.arena import ArenaRoutes
@@ -58,6 +60,7 @@ RETRIES = 2  # a non-streaming request whose replica died is sent again this man
 # bottleneck (batches never fill) and hide overload from the model deployment's queue cap,
 # which is what answers 503 (limits.max_queued_requests)
 INGRESS_MAX_ONGOING = 1024
+ALIAS_TTL_S = 1.0  # how stale an alias may be (the loop waits this long after a change)
 LISTING_TTL_S = 2.0  # how stale the registries' listing may be (a new name is looked up)
 
 
@@ -309,6 +312,9 @@ class Ingress(ArenaRoutes):
         self.created = int(time.time())
         self.retries = 0  # replica deaths this ingress met under its requests (sent again)
         self.plot_dir = tempfile.mkdtemp(prefix="ftservice-plots-")
+        self._aliases: dict = {}
+        self._aliases_read_at = -1e9
+        self._alias_rng = random.Random()
         self.arena_setup()
 
     # ---- who may call ------------------------------------------------------------------------
@@ -403,7 +409,18 @@ class Ingress(ArenaRoutes):
             request.state.model = name or self.base_name
         return name
 
+    def aliases(self) -> dict:
+        """The app's aliases as they point now (read at most every ALIAS_TTL_S)."""
+        if time.monotonic() - self._aliases_read_at >= ALIAS_TTL_S:
+            self._aliases = rounds.aliases(self.store, self.spec.name)
+            self._aliases_read_at = time.monotonic()
+        return self._aliases
+
     def _resolve(self, model: str) -> str | None:
+        alias = self.aliases().get(model)
+        if alias is not None:  # a stable name: its target, or its canary for a share of calls
+            canary = alias.canary and self._alias_rng.random() < alias.canary_share
+            model = alias.canary if canary else alias.target
         if model == self.base_name:
             return None
         name = model
@@ -577,6 +594,23 @@ class Ingress(ArenaRoutes):
                         "method": meta.spec["method"],
                         "stage": meta.spec["stage"],
                         "sweep": meta.lineage.model_dump() if meta.lineage else None,
+                    },
+                }
+            )
+        for name, alias in self.aliases().items():
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "ftservice",
+                    "root": alias.target,
+                    "parent": self.base_name,
+                    "servable": True,
+                    "alias": {
+                        "target": alias.target,
+                        "canary": alias.canary,
+                        "canary_share": alias.canary_share,
                     },
                 }
             )

@@ -17,6 +17,7 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
+from ftservice.feedback import rounds
 from ftservice.feedback import votes as store_votes
 from ftservice.feedback.campaign import CampaignSpec, competitors, load_prompts
 from ftservice.feedback.leaderboard import fit_ratings, leaderboard, outcomes, plots
@@ -48,6 +49,7 @@ CSP = (
 LEADERBOARD_TTL_S = 5.0
 LEADERBOARD_RESAMPLES = 200
 RATINGS_TTL_S = 30.0
+CAMPAIGNS_TTL_S = 3.0
 
 
 def _page(name: str) -> FileResponse:
@@ -92,6 +94,7 @@ class ArenaRoutes:
         self.campaign_prompts = {c.name: load_prompts(c) for c in self.spec.campaigns}
         for c in self.spec.campaigns:
             store_votes.declare_campaign(self.store, self.spec.name, self.base_name, c)
+        self._campaigns_read_at = -1e9
         self._rng = random.Random(secrets.randbits(64))
         self._boards: dict[str, tuple[float, dict]] = {}
         self._ratings: dict[str, tuple[float, dict[str, float]]] = {}
@@ -140,7 +143,21 @@ class ArenaRoutes:
         self.limit(caller, caller.requests_per_minute or (min(limits) if limits else None))
         return caller
 
+    def refresh_campaigns(self) -> None:
+        """Add the campaigns declared for this app in the store since it started (a loop
+        declares its campaign so; the serve spec's own are declared at start)."""
+        if time.monotonic() - self._campaigns_read_at < CAMPAIGNS_TTL_S:
+            return
+        for spec in store_votes.app_campaigns(self.store, self.spec.name):
+            if spec.name not in self.campaigns:
+                self.campaign_prompts[spec.name] = load_prompts(spec)
+                self.campaigns[spec.name] = spec
+        self._campaigns_read_at = time.monotonic()
+
     def campaign(self, name: str) -> CampaignSpec:
+        if name not in self.campaigns:
+            self._campaigns_read_at = -1e9
+            self.refresh_campaigns()
         if name not in self.campaigns:
             raise ApiError(
                 404,
@@ -151,6 +168,7 @@ class ArenaRoutes:
         return self.campaigns[name]
 
     def me(self, caller: Caller, csrf: str | None) -> dict:
+        self.refresh_campaigns()
         mine = store_votes.annotator_campaigns(self.store, caller.name)
         if "admin" in caller.scopes:
             mine = list(self.campaigns)
@@ -300,6 +318,21 @@ class ArenaRoutes:
                 )
             custom = [{"role": "user", "content": text}]
         models, prints = await asyncio.to_thread(self.contenders, spec)
+        loop_round = await asyncio.to_thread(rounds.latest_round, self.store, name)
+        if loop_round is not None:
+            state = await asyncio.to_thread(self.campaign_state, spec, caller.name)
+            if loop_round.phase != "voting":
+                return {"done": True, "progress": state,
+                        "waiting": f"round {loop_round.round} is closed; the loop is training "
+                                   "the next model: come back in a few minutes"}  # fmt: skip
+            count = await asyncio.to_thread(
+                rounds.round_vote_count, self.store, name, loop_round.round
+            )
+            if count >= loop_round.quota:
+                return {"done": True, "progress": state,
+                        "waiting": f"round {loop_round.round} has its {loop_round.quota} "
+                                   "votes; the next round opens after training"}  # fmt: skip
+            models = [m for m in models if m in loop_round.models]
         if len(models) < 2:
             raise ApiError(
                 503,
@@ -313,6 +346,7 @@ class ArenaRoutes:
             issued = await asyncio.to_thread(
                 store_votes.issue, self.store, spec, caller.name, models, prints,
                 self.campaign_prompts[name], self._rng, ratings, custom,
+                loop_round and loop_round.round, loop_round and loop_round.focus,
             )  # fmt: skip
         except store_votes.FeedbackError as e:
             raise _feedback_error(e) from None

@@ -132,6 +132,8 @@ class Comparison(Base):
     params: Mapped[str] = mapped_column(Text)
     seed: Mapped[int] = mapped_column(BigInteger)
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    round: Mapped[int | None] = mapped_column(Integer)
+    """The loop round it was issued in (None outside a loop)."""
 
 
 class Answer(Base):
@@ -184,3 +186,66 @@ class Vote(Base):
     """JSON: each answer's first-token and total ms, and the ms from issue to vote."""
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Loop(Base):
+    """A closed loop run (`ftservice loop run`): its spec and where it stands."""
+
+    __tablename__ = "loops"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    app: Mapped[str] = mapped_column(String(100))
+    campaign: Mapped[str] = mapped_column(String(100))
+    spec: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(20))
+    """running, or finished."""
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LoopRound(Base):
+    """One round of a loop: the models its comparisons pit against each other, its vote
+    quota, and each phase's outcome. The page issues comparisons of a campaign's open round
+    only; a closed round takes no more votes."""
+
+    __tablename__ = "loop_rounds"
+
+    loop: Mapped[str] = mapped_column(String(100), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign: Mapped[str] = mapped_column(String(100), index=True)
+    models: Mapped[str] = mapped_column(Text)
+    """JSON list of the models that compete in this round."""
+    focus: Mapped[str | None] = mapped_column(Text)
+    """JSON [challenger, parent, share]: the pair a share of the comparisons goes to."""
+    quota: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(20))
+    """voting, closed, trained (a challenger is published and served), done."""
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    votes: Mapped[int | None] = mapped_column(Integer)
+    leader: Mapped[str | None] = mapped_column(String(100))
+    challenger: Mapped[str | None] = mapped_column(String(100))
+    details: Mapped[str] = mapped_column(Text, default="{}")
+    """JSON: the round's ratings, export, training, held-out judgement and decision."""
+
+
+class AliasEvent(Base):
+    """A change of a stable model alias (`production`) with its evidence; the latest row of
+    an (app, alias) is where the alias points now. Rows are never updated."""
+
+    __tablename__ = "alias_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    app: Mapped[str] = mapped_column(String(100), index=True)
+    alias: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(20))
+    """create, canary, promote, rollback, inconclusive, refused."""
+    target: Mapped[str] = mapped_column(String(100))
+    canary: Mapped[str | None] = mapped_column(String(100))
+    canary_share: Mapped[float] = mapped_column(Float, default=0.0)
+    subject: Mapped[str | None] = mapped_column(String(100))
+    """The adapter the decision was about."""
+    loop: Mapped[str | None] = mapped_column(String(100))
+    round: Mapped[int | None] = mapped_column(Integer)
+    evidence: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

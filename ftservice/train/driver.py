@@ -251,12 +251,15 @@ def train(
     eval_limit: int | None = None,
     callbacks: list | None = None,
     pause_at: list[int] | None = None,
+    feedback=None,
+    extra_files: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train (or resume) the run the spec names, publish its artifact, evaluate it.
 
     With `pause_at` (a sweep's rungs), training stops at the first of those steps after the
     one it resumed from, with a checkpoint there, and nothing is published: the result has
-    `paused_at`, and training the same spec again goes on from that step.
+    `paused_at`, and training the same spec again goes on from that step. `feedback` and
+    `extra_files`: a loop's lineage and the files it adds to the artifact (the vote ids).
 
     Ray must be initialised (ftservice.raycluster.init_ray)."""
     name = run_name(spec) if max_steps is None else f"{run_name(spec)}-steps{max_steps}"
@@ -322,6 +325,8 @@ def train(
         metrics=metrics,
         log_history=logs,
         parent=parent.name if parent else None,
+        feedback=feedback,
+        extra_files=extra_files,
     )
     _drop_staging(staged_at, staging)
     if storage.local_path(runs) is not None:  # DPO's shared dataset copy

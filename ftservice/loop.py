@@ -1,0 +1,919 @@
+"""The closed loop: rounds of votes on the live app → preference pairs → DPO on Ray Train beside
+the app → publish → gate → hot-add → the next round judges the new adapter against its
+parent; a stable alias (`production`) follows the winners, with a canary share first.
+
+Every step's outcome is a row in the store (`loops`, `loop_rounds`, `alias_events`), written
+when the step is done, so `loop run --resume` after a kill continues where it stopped: a
+round's votes are those stored before it closed (the page refuses later ones), the export is
+made again from them (deterministically), and a round's DPO run is found published by its
+name rather than trained twice (a run killed mid-way resumes from its Ray Train checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from sqlalchemy import select
+
+from ftservice.config import JobSpec, Problem, Spec, SpecError, load_spec, read_yaml, validate_spec
+from ftservice.errors import FtserviceError
+from ftservice.feedback import rounds
+from ftservice.feedback import votes as store_votes
+from ftservice.feedback.campaign import CampaignSpec, load_campaign, load_prompts
+from ftservice.feedback.simulate import RULES, SIMULATED_PROJECT, simulate
+from ftservice.serve.spec import ServeSpec, load_serve_spec
+from ftservice.store.models import Loop, LoopRound
+
+LOOP_KEYS = {"votes_per_round", "candidates", "held_out", "promotion"}
+"""Top-level keys only a loop spec has: how `ftservice validate` tells the kinds apart."""
+
+
+class LoopError(FtserviceError):
+    pass
+
+
+# ---- the spec --------------------------------------------------------------------------------
+
+
+class SweepCandidates(Spec):
+    sweep: str = Field(description="A finished sweep's folder (what `sweep report` reads).")
+    top: int = Field(2, ge=1, description="Its best trials that start the loop.")
+
+
+class PromotionSpec(Spec):
+    alias: str = Field(
+        "production", pattern=r"^[a-z0-9][a-z0-9._-]*$", description="The stable name on the API."
+    )
+    canary_share: float = Field(
+        0.2, ge=0, le=1, description="Share of the alias's calls a new adapter takes at first."
+    )
+    min_votes: int = Field(
+        20, ge=1, description="Head-to-head votes (new adapter vs its parent) before a decision."
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Of the win rate's interval (Wilson score)."
+    )
+    focus_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of a round's comparisons that pit the new adapter against its "
+        "parent (the rest follow the campaign's pair policy over all competitors).",
+    )
+    max_domain_drop: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Never promote an adapter whose held-out domain score is more than this "
+        "below its parent's.",
+    )
+    max_empty_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Never promote an adapter with more empty held-out answers than this "
+        "share (a preference rule can be won by saying nothing).",
+    )
+
+
+class SimulateSpec(Spec):
+    annotators: int = Field(4, ge=1, description="Simulated annotator keys.")
+    noise: float = Field(0.1, ge=0, le=1, description="Share of random votes.")
+    rule: str = Field("preference", description="How they judge (ftservice/data/...).")
+    seed: int = Field(0, description="Seed of their choices.")
+
+
+class LoopSpec(Spec):
+    """A closed loop on a serving app."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=60, description="Loop name.")
+    serve: str = Field(description="The serve spec of the app the loop runs on (required).")
+    campaign: CampaignSpec = Field(
+        description="The campaign of the rounds (a file or inline): its prompts are what "
+        "people compare on; `models` is set by each round."
+    )
+    candidates: list[str] | SweepCandidates = Field(
+        description="The starting adapters: registry names, or the top trials of a sweep."
+    )
+    include_base: bool = Field(False, description="The base model competes in the first round too.")
+    dpo: str = Field(
+        "cluster/jobs/loop-dpo.yaml",
+        description="The DPO job spec template (stage: dpo); per round its data.train is the "
+        "round's pairs, dpo.parent the round's leader, output.registry the app's first "
+        "registry and name <loop>-r<round>.",
+    )
+    votes_per_round: int = Field(100, ge=2, description="Votes each round collects.")
+    rounds: int = Field(1, ge=1, description="DPO rounds (each trains one new adapter).")
+    closing_votes: int | None = Field(
+        None,
+        ge=0,
+        description="Votes of the closing round that judges the last adapter (no training); "
+        "unset: votes_per_round; 0: none.",
+    )
+    stop_when_not_promoted: bool = Field(
+        False, description="Stop after a round whose new adapter was not promoted."
+    )
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec, description="Promotion.")
+    held_out: list[str] = Field(
+        min_length=1,
+        description="Prompt files for the final judgement of each new adapter against its "
+        "parent; never shown in a round.",
+    )
+    held_out_limit: int | None = Field(40, ge=1, description="Held-out prompts used; unset: all.")
+    judge: str | None = Field(
+        "preference",
+        description="Rule that judges the held-out answers (win rate); null: none (the "
+        "domain score and the empty-answer check still apply).",
+    )
+    simulate: SimulateSpec | None = Field(
+        None, description="Simulated annotators vote each round (demos, tests); unset: people."
+    )
+    output_dir: str = Field("state/loops", description="Where rounds' files and loop.json go.")
+
+    @field_validator("campaign", mode="before")
+    @classmethod
+    def _read_campaign_file(cls, value):
+        if isinstance(value, str):
+            try:
+                return load_campaign(value).model_dump()
+            except SpecError as e:
+                raise ValueError(str(e)) from None
+        return value
+
+
+def _prompt_texts(files: list[str]) -> dict[str, str]:
+    spec = CampaignSpec(name="held-out", prompts=files)
+    return {json.dumps(m, sort_keys=True): pid for pid, m in load_prompts(spec)}
+
+
+def loop_problems(spec: LoopSpec) -> list[Problem]:
+    problems = []
+    for field, path in [("serve", spec.serve), ("dpo", spec.dpo), *[
+            (f"held_out.{i}", p) for i, p in enumerate(spec.held_out)]]:  # fmt: skip
+        if not Path(path).is_file():
+            problems.append(Problem(field, f"no file '{path}'"))
+    if problems:
+        return problems
+    if not spec.campaign.prompts:
+        problems.append(Problem("campaign.prompts", "a loop's campaign needs prompt files"))
+    else:
+        shared = set(_prompt_texts(spec.held_out)) & set(_prompt_texts(spec.campaign.prompts))
+        if shared:
+            problems.append(
+                Problem(
+                    "held_out",
+                    f"{len(shared)} held-out prompt(s) are also campaign prompts; held-out "
+                    "prompts must never be shown in a round: use another file",
+                )
+            )
+    if spec.judge is not None and spec.judge not in RULES:
+        problems.append(Problem("judge", f"rule '{spec.judge}': one of {', '.join(RULES)}"))
+    if spec.simulate is not None and spec.simulate.rule not in RULES:
+        problems.append(
+            Problem("simulate.rule", f"rule '{spec.simulate.rule}': one of {', '.join(RULES)}")
+        )
+    if spec.promotion.min_votes > spec.votes_per_round:
+        problems.append(
+            Problem(
+                "promotion.min_votes",
+                f"{spec.promotion.min_votes} head-to-head votes cannot come from a round of "
+                f"{spec.votes_per_round}; lower it or raise votes_per_round",
+            )
+        )
+    if isinstance(spec.candidates, list) and not spec.candidates:
+        problems.append(Problem("candidates", "name at least one adapter"))
+    if isinstance(spec.candidates, list) and len(spec.candidates) < 2 and not spec.include_base:
+        problems.append(
+            Problem(
+                "candidates",
+                "a round compares two models at least: name two adapters, or set "
+                "include_base: true",
+            )
+        )
+    return problems
+
+
+def is_loop_spec(data: dict) -> bool:
+    return bool(LOOP_KEYS & set(data))
+
+
+def load_loop(path: str | os.PathLike, overrides: list[str] | None = None) -> LoopSpec:
+    """Read a YAML loop spec; SpecError lists every problem with its line."""
+    data, lines = read_yaml(path, "loop")
+    return validate_spec(LoopSpec, data, str(path), lines, overrides, loop_problems)
+
+
+# ---- statistics --------------------------------------------------------------------------------
+
+
+def wilson(wins: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a win rate (ties counted as half a win)."""
+    if n == 0:
+        return 0.0, 1.0
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def head_to_head(votes: list[dict], challenger: str, parent: str, confidence: float) -> dict:
+    """The challenger's win rate over its parent in the votes that compared exactly them
+    (ties and 'both bad' count half)."""
+    wins, n = 0.0, 0
+    for v in votes:
+        if {v["model_a"], v["model_b"]} != {challenger, parent}:
+            continue
+        n += 1
+        if v["verdict"] in ("tie", "both_bad"):
+            wins += 0.5
+        elif (v["model_a"] if v["verdict"] == "a" else v["model_b"]) == challenger:
+            wins += 1
+    lo, hi = wilson(wins, n, confidence)
+    return {"votes": n, "wins": wins, "winrate": wins / n if n else None, "interval": [lo, hi]}
+
+
+def decide(h2h: dict, held_out: dict, promotion: PromotionSpec) -> tuple[str, list[str]]:
+    """promote, rollback, inconclusive or refused (won, but held out it fails), with why."""
+    lo, hi = h2h["interval"]
+    reasons = []
+    enough = h2h["votes"] >= promotion.min_votes
+    if not enough:
+        reasons.append(f"{h2h['votes']} head-to-head votes, fewer than {promotion.min_votes}")
+    blocked = []
+    drop = held_out.get("domain_drop")
+    if drop is not None and drop > promotion.max_domain_drop:
+        blocked.append(
+            f"held-out domain score {drop:.1%} below its parent's (margin "
+            f"{promotion.max_domain_drop:.1%})"
+        )
+    empty = held_out.get("empty_share")
+    if empty is not None and empty > promotion.max_empty_share:
+        blocked.append(f"{empty:.0%} of its held-out answers are empty")
+    if enough and lo > 0.5:
+        if blocked:
+            return "refused", [f"win rate lower bound {lo:.2f} > 0.5, but", *blocked]
+        return "promote", [f"win rate lower bound {lo:.2f} > 0.5 over {h2h['votes']} votes"]
+    if enough and hi < 0.5:
+        return "rollback", [f"win rate upper bound {hi:.2f} < 0.5 over {h2h['votes']} votes"]
+    if enough:
+        reasons.append(f"interval [{lo:.2f}, {hi:.2f}] holds 0.5")
+    return "inconclusive", reasons + blocked
+
+
+# ---- the app over HTTP -----------------------------------------------------------------------
+
+
+class AppClient:
+    """The loop's calls to the live app, with a key of its own (admin + inference)."""
+
+    def __init__(self, url: str, key: str):
+        self.url, self.key = url.rstrip("/"), key
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 300):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method,
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            text = e.read().decode(errors="replace")
+            try:
+                return e.code, json.loads(text)
+            except ValueError:
+                return e.code, {"error": {"message": text[:500]}}
+
+    def models(self) -> dict[str, dict]:
+        status, body = self.call("GET", "/v1/models")
+        if status != 200:
+            raise LoopError(f"GET {self.url}/v1/models: HTTP {status}: {body}")
+        return {m["id"]: m for m in body["data"]}
+
+    def answer(self, model: str, messages: list[dict], max_tokens: int) -> str:
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens,
+                "temperature": 0.0}  # fmt: skip
+        for attempt in range(3):
+            status, out = self.call("POST", "/v1/chat/completions", body)
+            if status == 200:
+                return out["choices"][0]["message"]["content"] or ""
+            if status not in (429, 503) or attempt == 2:
+                raise LoopError(f"{model}: HTTP {status}: {out}")
+            time.sleep(2)
+        raise AssertionError("unreachable")
+
+
+def app_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def held_out_judgement(
+    client: AppClient,
+    challenger: str,
+    parent: str,
+    prompts: list[tuple[str, list[dict]]],
+    max_tokens: int,
+    rule: str | None,
+    confidence: float,
+) -> dict:
+    """Greedy answers of both to the held-out prompts through the API, judged by the rule:
+    the challenger's win rate (ties half), and how many answers of each are empty."""
+    with ThreadPoolExecutor(8) as pool:  # the app batches concurrent requests
+        mine = list(pool.map(lambda p: client.answer(challenger, p[1], max_tokens), prompts))
+        theirs = list(pool.map(lambda p: client.answer(parent, p[1], max_tokens), prompts))
+    out: dict = {
+        "prompts": len(prompts),
+        "empty": sum(not a.strip() for a in mine),
+        "empty_parent": sum(not a.strip() for a in theirs),
+        "mean_words": sum(len(a.split()) for a in mine) / max(len(mine), 1),
+        "mean_words_parent": sum(len(a.split()) for a in theirs) / max(len(theirs), 1),
+        "examples": [
+            {"prompt": p[1][-1]["content"], challenger: a, parent: b}
+            for p, a, b in list(zip(prompts, mine, theirs, strict=True))[:3]
+        ],
+    }
+    out["empty_share"] = out["empty"] / max(len(prompts), 1)
+    if rule is not None:
+        judge = RULES[rule]
+        wins = sum(0.5 if a == b else (1.0 if judge(a, b) == 0 else 0.0)
+                   for a, b in zip(mine, theirs, strict=True))  # fmt: skip
+        lo, hi = wilson(wins, len(prompts), confidence)
+        out |= {"rule": rule, "wins": wins, "winrate": wins / max(len(prompts), 1),
+                "interval": [lo, hi]}  # fmt: skip
+    return out
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _echo(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Context:
+    spec: LoopSpec
+    serve: ServeSpec
+    store: object
+    client: AppClient
+    out: Path
+    base_name: str
+
+
+class LoopRunner:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.spec = ctx.spec
+        self.store = ctx.store
+        self.campaign = ctx.spec.campaign.name
+        self.timings: dict[str, float] = {}
+
+    # ---- rows -------------------------------------------------------------------------------
+
+    def row(self, r: int) -> LoopRound | None:
+        with self.store() as session:
+            return session.get(LoopRound, (self.spec.name, r))
+
+    def details(self, r: int) -> dict:
+        return json.loads(self.row(r).details or "{}")
+
+    def update(self, r: int, details: dict | None = None, **fields) -> None:
+        with self.store.begin() as session:
+            row = session.get(LoopRound, (self.spec.name, r), with_for_update=True)
+            for k, v in fields.items():
+                setattr(row, k, v)
+            if details:
+                row.details = json.dumps(json.loads(row.details or "{}") | details, default=str)
+
+    def timed(self, r: int, phase: str, seconds: float) -> None:
+        times = self.details(r).get("seconds", {})
+        self.update(r, {"seconds": times | {phase: round(seconds, 1)}})
+
+    # ---- who competes -----------------------------------------------------------------------
+
+    def candidates(self) -> list[str]:
+        c = self.spec.candidates
+        if isinstance(c, list):
+            return list(c)
+        summary = json.loads((Path(c.sweep) / "sweep.json").read_text())
+        names = [Path(t["artifact"]).name for t in summary["trials"]
+                 if t["state"] == "completed" and t.get("artifact")][: c.top]  # fmt: skip
+        if not names:
+            raise LoopError(f"{c.sweep}: no completed trial with an artifact")
+        return names
+
+    def excluded(self) -> set[str]:
+        """Adapters a decision took out of the running (rolled back, refused)."""
+        out = set()
+        for event in rounds.alias_history(self.store, self.ctx.serve.name):
+            if event["loop"] == self.spec.name and event["action"] in ("rollback", "refused"):
+                out.add(event["subject"])
+        return out
+
+    def round_models(self, r: int) -> tuple[list[str], list | None]:
+        if r == 1:
+            models = self.candidates() + ([self.ctx.base_name] if self.spec.include_base else [])
+            return models, None
+        prev = self.row(r - 1)
+        models = [m for m in json.loads(prev.models) if m not in self.excluded()]
+        if prev.challenger and prev.challenger not in models:
+            models.append(prev.challenger)
+        focus = None
+        if prev.challenger:
+            parent = self.details(r - 1)["leader"]
+            focus = [prev.challenger, parent, self.spec.promotion.focus_share]
+        return models, focus
+
+    # ---- phases -----------------------------------------------------------------------------
+
+    def open_round(self, r: int, quota: int) -> None:
+        models, focus = self.round_models(r)
+        served = self.ctx.client.models()
+        missing = [m for m in models if m not in served]
+        if missing:
+            raise LoopError(
+                f"round {r}: {', '.join(missing)} not served by the app at "
+                f"{self.ctx.client.url} (GET /v1/models); add their registry to "
+                f"{self.spec.serve}'s registries, or publish them"
+            )
+        refused = [m for m in models if not served[m].get("servable", True)]
+        if refused:
+            raise LoopError(f"round {r}: the gate refuses {', '.join(refused)}")
+        with self.store.begin() as session:
+            session.add(LoopRound(
+                loop=self.spec.name, round=r, campaign=self.campaign, models=json.dumps(models),
+                focus=json.dumps(focus) if focus else None, quota=quota, phase="voting",
+                opened_at=_now(), details="{}",
+            ))  # fmt: skip
+        pair = f"; {focus[2]:.0%} of comparisons {focus[0]} vs {focus[1]}" if focus else ""
+        _echo(f"round {r}: {quota} votes among {', '.join(models)}{pair}")
+
+    def collect(self, r: int) -> None:
+        row = self.row(r)
+        t0 = time.time()
+        count = rounds.round_vote_count(self.store, self.campaign, r)
+        if count < row.quota:
+            if self.spec.simulate is not None:
+                self.simulate(r, row.quota - count)
+            else:
+                self.wait_for_people(r, row.quota)
+        count = rounds.round_vote_count(self.store, self.campaign, r)
+        if count < row.quota:
+            raise LoopError(f"round {r}: {count} of {row.quota} votes; the campaign ran out "
+                            "of prompts (raise votes_per_prompt or add prompt files)")  # fmt: skip
+        with self.store.begin() as session:  # no vote of the round is taken after this
+            loop_round = session.get(LoopRound, (self.spec.name, r), with_for_update=True)
+            loop_round.closed_at, loop_round.phase = _now(), "closed"
+        self.update(r, votes=rounds.round_vote_count(self.store, self.campaign, r))
+        self.timed(r, "votes", time.time() - t0)
+
+    def simulate(self, r: int, remaining: int) -> None:
+        sim = self.spec.simulate
+        run = secrets.token_hex(3)
+        names = [f"sim-{self.spec.name}-r{r}-{run}-{k}" for k in range(sim.annotators)]
+        keys = [store_votes.add_annotator(self.store, n, self.campaign,
+                                          project=SIMULATED_PROJECT) for n in names]  # fmt: skip
+        last = [0.0]
+
+        def progress(report) -> None:
+            if report.votes == remaining or time.time() - last[0] > 10:
+                last[0] = time.time()
+                _echo(f"round {r}: {report.votes}/{remaining} simulated votes "
+                      f"({report.seconds:.0f} s)")  # fmt: skip
+
+        from ftservice.store.keys import revoke_key
+
+        try:
+            simulate(self.ctx.client.url, self.campaign, keys, remaining, sim.rule, sim.noise,
+                     sim.seed * 100 + r, progress)  # fmt: skip
+        finally:
+            for n in names:
+                revoke_key(self.store, n)
+
+    def wait_for_people(self, r: int, quota: int) -> None:
+        url = f"{self.ctx.client.url}/arena"
+        _echo(f"round {r}: waiting for {quota} votes on {url} (campaign {self.campaign}; "
+              f"annotator keys: ftservice feedback annotators add NAME --campaign "
+              f"{self.campaign})")  # fmt: skip
+        last = -1
+        while (count := rounds.round_vote_count(self.store, self.campaign, r)) < quota:
+            if count != last:
+                _echo(f"round {r}: {count}/{quota} votes")
+                last = count
+            time.sleep(5)
+
+    def votes_of(self, r: int) -> list[dict]:
+        return [store_votes.vote_json(v)
+                for v in rounds.round_votes(self.store, self.campaign, r)]  # fmt: skip
+
+    def rate(self, r: int) -> dict:
+        from ftservice.feedback.leaderboard import leaderboard
+
+        votes = self.votes_of(r)
+        board = leaderboard(votes, self.ctx.base_name, resamples=200, seed=r)
+        table = [{k: row[k] for k in ("model", "rating", "ci95", "votes", "won", "lost")}
+                 for row in board["ratings"]]  # fmt: skip
+        _echo(f"round {r}: {len(votes)} votes")
+        for row in table:
+            _echo(f"  {row['model']:<28} {row['rating']:7.1f}  [{row['ci95'][0]:.0f}, "
+                  f"{row['ci95'][1]:.0f}]  {row['won']} won {row['lost']} lost")  # fmt: skip
+        self.update(r, {"ratings": table})
+        for row in table:  # each artifact carries its rating in each round it competed in
+            self.note_rating(row["model"], r, row)
+        return board
+
+    def note_rating(self, name: str, r: int, row: dict) -> None:
+        from ftservice.artifacts import ArtifactError, load_artifact, update_metrics
+
+        for registry in self.ctx.serve.registries:
+            try:
+                artifact = load_artifact(name, registry)
+            except ArtifactError:
+                continue
+            ratings = [x for x in (artifact.meta.metrics.get("feedback_ratings") or [])
+                       if not (x["loop"] == self.spec.name and x["round"] == r)]  # fmt: skip
+            ratings.append({"loop": self.spec.name, "round": r, "rating": row["rating"],
+                            "ci95": row["ci95"], "votes": row["votes"]})  # fmt: skip
+            update_metrics(artifact, {"feedback_ratings": ratings})
+            return
+
+    def leader(self, r: int, table: list[dict]) -> str:
+        excluded = self.excluded() | {self.ctx.base_name}
+        for row in table:  # best rated first
+            if row["model"] not in excluded:
+                return row["model"]
+        raise LoopError(f"round {r}: no adapter left to train from (all rolled back)")
+
+    def judge_previous(self, r: int) -> None:
+        """Decide on the adapter the previous round made, from this round's votes."""
+        prev = self.row(r - 1)
+        if r == 1 or not prev.challenger or "decision" in self.details(r):
+            return
+        challenger, parent = prev.challenger, self.details(r - 1)["leader"]
+        promo = self.spec.promotion
+        h2h = head_to_head(self.votes_of(r), challenger, parent, promo.confidence)
+        held_out = self.details(r - 1)["held_out"]
+        action, reasons = decide(h2h, held_out, promo)
+        state = rounds.alias_state(self.store, self.ctx.serve.name, promo.alias)
+        target = challenger if action == "promote" else state.target
+        evidence = {"head_to_head": h2h, "held_out": held_out, "reasons": reasons,
+                    "parent": parent, "round_votes": self.row(r).votes}  # fmt: skip
+        event = rounds.record_alias(
+            self.store, self.ctx.serve.name, promo.alias, action, target, evidence,
+            subject=challenger, loop=self.spec.name, round_=r,
+        )  # fmt: skip
+        self.update(r, {"decision": {"action": action, "subject": challenger, "parent": parent,
+                                     "reasons": reasons, "event": event["id"],
+                                     "head_to_head": h2h}})  # fmt: skip
+        rate = "-" if h2h["winrate"] is None else f"{h2h['winrate']:.2f}"
+        _echo(f"round {r}: {challenger} vs {parent}: win rate {rate} "
+              f"[{h2h['interval'][0]:.2f}, {h2h['interval'][1]:.2f}] over {h2h['votes']} "
+              f"votes → {action.upper()} ({'; '.join(reasons)})")  # fmt: skip
+
+    def ensure_alias(self, r: int, leader: str) -> None:
+        alias = self.spec.promotion.alias
+        if rounds.alias_state(self.store, self.ctx.serve.name, alias) is None:
+            rounds.record_alias(
+                self.store, self.ctx.serve.name, alias, "create", leader,
+                {"reason": f"the leader of round {r}", "ratings": self.details(r)["ratings"]},
+                subject=leader, loop=self.spec.name, round_=r,
+            )  # fmt: skip
+            _echo(f"alias {alias} → {leader}")
+
+    def export(self, r: int) -> tuple[Path, dict]:
+        from ftservice.feedback.export import export_rows, write_export
+
+        votes = self.votes_of(r)
+        items = store_votes.items_of(self.store, [v["comparison_id"] for v in votes])
+        rows, lineage, counts = export_rows(votes, items, "trl")
+        folder = self.ctx.out / f"round-{r}"
+        pairs = folder / "pairs.jsonl"
+        write_export(rows, lineage, counts, pairs,
+                     {"campaign": self.campaign, "loop": self.spec.name, "round": r,
+                      "format": "trl", "votes": len(votes)})  # fmt: skip
+        ids = "".join(v["vote_id"] + "\n" for v in votes)
+        (folder / "vote-ids.txt").write_text(ids)
+        digest = hashlib.sha256(pairs.read_bytes()).hexdigest()
+        _echo(
+            f"round {r}: exported {counts.get('pairs', 0)} pairs from {len(votes)} votes "
+            f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}) to {pairs}"
+        )
+        return pairs, {"counts": counts, "pairs_fingerprint": digest, "vote_ids": ids,
+                       "votes": len(votes)}  # fmt: skip
+
+    def dpo_spec(self, r: int, leader: str, pairs: Path) -> JobSpec:
+        template = load_spec(self.spec.dpo)
+        if template.stage != "dpo":
+            raise LoopError(f"{self.spec.dpo}: the DPO template has stage: {template.stage}")
+        parent = self.find(leader)
+        data = template.model_dump(mode="json")
+        data["name"] = f"{self.spec.name}-r{r}"
+        data["data"] |= {"train": [str(pairs)], "eval": [], "format": "auto"}
+        data["dpo"]["parent"] = parent.location
+        data["output"]["registry"] = self.ctx.serve.registries[0]
+        return JobSpec.model_validate(data)
+
+    def find(self, name: str):
+        from ftservice.artifacts import ArtifactError, load_artifact
+
+        for registry in self.ctx.serve.registries:
+            try:
+                return load_artifact(name, registry)
+            except ArtifactError:
+                continue
+        raise LoopError(f"no artifact '{name}' in {', '.join(self.ctx.serve.registries)}")
+
+    def train(self, r: int) -> None:
+        from ftservice.artifacts import FeedbackLineage
+        from ftservice.models import resolve_model
+        from ftservice.train.driver import evaluate_remote, train
+
+        details = self.details(r)
+        leader = details["leader"]
+        t0 = time.time()
+        pairs, export = self.export(r)
+        self.timed(r, "export", time.time() - t0)
+        if not export["counts"].get("pairs"):
+            raise LoopError(f"round {r}: its votes gave no preference pair (all ties?)")
+        job = self.dpo_spec(r, leader, pairs)
+        feedback = FeedbackLineage(
+            loop=self.spec.name, campaign=self.campaign, round=r, votes=export["votes"],
+            pairs=export["counts"]["pairs"], pairs_fingerprint=export["pairs_fingerprint"],
+            vote_ids="feedback-vote-ids.txt",
+        )  # fmt: skip
+        t0 = time.time()
+        _echo(f"round {r}: DPO from {leader} on {export['counts']['pairs']} pairs "
+              f"(Ray Train, beside the app) → {job.name}")  # fmt: skip
+        result = train(job, feedback=feedback,
+                       extra_files={"feedback-vote-ids.txt": export["vote_ids"]})  # fmt: skip
+        self.timed(r, "train", time.time() - t0)
+        artifact = result.artifact
+        t0 = time.time()
+        if "parent_evaluation" not in details:
+            base = resolve_model(job.model)
+            parent_eval = evaluate_remote(job, self.find(leader), base)
+            self.update(r, {"parent_evaluation": parent_eval})
+        parent_eval = self.details(r)["parent_evaluation"]
+        self.timed(r, "evaluate", time.time() - t0)
+        t0 = time.time()
+        status, body = self.ctx.client.call(
+            "POST", "/v1/load_lora_adapter", {"lora_name": artifact.name, "lora_path": ""}
+        )
+        if status != 200:  # the gate refused it: the loop cannot go on with it
+            raise LoopError(f"round {r}: the app refused {artifact.name}: HTTP {status} {body}")
+        held = self.judge_held_out(artifact.name, leader)
+        held |= self.domain_change(result.evaluation, parent_eval)
+        self.timed(r, "held_out", time.time() - t0)
+        self.update(r, {"held_out": held, "challenger_evaluation": result.evaluation})
+        promo = self.spec.promotion
+        state = rounds.alias_state(self.store, self.ctx.serve.name, promo.alias)
+        with_canary = promo.canary_share > 0
+        recorded = any(  # a kill after the event and before the phase: not twice
+            e["action"] == "canary" and e["subject"] == artifact.name and e["round"] == r
+            for e in rounds.alias_history(self.store, self.ctx.serve.name)
+        )
+        if not recorded:
+            rounds.record_alias(
+                self.store, self.ctx.serve.name, promo.alias, "canary", state.target,
+                {"reason": f"new adapter of round {r}", "parent": leader, "held_out": held},
+                canary=artifact.name if with_canary else None, canary_share=promo.canary_share,
+                subject=artifact.name, loop=self.spec.name, round_=r,
+            )  # fmt: skip
+        self.update(r, phase="done", challenger=artifact.name)
+        _echo(self.held_out_line(r, artifact.name, leader, held))
+
+    def judge_held_out(self, challenger: str, parent: str) -> dict:
+        prompts = load_prompts(CampaignSpec(name="held-out", prompts=self.spec.held_out))
+        prompts = prompts[: self.spec.held_out_limit]
+        return held_out_judgement(
+            self.ctx.client, challenger, parent, prompts,
+            self.spec.campaign.generation.max_tokens, self.spec.judge,
+            self.spec.promotion.confidence,
+        )  # fmt: skip
+
+    @staticmethod
+    def domain_change(mine: dict, parents: dict) -> dict:
+        out = {}
+        a, b = (mine or {}).get("domain"), (parents or {}).get("domain")
+        if a and b:
+            out |= {"domain": a["accuracy"], "domain_parent": b["accuracy"],
+                    "domain_drop": b["accuracy"] - a["accuracy"]}  # fmt: skip
+        fa, fb = (mine or {}).get("forgetting"), (parents or {}).get("forgetting")
+        if fa and fb:
+            out |= {"kl_from_base": fa["kl_from_base"], "kl_from_base_parent": fb["kl_from_base"]}
+        return out
+
+    @staticmethod
+    def held_out_line(r: int, name: str, parent: str, held: dict) -> str:
+        parts = [f"round {r}: {name} published and served beside {parent}"]
+        if "winrate" in held:
+            parts.append(f"held-out win rate under '{held['rule']}' {held['winrate']:.2f} "
+                         f"[{held['interval'][0]:.2f}, {held['interval'][1]:.2f}] on "
+                         f"{held['prompts']} prompts")  # fmt: skip
+        if "domain" in held:
+            parts.append(f"domain score {held['domain']:.1%} (parent {held['domain_parent']:.1%})")
+        parts.append(f"{held['empty']} empty answers")
+        return "; ".join(parts)
+
+    # ---- the whole run ----------------------------------------------------------------------
+
+    def last_round(self) -> int:
+        closing = self.spec.closing_votes
+        closing = self.spec.votes_per_round if closing is None else closing
+        return self.spec.rounds + (1 if closing else 0)
+
+    def run(self) -> dict:
+        closing = self.spec.closing_votes
+        closing = self.spec.votes_per_round if closing is None else closing
+        for r in range(1, self.last_round() + 1):
+            row = self.row(r)
+            if row is not None and row.phase == "done":
+                continue
+            if row is None:
+                self.open_round(r, self.spec.votes_per_round if r <= self.spec.rounds
+                                else closing)  # fmt: skip
+            if self.row(r).phase == "voting":
+                self.collect(r)
+            if "ratings" not in self.details(r):
+                self.rate(r)
+            self.judge_previous(r)
+            decision = self.details(r).get("decision", {}).get("action")
+            stop = self.spec.stop_when_not_promoted and decision not in (None, "promote")
+            if r > self.spec.rounds or stop:
+                self.update(r, phase="done")
+                if stop:
+                    _echo(f"round {r}: not promoted; the loop stops (stop_when_not_promoted)")
+                    break
+                continue
+            if "leader" not in self.details(r):
+                leader = self.leader(r, self.details(r)["ratings"])
+                self.update(r, {"leader": leader}, leader=leader)
+            self.ensure_alias(r, self.details(r)["leader"])
+            self.train(r)
+        return self.report()
+
+    def report(self) -> dict:
+        with self.store() as session:
+            rows = session.scalars(
+                select(LoopRound).where(LoopRound.loop == self.spec.name)
+                .order_by(LoopRound.round)
+            ).all()  # fmt: skip
+            out_rounds = [{"round": x.round, "models": json.loads(x.models), "quota": x.quota,
+                           "votes": x.votes, "leader": x.leader, "challenger": x.challenger,
+                           "phase": x.phase, **json.loads(x.details)} for x in rows]  # fmt: skip
+        report = {
+            "loop": self.spec.name,
+            "app": self.ctx.serve.name,
+            "campaign": self.campaign,
+            "rounds": out_rounds,
+            "alias": rounds.alias_state(
+                self.store, self.ctx.serve.name, self.spec.promotion.alias
+            ).__dict__,
+            "history": [
+                e
+                for e in rounds.alias_history(self.store, self.ctx.serve.name)
+                if e["loop"] == self.spec.name
+            ],
+        }
+        self.ctx.out.mkdir(parents=True, exist_ok=True)
+        (self.ctx.out / "loop.json").write_text(json.dumps(report, indent=1, default=str))
+        plot_rounds(out_rounds, self.ctx.out / "rounds.png", self.spec.name)
+        return report
+
+
+def plot_rounds(out_rounds: list[dict], path: Path, title: str) -> None:
+    """Each model's rating with its interval, round by round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float, float, float]]] = {}
+    for x in out_rounds:
+        for row in x.get("ratings", []):
+            lo, hi = row["ci95"]
+            series.setdefault(row["model"], []).append((x["round"], row["rating"], lo, hi))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, (model, points) in enumerate(sorted(series.items())):
+        xs = [p[0] + (k - len(series) / 2) * 0.04 for p in points]
+        ys = [p[1] for p in points]
+        err = [
+            [max(0.0, p[1] - p[2]) if not math.isnan(p[2]) else 0 for p in points],
+            [max(0.0, p[3] - p[1]) if not math.isnan(p[3]) else 0 for p in points],
+        ]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=model)
+    ax.set_xlabel("round")
+    ax.set_ylabel("rating (Bradley–Terry, 95% interval)")
+    ax.set_xticks(sorted({x["round"] for x in out_rounds}))
+    ax.set_title(f"{title}: ratings per round")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---- entry point -------------------------------------------------------------------------------
+
+
+def run_loop(
+    path: str, overrides: list[str] | None = None, resume: bool = False, address=None
+) -> dict:
+    """`ftservice loop run`: the loop on the app its serve spec names (started here on the
+    local Ray, or the cluster at `address`, when it is not answering)."""
+    from ftservice.raycluster import init_ray
+    from ftservice.store.db import open_store
+    from ftservice.store.keys import create_key, revoke_key
+
+    spec = load_loop(path, overrides)
+    serve_spec = load_serve_spec(spec.serve)
+    store = open_store(serve_spec.store.url)
+    base_name = serve_spec.base_name or serve_spec.model.name
+    with store() as session:
+        row = session.get(Loop, spec.name)
+        other = session.scalars(
+            select(Loop).where(Loop.campaign == spec.campaign.name, Loop.name != spec.name)
+        ).first()
+    if other is not None:
+        raise LoopError(f"campaign '{spec.campaign.name}' belongs to loop '{other.name}'; give "
+                        "this loop a campaign of its own (campaign.name)")  # fmt: skip
+    if row is not None and not resume:
+        raise LoopError(
+            f"loop '{spec.name}' exists ({row.state}, started {row.started_at}): "
+            "continue it with --resume, or give the new loop another name"
+        )
+    if row is None and resume:
+        raise LoopError(f"no loop '{spec.name}' to resume in {serve_spec.store.url}")
+    url = f"http://{serve_spec.host}:{serve_spec.port}"
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    init_ray(address)  # Ray Train runs the DPO rounds beside the app
+    if not app_healthy(url):
+        start_app(serve_spec)
+    campaign = spec.campaign.model_copy(
+        update={
+            "prompts": [str(Path(p).resolve()) for p in spec.campaign.prompts],
+            "models": ["*"],
+        }
+    )
+    store_votes.declare_campaign(store, serve_spec.name, base_name, campaign)
+    if row is None:
+        with store.begin() as session:
+            session.add(Loop(name=spec.name, app=serve_spec.name, campaign=campaign.name,
+                             spec=spec.model_dump_json(), state="running",
+                             started_at=_now()))  # fmt: skip
+    key_name = f"loop-{spec.name}-{secrets.token_hex(3)}"
+    key = create_key(store, key_name, ["admin", "inference"], project="loop")
+    out = Path(spec.output_dir) / spec.name
+    t0 = time.time()
+    try:
+        runner = LoopRunner(Context(spec, serve_spec, store, AppClient(url, key), out, base_name))
+        report = runner.run()
+    finally:
+        revoke_key(store, key_name)
+    with store.begin() as session:
+        loop_row = session.get(Loop, spec.name)
+        loop_row.state, loop_row.finished_at = "finished", _now()
+    report["seconds"] = round(time.time() - t0, 1)
+    report["url"] = url
+    (out / "loop.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+_app_lock = threading.Lock()
+
+
+def start_app(serve_spec: ServeSpec) -> None:
+    from ray import serve
+
+    from ftservice.serve.app import build_app
+    from ftservice.serve.deploy import http_options
+
+    with _app_lock:
+        _echo(f"starting the app {serve_spec.name} at http://{serve_spec.host}:{serve_spec.port}")
+        serve.start(http_options=http_options(serve_spec))
+        serve.run(build_app(serve_spec), name=serve_spec.name, route_prefix="/", blocking=False)
