@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -1092,8 +1093,6 @@ def loop_run(
             f" (canary {alias['canary']} {alias['canary_share']:.0%})" if alias["canary"] else ""
         )
         print(f"{loop.promotion.alias} → {alias['target']}{canary}")
-        from pathlib import Path
-
         out = Path(loop.output_dir) / loop.name
         print(f"report: {out / 'loop.json'}, plot: {out / 'rounds.png'}")
     if started_here and keep_serving:

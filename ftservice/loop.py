@@ -17,7 +17,6 @@ import math
 import os
 import secrets
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -743,21 +742,21 @@ class LoopRunner:
 
     # ---- the whole run ----------------------------------------------------------------------
 
-    def last_round(self) -> int:
+    def closing_votes(self) -> int:
         closing = self.spec.closing_votes
-        closing = self.spec.votes_per_round if closing is None else closing
-        return self.spec.rounds + (1 if closing else 0)
+        return self.spec.votes_per_round if closing is None else closing
+
+    def last_round(self) -> int:
+        return self.spec.rounds + (1 if self.closing_votes() else 0)
 
     def run(self) -> dict:
-        closing = self.spec.closing_votes
-        closing = self.spec.votes_per_round if closing is None else closing
         for r in range(1, self.last_round() + 1):
             row = self.row(r)
             if row is not None and row.phase == "done":
                 continue
             if row is None:
-                self.open_round(r, self.spec.votes_per_round if r <= self.spec.rounds
-                                else closing)  # fmt: skip
+                quota = self.spec.votes_per_round if r <= self.spec.rounds else None
+                self.open_round(r, quota or self.closing_votes())
             if self.row(r).phase == "voting":
                 self.collect(r)
             if "ratings" not in self.details(r):
@@ -904,16 +903,12 @@ def run_loop(
     return report
 
 
-_app_lock = threading.Lock()
-
-
 def start_app(serve_spec: ServeSpec) -> None:
     from ray import serve
 
     from ftservice.serve.app import build_app
     from ftservice.serve.deploy import http_options
 
-    with _app_lock:
-        _echo(f"starting the app {serve_spec.name} at http://{serve_spec.host}:{serve_spec.port}")
-        serve.start(http_options=http_options(serve_spec))
-        serve.run(build_app(serve_spec), name=serve_spec.name, route_prefix="/", blocking=False)
+    _echo(f"starting the app {serve_spec.name} at http://{serve_spec.host}:{serve_spec.port}")
+    serve.start(http_options=http_options(serve_spec))
+    serve.run(build_app(serve_spec), name=serve_spec.name, route_prefix="/", blocking=False)

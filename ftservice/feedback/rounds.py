@@ -113,12 +113,14 @@ def alias_state(store: sessionmaker[Session], app: str, alias: str) -> AliasStat
 
 
 def aliases(store: sessionmaker[Session], app: str) -> dict[str, AliasState]:
-    """Every alias of the app, as it points now."""
+    """Every alias of the app, as it points now (its latest row), in one query."""
     with store() as session:
-        names = session.scalars(
-            select(AliasEvent.alias).where(AliasEvent.app == app).distinct()
+        rows = session.scalars(
+            select(AliasEvent).where(AliasEvent.app == app).order_by(AliasEvent.id)
         ).all()
-    return {name: alias_state(store, app, name) for name in names}
+    return {
+        r.alias: AliasState(r.target, r.canary, r.canary_share if r.canary else 0.0) for r in rows
+    }
 
 
 def record_alias(
