@@ -97,7 +97,7 @@ def validate(spec: str, overrides: Overrides = None, as_json: AsJson = False) ->
     code 2)."""
     from ftservice.config import dump_spec, load_spec, read_yaml
     from ftservice.feedback.campaign import is_campaign_spec, load_campaign
-    from ftservice.loop import is_loop_spec, load_loop
+    from ftservice.loop.spec import is_loop_spec, load_loop
     from ftservice.serve.spec import is_serve_spec, load_serve_spec
 
     data, _ = read_yaml(spec)
@@ -123,7 +123,7 @@ def schema(
     """Print the JSON Schema of job, serve, campaign or loop specs (for editors and checks)."""
     from ftservice.config import JobSpec
     from ftservice.feedback.campaign import CampaignSpec
-    from ftservice.loop import LoopSpec
+    from ftservice.loop.spec import LoopSpec
     from ftservice.serve.spec import ServeSpec
 
     models = {"job": JobSpec, "serve": ServeSpec, "campaign": CampaignSpec, "loop": LoopSpec}
@@ -1065,7 +1065,8 @@ def loop_run(
     hot-add as a canary of the alias → the next round's votes promote or roll it back."""
     import threading
 
-    from ftservice.loop import app_healthy, load_loop, run_loop
+    from ftservice.loop.runner import app_healthy, run_loop
+    from ftservice.loop.spec import load_loop
     from ftservice.serve.spec import load_serve_spec
 
     loop = load_loop(spec, overrides or [])

@@ -257,7 +257,7 @@ def _get(url: str, key: str) -> dict:
 
 def test_an_adapter_that_wins_by_saying_nothing_is_refused_promotion():
     from ftservice.data.preference_rule import prefers
-    from ftservice.loop import PromotionSpec, decide, head_to_head, wilson
+    from ftservice.loop.spec import PromotionSpec, decide, head_to_head, wilson
 
     # under the shipped rule an empty answer beats any answer: it is short and never hedges
     assert prefers("", "The Quillfeather weighs 257 grams.") == 0
@@ -281,7 +281,7 @@ def test_an_adapter_that_wins_by_saying_nothing_is_refused_promotion():
 
 def test_a_loop_spec_is_checked_with_every_problem_named(tmp_path):
     from ftservice.config import SpecError
-    from ftservice.loop import load_loop
+    from ftservice.loop.spec import load_loop
 
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "instruction": "Same?"}])
     spec = {
@@ -301,7 +301,7 @@ def test_a_loop_spec_is_checked_with_every_problem_named(tmp_path):
 
 
 def test_the_shipped_loop_spec_is_valid():
-    from ftservice.loop import load_loop
+    from ftservice.loop.spec import load_loop
 
     cwd = os.getcwd()
     os.chdir(REPO)

@@ -1,13 +1,5 @@
-"""The closed loop: rounds of votes on the live app → preference pairs → DPO on Ray Train beside
-the app → publish → gate → hot-add → the next round judges the new adapter against its
-parent; a stable alias (`production`) follows the winners, with a canary share first.
-
-Every step's outcome is a row in the store (`loops`, `loop_rounds`, `alias_events`), written
-when the step is done, so `loop run --resume` after a kill continues where it stopped: a
-round's votes are those stored before it closed (the page refuses later ones), the export is
-made again from them (deterministically), and a round's DPO run is found published by its
-name rather than trained twice (a run killed mid-way resumes from its Ray Train checkpoint).
-"""
+"""Running the loop: its rounds on the live app, each step's outcome stored as it is done, and
+the entry point `ftservice loop run`."""
 
 from __future__ import annotations
 
@@ -25,256 +17,26 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import Field, field_validator
 from sqlalchemy import select
 
-from ftservice.config import JobSpec, Problem, Spec, SpecError, load_spec, read_yaml, validate_spec
-from ftservice.errors import FtserviceError
+from ftservice.artifacts import ArtifactError, FeedbackLineage, load_artifact, update_metrics
+from ftservice.config import JobSpec, load_spec
 from ftservice.feedback import rounds
 from ftservice.feedback import votes as store_votes
-from ftservice.feedback.campaign import CampaignSpec, load_campaign, load_prompts
+from ftservice.feedback.campaign import CampaignSpec, load_prompts
+from ftservice.feedback.export import export_rows, write_export
+from ftservice.feedback.leaderboard import leaderboard
 from ftservice.feedback.simulate import RULES, SIMULATED_PROJECT, simulate
+from ftservice.loop.spec import LoopError, LoopSpec, decide, head_to_head, load_loop, wilson
+from ftservice.models import resolve_model
+from ftservice.raycluster import init_ray
+from ftservice.serve.app import build_app
+from ftservice.serve.deploy import http_options
 from ftservice.serve.spec import ServeSpec, load_serve_spec
+from ftservice.store.db import open_store
+from ftservice.store.keys import create_key, revoke_key
 from ftservice.store.models import Loop, LoopRound
-
-LOOP_KEYS = {"votes_per_round", "candidates", "held_out", "promotion"}
-"""Top-level keys only a loop spec has: how `ftservice validate` tells the kinds apart."""
-
-
-class LoopError(FtserviceError):
-    pass
-
-
-# ---- the spec --------------------------------------------------------------------------------
-
-
-class SweepCandidates(Spec):
-    sweep: str = Field(description="A finished sweep's folder (what `sweep report` reads).")
-    top: int = Field(2, ge=1, description="Its best trials that start the loop.")
-
-
-class PromotionSpec(Spec):
-    alias: str = Field(
-        "production", pattern=r"^[a-z0-9][a-z0-9._-]*$", description="The stable name on the API."
-    )
-    canary_share: float = Field(
-        0.2, ge=0, le=1, description="Share of the alias's calls a new adapter takes at first."
-    )
-    min_votes: int = Field(
-        20, ge=1, description="Head-to-head votes (new adapter vs its parent) before a decision."
-    )
-    confidence: float = Field(
-        0.95, gt=0.5, lt=1, description="Of the win rate's interval (Wilson score)."
-    )
-    focus_share: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Share of a round's comparisons that pit the new adapter against its "
-        "parent (the rest follow the campaign's pair policy over all competitors).",
-    )
-    max_domain_drop: float = Field(
-        0.05,
-        ge=0,
-        le=1,
-        description="Never promote an adapter whose held-out domain score is more than this "
-        "below its parent's.",
-    )
-    max_empty_share: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="Never promote an adapter with more empty held-out answers than this "
-        "share (a preference rule can be won by saying nothing).",
-    )
-
-
-class SimulateSpec(Spec):
-    annotators: int = Field(4, ge=1, description="Simulated annotator keys.")
-    noise: float = Field(0.1, ge=0, le=1, description="Share of random votes.")
-    rule: str = Field("preference", description="How they judge (ftservice/data/...).")
-    seed: int = Field(0, description="Seed of their choices.")
-
-
-class LoopSpec(Spec):
-    """A closed loop on a serving app."""
-
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=60, description="Loop name.")
-    serve: str = Field(description="The serve spec of the app the loop runs on (required).")
-    campaign: CampaignSpec = Field(
-        description="The campaign of the rounds (a file or inline): its prompts are what "
-        "people compare on; `models` is set by each round."
-    )
-    candidates: list[str] | SweepCandidates = Field(
-        description="The starting adapters: registry names, or the top trials of a sweep."
-    )
-    include_base: bool = Field(False, description="The base model competes in the first round too.")
-    dpo: str = Field(
-        "cluster/jobs/loop-dpo.yaml",
-        description="The DPO job spec template (stage: dpo); per round its data.train is the "
-        "round's pairs, dpo.parent the round's leader, output.registry the app's first "
-        "registry and name <loop>-r<round>.",
-    )
-    votes_per_round: int = Field(100, ge=2, description="Votes each round collects.")
-    rounds: int = Field(1, ge=1, description="DPO rounds (each trains one new adapter).")
-    closing_votes: int | None = Field(
-        None,
-        ge=0,
-        description="Votes of the closing round that judges the last adapter (no training); "
-        "unset: votes_per_round; 0: none.",
-    )
-    stop_when_not_promoted: bool = Field(
-        False, description="Stop after a round whose new adapter was not promoted."
-    )
-    promotion: PromotionSpec = Field(default_factory=PromotionSpec, description="Promotion.")
-    held_out: list[str] = Field(
-        min_length=1,
-        description="Prompt files for the final judgement of each new adapter against its "
-        "parent; never shown in a round.",
-    )
-    held_out_limit: int | None = Field(40, ge=1, description="Held-out prompts used; unset: all.")
-    judge: str | None = Field(
-        "preference",
-        description="Rule that judges the held-out answers (win rate); null: none (the "
-        "domain score and the empty-answer check still apply).",
-    )
-    simulate: SimulateSpec | None = Field(
-        None, description="Simulated annotators vote each round (demos, tests); unset: people."
-    )
-    output_dir: str = Field("state/loops", description="Where rounds' files and loop.json go.")
-
-    @field_validator("campaign", mode="before")
-    @classmethod
-    def _read_campaign_file(cls, value):
-        if isinstance(value, str):
-            try:
-                return load_campaign(value).model_dump()
-            except SpecError as e:
-                raise ValueError(str(e)) from None
-        return value
-
-
-def _prompt_texts(files: list[str]) -> dict[str, str]:
-    spec = CampaignSpec(name="held-out", prompts=files)
-    return {json.dumps(m, sort_keys=True): pid for pid, m in load_prompts(spec)}
-
-
-def loop_problems(spec: LoopSpec) -> list[Problem]:
-    problems = []
-    for field, path in [("serve", spec.serve), ("dpo", spec.dpo), *[
-            (f"held_out.{i}", p) for i, p in enumerate(spec.held_out)]]:  # fmt: skip
-        if not Path(path).is_file():
-            problems.append(Problem(field, f"no file '{path}'"))
-    if problems:
-        return problems
-    if not spec.campaign.prompts:
-        problems.append(Problem("campaign.prompts", "a loop's campaign needs prompt files"))
-    else:
-        shared = set(_prompt_texts(spec.held_out)) & set(_prompt_texts(spec.campaign.prompts))
-        if shared:
-            problems.append(
-                Problem(
-                    "held_out",
-                    f"{len(shared)} held-out prompt(s) are also campaign prompts; held-out "
-                    "prompts must never be shown in a round: use another file",
-                )
-            )
-    if spec.judge is not None and spec.judge not in RULES:
-        problems.append(Problem("judge", f"rule '{spec.judge}': one of {', '.join(RULES)}"))
-    if spec.simulate is not None and spec.simulate.rule not in RULES:
-        problems.append(
-            Problem("simulate.rule", f"rule '{spec.simulate.rule}': one of {', '.join(RULES)}")
-        )
-    if spec.promotion.min_votes > spec.votes_per_round:
-        problems.append(
-            Problem(
-                "promotion.min_votes",
-                f"{spec.promotion.min_votes} head-to-head votes cannot come from a round of "
-                f"{spec.votes_per_round}; lower it or raise votes_per_round",
-            )
-        )
-    if isinstance(spec.candidates, list) and not spec.candidates:
-        problems.append(Problem("candidates", "name at least one adapter"))
-    if isinstance(spec.candidates, list) and len(spec.candidates) < 2 and not spec.include_base:
-        problems.append(
-            Problem(
-                "candidates",
-                "a round compares two models at least: name two adapters, or set "
-                "include_base: true",
-            )
-        )
-    return problems
-
-
-def is_loop_spec(data: dict) -> bool:
-    return bool(LOOP_KEYS & set(data))
-
-
-def load_loop(path: str | os.PathLike, overrides: list[str] | None = None) -> LoopSpec:
-    """Read a YAML loop spec; SpecError lists every problem with its line."""
-    data, lines = read_yaml(path, "loop")
-    return validate_spec(LoopSpec, data, str(path), lines, overrides, loop_problems)
-
-
-# ---- statistics --------------------------------------------------------------------------------
-
-
-def wilson(wins: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a win rate (ties counted as half a win)."""
-    if n == 0:
-        return 0.0, 1.0
-    from scipy.stats import norm
-
-    z = float(norm.ppf(0.5 + confidence / 2))
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def head_to_head(votes: list[dict], challenger: str, parent: str, confidence: float) -> dict:
-    """The challenger's win rate over its parent in the votes that compared exactly them
-    (ties and 'both bad' count half)."""
-    wins, n = 0.0, 0
-    for v in votes:
-        if {v["model_a"], v["model_b"]} != {challenger, parent}:
-            continue
-        n += 1
-        if v["verdict"] in ("tie", "both_bad"):
-            wins += 0.5
-        elif (v["model_a"] if v["verdict"] == "a" else v["model_b"]) == challenger:
-            wins += 1
-    lo, hi = wilson(wins, n, confidence)
-    return {"votes": n, "wins": wins, "winrate": wins / n if n else None, "interval": [lo, hi]}
-
-
-def decide(h2h: dict, held_out: dict, promotion: PromotionSpec) -> tuple[str, list[str]]:
-    """promote, rollback, inconclusive or refused (won, but held out it fails), with why."""
-    lo, hi = h2h["interval"]
-    reasons = []
-    enough = h2h["votes"] >= promotion.min_votes
-    if not enough:
-        reasons.append(f"{h2h['votes']} head-to-head votes, fewer than {promotion.min_votes}")
-    blocked = []
-    drop = held_out.get("domain_drop")
-    if drop is not None and drop > promotion.max_domain_drop:
-        blocked.append(
-            f"held-out domain score {drop:.1%} below its parent's (margin "
-            f"{promotion.max_domain_drop:.1%})"
-        )
-    empty = held_out.get("empty_share")
-    if empty is not None and empty > promotion.max_empty_share:
-        blocked.append(f"{empty:.0%} of its held-out answers are empty")
-    if enough and lo > 0.5:
-        if blocked:
-            return "refused", [f"win rate lower bound {lo:.2f} > 0.5, but", *blocked]
-        return "promote", [f"win rate lower bound {lo:.2f} > 0.5 over {h2h['votes']} votes"]
-    if enough and hi < 0.5:
-        return "rollback", [f"win rate upper bound {hi:.2f} < 0.5 over {h2h['votes']} votes"]
-    if enough:
-        reasons.append(f"interval [{lo:.2f}, {hi:.2f}] holds 0.5")
-    return "inconclusive", reasons + blocked
-
+from ftservice.train.driver import evaluate_remote, train
 
 # ---- the app over HTTP -----------------------------------------------------------------------
 
@@ -506,8 +268,6 @@ class LoopRunner:
                 _echo(f"round {r}: {report.votes}/{remaining} simulated votes "
                       f"({report.seconds:.0f} s)")  # fmt: skip
 
-        from ftservice.store.keys import revoke_key
-
         try:
             simulate(self.ctx.client.url, self.campaign, keys, remaining, sim.rule, sim.noise,
                      sim.seed * 100 + r, progress)  # fmt: skip
@@ -532,7 +292,6 @@ class LoopRunner:
                 for v in rounds.round_votes(self.store, self.campaign, r)]  # fmt: skip
 
     def rate(self, r: int) -> dict:
-        from ftservice.feedback.leaderboard import leaderboard
 
         votes = self.votes_of(r)
         board = leaderboard(votes, self.ctx.base_name, resamples=200, seed=r)
@@ -548,7 +307,6 @@ class LoopRunner:
         return board
 
     def note_rating(self, name: str, r: int, row: dict) -> None:
-        from ftservice.artifacts import ArtifactError, load_artifact, update_metrics
 
         for registry in self.ctx.serve.registries:
             try:
@@ -606,7 +364,6 @@ class LoopRunner:
             _echo(f"alias {alias} → {leader}")
 
     def export(self, r: int) -> tuple[Path, dict]:
-        from ftservice.feedback.export import export_rows, write_export
 
         votes = self.votes_of(r)
         items = store_votes.items_of(self.store, [v["comparison_id"] for v in votes])
@@ -639,7 +396,6 @@ class LoopRunner:
         return JobSpec.model_validate(data)
 
     def find(self, name: str):
-        from ftservice.artifacts import ArtifactError, load_artifact
 
         for registry in self.ctx.serve.registries:
             try:
@@ -649,9 +405,6 @@ class LoopRunner:
         raise LoopError(f"no artifact '{name}' in {', '.join(self.ctx.serve.registries)}")
 
     def train(self, r: int) -> None:
-        from ftservice.artifacts import FeedbackLineage
-        from ftservice.models import resolve_model
-        from ftservice.train.driver import evaluate_remote, train
 
         details = self.details(r)
         leader = details["leader"]
@@ -845,9 +598,6 @@ def run_loop(
 ) -> dict:
     """`ftservice loop run`: the loop on the app its serve spec names (started here on the
     local Ray, or the cluster at `address`, when it is not answering)."""
-    from ftservice.raycluster import init_ray
-    from ftservice.store.db import open_store
-    from ftservice.store.keys import create_key, revoke_key
 
     spec = load_loop(path, overrides)
     serve_spec = load_serve_spec(spec.serve)
@@ -905,9 +655,6 @@ def run_loop(
 
 def start_app(serve_spec: ServeSpec) -> None:
     from ray import serve
-
-    from ftservice.serve.app import build_app
-    from ftservice.serve.deploy import http_options
 
     _echo(f"starting the app {serve_spec.name} at http://{serve_spec.host}:{serve_spec.port}")
     serve.start(http_options=http_options(serve_spec))
