@@ -42,10 +42,11 @@ def main() -> None:
         f"simulate.noise={args.noise}", "--no-keep-serving", "--json",
     ]  # fmt: skip
     t0 = time.time()
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    # the loop's progress (votes so far, ratings, training) goes to stderr, shown as it runs
+    out = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     wall = time.time() - t0
     if out.returncode != 0:
-        sys.exit(out.stderr[-4000:])
+        sys.exit(f"loop run exited {out.returncode}")
     report = json.loads(out.stdout[out.stdout.index("{\n") :])
     r1 = report["rounds"][0]
     held = r1["held_out"]

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import RayHead, _kill_session, free_port
 from test_serve_engine import write_adapter
 from test_serve_gate import publish_adapter
@@ -30,6 +31,40 @@ REPO = Path(__file__).resolve().parent.parent
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_mute_adapter(folder: Path, base: Path, rank: int = 16) -> Path:
+    """A plain LoRA adapter (written weights) whose every answer is empty: in the last layer's
+    MLP, gate and up give unit pairs ±a·x_k for `rank` input dims, so each pair's SiLU(g)·u is
+    a²·x_k² whatever the sign; down writes their sum (always large, always positive) into the
+    residual's dim 0; the lm_head's LoRA reads dim 0 and puts it on the EOS logit."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    last, eos = model.config.num_hidden_layers - 1, model.config.eos_token_id
+    model = get_peft_model(model, LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights=False,
+        target_modules=["gate_proj", "up_proj", "down_proj", "lm_head"],
+    ))  # fmt: skip
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.zero_()
+        mlp = model.base_model.model.model.layers[last].mlp
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            a, b = proj.lora_A["default"].weight, proj.lora_B["default"].weight
+            for i in range(rank):
+                a[i, i] = 1.0
+                b[2 * i, i], b[2 * i + 1, i] = 10.0, -10.0
+        mlp.down_proj.lora_A["default"].weight[0, : 2 * rank] = 1.0
+        mlp.down_proj.lora_B["default"].weight[0, 0] = 1.0
+        head = model.base_model.model.lm_head
+        head.lora_A["default"].weight[0, 0] = 1.0
+        head.lora_B["default"].weight[eos, 0] = 50.0
+    model.save_pretrained(folder, save_embedding_layers=False)  # LoRA tensors only
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +141,7 @@ def setup(tmp_path_factory, tiny_llama):
         env = {**head.env, "RAY_ADDRESS": head.gcs_address, "RAY_CHDIR_TO_TRIAL_DIR": "0"}
         yield {"root": root, "registry": registry, "env": env, "store": store_url,
                "url": f"http://127.0.0.1:{port}", "spec": root / "loop.yaml", "head": head,
-               "held_out": held_out}  # fmt: skip
+               "held_out": held_out, "prompts": prompts}  # fmt: skip
     finally:
         head.stop()
         assert head.leftover() == [], "ray head left processes behind"
@@ -241,6 +276,56 @@ def test_two_rounds_killed_mid_round_and_resumed_count_every_vote_once(setup):
     )
 
 
+def test_an_adapter_that_answers_nothing_wins_the_votes_and_is_refused_promotion(setup, tiny_llama):
+    """Served beside its parent, the mute adapter wins every vote under the shipped rule (an
+    empty answer is short and never hedges), and its held-out answers, judged through the
+    API, are what keeps it from the alias."""
+    from ftservice.feedback import votes as store_votes
+    from ftservice.feedback.campaign import CampaignSpec, load_prompts
+    from ftservice.feedback.simulate import SIMULATED_PROJECT, simulate
+    from ftservice.loop.runner import AppClient, app_healthy, held_out_judgement
+    from ftservice.loop.spec import PromotionSpec, decide, head_to_head
+    from ftservice.store.db import open_store
+
+    if not app_healthy(setup["url"]):  # run alone, without the loop test that starts it
+        done = ftservice(setup, "serve", "deploy", str(setup["root"] / "serve.yaml"),
+                         "--address", setup["head"].address, "--wait", "300")  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    store = open_store(setup["store"])
+    folder = write_mute_adapter(setup["root"] / "mute", tiny_llama)
+    publish_adapter(
+        setup["registry"], "mute", folder, resolve_model(ModelSpec(name=str(tiny_llama)))
+    )
+    client = AppClient(setup["url"], _admin_key(store))
+    status, body = client.call(
+        "POST", "/v1/load_lora_adapter", {"lora_name": "mute", "lora_path": ""}
+    )
+    assert status == 200, body
+
+    campaign = CampaignSpec(
+        name="mute-check", models=["mute", "alpha"], prompts=[str(setup["prompts"])],
+        votes_per_prompt=2, quota=None, requests_per_minute=100000,
+        generation={"max_tokens": 8, "temperature": 0.0},
+    )  # fmt: skip
+    store_votes.declare_campaign(store, "looptest", "tiny", campaign)
+    keys = [store_votes.add_annotator(store, f"mute-sim-{k}", "mute-check",
+                                      project=SIMULATED_PROJECT) for k in range(2)]  # fmt: skip
+    report = simulate(setup["url"], "mute-check", keys, 20, "preference", 0.0, seed=3)
+    assert report.votes == 20
+    votes = [store_votes.vote_json(v) for v in store_votes.effective_votes(store, "mute-check")]
+    assert len(votes) == 20
+    h2h = head_to_head(votes, "mute", "alpha", 0.95)
+    assert h2h["votes"] == 20 and h2h["interval"][0] > 0.5  # it wins the votes
+
+    prompts = load_prompts(CampaignSpec(name="held-out", prompts=[str(setup["held_out"])]))
+    held = held_out_judgement(client, "mute", "alpha", prompts, 8, "preference", 0.95)
+    assert held["prompts"] == 4 and held["empty"] == 4 and held["empty_share"] == 1.0
+    assert held["empty_parent"] < 4  # the parent does answer
+    assert held["winrate"] > 0.5  # the rule alone would take the empty answers
+    action, reasons = decide(h2h, held, PromotionSpec(min_votes=10))
+    assert action == "refused" and reasons[-1] == "100% of its held-out answers are empty"
+
+
 def _admin_key(store) -> str:
     import secrets
 
@@ -310,3 +395,11 @@ def test_the_shipped_loop_spec_is_valid():
     finally:
         os.chdir(cwd)
     assert spec.candidates == ["quickstart"] and spec.simulate is not None
+    # an override of one campaign field keeps the rest of the campaign file
+    os.chdir(REPO)
+    try:
+        renamed = load_loop("serve/loop-quickstart.yaml", ["campaign.name=other"])
+    finally:
+        os.chdir(cwd)
+    assert renamed.campaign.name == "other"
+    assert renamed.campaign.prompts == spec.campaign.prompts != []

@@ -191,6 +191,13 @@ def is_loop_spec(data: dict) -> bool:
 def load_loop(path: str | os.PathLike, overrides: list[str] | None = None) -> LoopSpec:
     """Read a YAML loop spec; SpecError lists every problem with its line."""
     data, lines = read_yaml(path, "loop")
+    if isinstance(data.get("campaign"), str) and any(
+        o.strip().startswith("campaign.") for o in overrides or []
+    ):  # `campaign.name=x` changes the campaign the file names, not replaces it
+        try:
+            data["campaign"] = load_campaign(data["campaign"]).model_dump()
+        except SpecError:
+            pass  # the field's own check reports the file
     return validate_spec(LoopSpec, data, str(path), lines, overrides, loop_problems)
 
 
