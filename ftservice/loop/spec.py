@@ -3,6 +3,7 @@ its promotion decisions rest on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -194,10 +195,8 @@ def load_loop(path: str | os.PathLike, overrides: list[str] | None = None) -> Lo
     if isinstance(data.get("campaign"), str) and any(
         o.strip().startswith("campaign.") for o in overrides or []
     ):  # `campaign.name=x` changes the campaign the file names, not replaces it
-        try:
+        with contextlib.suppress(SpecError):  # the field's own check reports a bad file
             data["campaign"] = load_campaign(data["campaign"]).model_dump()
-        except SpecError:
-            pass  # the field's own check reports the file
     return validate_spec(LoopSpec, data, str(path), lines, overrides, loop_problems)
 
 
