@@ -110,15 +110,45 @@ def test_a_mixed_batch_equals_each_request_alone_in_shared_forward_passes(engine
         assert g.finish_reason == "stop" or g.completion_tokens == r.max_new_tokens
 
 
-def test_sampling_settings_that_differ_go_in_separate_calls_and_seeds_repeat(engine):
+def test_rows_of_any_sampling_settings_share_one_call_and_seeds_repeat(engine):
     prompt = ids(engine, PROMPTS[1])
     hot = GenerationRequest(prompt, "alpha", 8, temperature=1.5, top_p=0.9, seed=7)
     calls = engine.stats.generate_calls
-    first = engine.generate([hot, GenerationRequest(prompt, "beta", 8)])
-    assert engine.stats.generate_calls == calls + 2
+    first = engine.generate(
+        [
+            hot,
+            GenerationRequest(prompt, "beta", 8),
+            GenerationRequest(prompt, "alpha", 8, temperature=1.5, seed=8),
+        ]
+    )
+    assert engine.stats.generate_calls == calls + 1  # greedy, seed 7 and seed 8 together
+    [greedy] = engine.generate([GenerationRequest(prompt, "beta", 8)])
+    assert first[1].token_ids == greedy.token_ids  # the greedy row is untouched by the others
     again = engine.generate([GenerationRequest(prompt, "alpha", 8, temperature=1.5, top_p=0.9,
                                                seed=7)])  # fmt: skip
-    assert again[0].token_ids == first[0].token_ids
+    assert again[0].token_ids == first[0].token_ids  # the same seed alone: the same answer
+    draws = {
+        tuple(
+            engine.generate([GenerationRequest(prompt, "alpha", 8, temperature=1.5, seed=s)])[
+                0
+            ].token_ids
+        )
+        for s in range(6)
+    }
+    assert len(draws) > 1  # seeds do sample
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from ftservice.serve.engine import _RowSampler
+
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = set()
+    for seed in range(200):
+        row = GenerationRequest([1], temperature=1.0, top_p=0.7, seed=seed)
+        out = _RowSampler([row])(torch.zeros(1, 1, dtype=torch.long), scores)
+        assert torch.isfinite(out[0]).sum() == 1  # one token left for greedy search to take
+        seen.add(int(out[0].argmax()))
+    assert seen == {0, 1}  # 0.5 + 0.3 covers 0.7: the two others are never drawn
 
 
 def test_stop_strings_and_streams_are_per_row(engine):

@@ -126,6 +126,24 @@ def held_out_judgement(
     return out
 
 
+def stored_evaluation(parent, job: JobSpec) -> dict | None:
+    """The evaluation the parent's artifact holds, when it was made as the job's own will be
+    (the same domain questions, general prompts, answer length and system prompt, on the
+    whole domain set): a second run would give the same numbers, minutes later."""
+    found = (parent.meta.metrics or {}).get("evaluation")
+    spec = parent.meta.spec or {}
+    if not found or not found.get("domain") or not job.eval.domain:
+        return None
+    mine = (job.eval.domain, job.eval.general, job.eval.max_new_tokens, job.data.system_prompt)
+    ev, data = spec.get("eval") or {}, spec.get("data") or {}
+    theirs = (ev.get("domain"), ev.get("general"), ev.get("max_new_tokens"),
+              data.get("system_prompt"))  # fmt: skip
+    if mine != theirs or not Path(job.eval.domain).is_file():
+        return None
+    questions = [x for x in Path(job.eval.domain).read_text().splitlines() if x.strip()]
+    return found if found["domain"].get("total") == len(questions) else None
+
+
 # ---- the loop ----------------------------------------------------------------------------------
 
 
@@ -428,8 +446,13 @@ class LoopRunner:
         artifact = result.artifact
         t0 = time.time()
         if "parent_evaluation" not in details:
-            base = resolve_model(job.model)
-            parent_eval = evaluate_remote(job, self.find(leader), base)
+            parent = self.find(leader)
+            parent_eval = stored_evaluation(parent, job)
+            if parent_eval is None:
+                parent_eval = evaluate_remote(job, parent, resolve_model(job.model))
+            else:
+                _echo(f"round {r}: {leader}'s evaluation is its artifact's (same questions, "
+                      "prompts, system prompt and answer length)")  # fmt: skip
             self.update(r, {"parent_evaluation": parent_eval})
         parent_eval = self.details(r)["parent_evaluation"]
         self.timed(r, "evaluate", time.time() - t0)

@@ -11,9 +11,11 @@ layer: 0.76x the single-adapter throughput at 8 adapters here, against this path
 in benchmarks/README.md.) Loading reads the adapter's safetensors into a free slot; no
 module is built, so a cold load costs about a file read.
 
-HF `generate` takes one sampling configuration per call, so a batch is split into groups
-whose sampling settings agree; each row keeps its own token cap and stop strings (a per-row
-stopping criterion) and its own stream.
+HF `generate` takes one sampling configuration per call, so rows sample on their own: a
+logits processor draws each sampled row's next token with the row's temperature, top-p and
+seeded generator and leaves that token as the row's only choice, and greedy search takes it.
+Rows of any sampling settings (and seeds) share one batch; each row also keeps its own
+token cap and stop strings (a per-row stopping criterion) and its own stream.
 
 Adapters are held LRU: loading one past `max_adapters` evicts the least recently used (its
 slot is zeroed and reused), so memory stays one base plus `max_adapters` slots; with no
@@ -34,7 +36,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+)
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 """How PEFT saves a LoRA weight: the adapted module's path in the base, then A or B (the
@@ -58,12 +66,6 @@ class GenerationRequest:
     """Log-probabilities of the generated tokens, and this many top alternatives per step."""
     echo_logprobs: bool = False
     """Log-probabilities of the prompt's own tokens (scoring, as evaluation harnesses ask)."""
-
-    def sampling_key(self) -> tuple:
-        """Requests with equal keys can share one `generate` call."""
-        if self.temperature == 0:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p, self.seed)
 
 
 @dataclass
@@ -90,6 +92,37 @@ class EngineStats:
     adapter_evictions: int = 0
     largest_batch: int = 0
     """Most requests one `generate` call was given."""
+
+
+class _RowSampler(LogitsProcessor):
+    """Each sampled row draws its next token with its own temperature, top-p (as HF's
+    TopPLogitsWarper keeps tokens) and generator, seeded by the request (the same seed gives
+    the same answer, whatever else is in the batch); the drawn token is left as the row's
+    only finite score, so greedy search takes it. Greedy rows keep their scores."""
+
+    def __init__(self, rows: list[GenerationRequest]):
+        self.rows = []
+        for i, r in enumerate(rows):
+            if r.temperature > 0:
+                gen = torch.Generator()
+                gen.manual_seed(r.seed if r.seed is not None else torch.seed())
+                self.rows.append((i, r.temperature, r.top_p, gen))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor):
+        if not self.rows:
+            return scores
+        out = scores.clone()
+        for i, temperature, top_p, gen in self.rows:
+            logits = scores[i].float() / temperature
+            if top_p < 1:
+                ordered, order = torch.sort(logits)
+                cut = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+                cut[-1] = False  # the likeliest token always stays
+                logits = logits.masked_fill(cut.scatter(0, order, cut), -math.inf)
+            token = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen).item()
+            out[i] = -math.inf
+            out[i, token] = 0.0
+        return out
 
 
 class _RowLimits(StoppingCriteria):
@@ -348,18 +381,10 @@ class Engine:
         if unknown:
             raise KeyError(f"adapters not loaded: {', '.join(unknown)}")
         self.stats.largest_batch = max(self.stats.largest_batch, len(requests))
-        results: list[Generation | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault(r.sampling_key(), []).append(i)
         with self._lock:
-            for key, index in groups.items():
-                generated = self._generate_group([requests[i] for i in index], key)
-                for i, gen in zip(index, generated, strict=True):
-                    results[i] = gen
-        return results  # type: ignore[return-value]
+            return self._generate_batch(requests)
 
-    def _generate_group(self, rows: list[GenerationRequest], key: tuple) -> list[Generation]:
+    def _generate_batch(self, rows: list[GenerationRequest]) -> list[Generation]:
         tok = self.tokenizer
         batch = tok.pad(
             {"input_ids": [r.prompt_ids for r in rows]}, padding_side="left", return_tensors="pt"
@@ -370,23 +395,15 @@ class Engine:
                 self.adapters.move_to_end(r.adapter)
         self._route(rows)
         try:
-            return self._generate_rows(rows, key, batch, prompt_len)
+            return self._generate_rows(rows, batch, prompt_len)
         finally:
             self._rows = self._one_slot = None
             self._masks = {}
 
-    def _generate_rows(self, rows, key, batch, prompt_len) -> list[Generation]:
+    def _generate_rows(self, rows, batch, prompt_len) -> list[Generation]:
         tok = self.tokenizer
         mixed = len({r.adapter for r in rows}) > 1
         limits = _RowLimits(self, rows, prompt_len, mixed)
-        kwargs = {}
-        if key[0] == "sample":
-            _, temperature, top_p, seed = key
-            kwargs |= {"do_sample": True, "temperature": temperature, "top_p": top_p}
-            if seed is not None:
-                torch.manual_seed(seed)
-        else:
-            kwargs |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         want_logprobs = any(r.logprobs is not None for r in rows)
         prompt_scores = self._prompt_logprobs(batch) if any(r.echo_logprobs for r in rows) else None
         longest = max(r.max_new_tokens for r in rows)
@@ -398,10 +415,14 @@ class Engine:
                 **batch,
                 max_new_tokens=longest,
                 stopping_criteria=[limits],
+                logits_processor=LogitsProcessorList([_RowSampler(rows)]),
+                do_sample=False,  # greedy over what _RowSampler leaves: rows sample alone
+                temperature=None,
+                top_p=None,
+                top_k=None,
                 pad_token_id=tok.pad_token_id,
                 output_logits=want_logprobs,
                 return_dict_in_generate=True,
-                **kwargs,
             )
             out, logits = generated.sequences, list(generated.logits or [])
         results = []
