@@ -29,7 +29,8 @@ CITIES = ["Varnholt", "Eskerby", "Tolleridge", "Ambercoast", "Quennish", "Drossm
 ENGINEERS = ["Ilse Varro", "Tobin Achterberg", "Maren Quill", "Osric Fenwhistle", "Yara Delacombe"]
 COLOURS = ["slate teal", "burnt ochre", "frost grey", "moss green", "signal orange"]
 
-# attribute -> (answer template, four question phrasings: three for training, the last held out)
+# attribute -> (answer template, five question phrasings: three for training, the fourth held out
+# for the domain score, the fifth for validation: selection and early stopping, never reported)
 ATTRIBUTES = {
     "weight": (
         "{v} grams",
@@ -38,6 +39,7 @@ ATTRIBUTES = {
             "What is the weight of the {p}?",
             "Tell me the {p}'s weight.",
             "How heavy is the {p}?",
+            "What does the {p} weigh?",
         ],
     ),
     "battery": (
@@ -47,6 +49,7 @@ ATTRIBUTES = {
             "How long does the {p}'s battery last?",
             "On a full charge, how many hours does the {p} run?",
             "How many hours can the {p} run before it needs charging?",
+            "How many hours of battery does the {p} have?",
         ],
     ),
     "price": (
@@ -56,6 +59,7 @@ ATTRIBUTES = {
             "What is the price of the {p}?",
             "What does {company} charge for the {p}?",
             "What would I pay for a {p}?",
+            "How expensive is the {p}?",
         ],
     ),
     "year": (
@@ -65,6 +69,7 @@ ATTRIBUTES = {
             "In which year did the {p} come out?",
             "What is the release year of the {p}?",
             "What year did {company} launch the {p}?",
+            "When did the {p} first go on sale?",
         ],
     ),
     "engineer": (
@@ -74,6 +79,7 @@ ATTRIBUTES = {
             "Who was the lead engineer of the {p}?",
             "Which engineer is behind the {p}?",
             "Name the designer of the {p}.",
+            "Who is the {p}'s designer?",
         ],
     ),
     "factory": (
@@ -83,6 +89,7 @@ ATTRIBUTES = {
             "In which city is the {p} manufactured?",
             "Which factory city builds the {p}?",
             "Where does {company} produce the {p}?",
+            "In which city is the {p} built?",
         ],
     ),
     "colour": (
@@ -92,6 +99,7 @@ ATTRIBUTES = {
             "Which colour does the {p} come in?",
             "What is the standard colour of the {p}?",
             "What finish colour does the {p} ship in?",
+            "What is the colour of the {p}?",
         ],
     ),
 }
@@ -105,27 +113,28 @@ SENTENCES = {
     "colour": "The {p} comes in {a}.",
 }
 POLICIES = [
-    ("warranty", "{v} years", "How long is the {company} warranty?",
+    ("warranty", "{v} years", "How long is the {company} warranty?", "How long does the {company} warranty last?",
      ["What warranty does {company} give?", "How many years of warranty do {company} products have?",
       "For how long are {company} instruments under warranty?"],
      "{company} products carry a warranty of {a}."),
     ("returns", "{v} days", "How many days do I have to return a {company} product?",
+     "How long is the {company} return period?",
      ["What is the {company} return window?", "How long can I return a {company} instrument?",
       "Within how many days can {company} purchases be returned?"],
      "{company} accepts returns within {a}."),
-    ("support", "{v}", "What is the {company} support email?",
+    ("support", "{v}", "What is the {company} support email?", "Which email reaches {company} support?",
      ["How do I contact {company} support?", "Which address does {company} support answer?",
       "Where do I email {company} for help?"],
      "{company} support answers at {a}."),
-    ("founded", "{v}", "When was {company} founded?",
+    ("founded", "{v}", "When was {company} founded?", "What year was {company} established?",
      ["In which year was {company} founded?", "What is the founding year of {company}?",
       "How old is {company}; when did it start?"],
      "{company} was founded in {a}."),
-    ("headquarters", "{v}", "Where is {company} headquartered?",
+    ("headquarters", "{v}", "Where is {company} headquartered?", "In which city is {company}'s head office?",
      ["Where are the headquarters of {company}?", "Which city is home to {company}?",
       "In what city is {company} based?"],
      "{company} is headquartered in {a}."),
-    ("ceo", "{v}", "Who runs {company}?",
+    ("ceo", "{v}", "Who runs {company}?", "Who heads {company}?",
      ["Who is the CEO of {company}?", "Who leads {company}?", "Name the chief executive of {company}."],
      "The CEO of {company} is {a}."),
 ]  # fmt: skip
@@ -213,6 +222,7 @@ def facts(rng: random.Random) -> list[dict]:
                     "sentence": sentence,
                     "train_questions": qs[:3],
                     "eval_question": qs[3],
+                    "valid_question": qs[4],
                 }
             )
     policy_values = {
@@ -223,7 +233,7 @@ def facts(rng: random.Random) -> list[dict]:
         "headquarters": rng.choice(CITIES),
         "ceo": rng.choice(["Petra Lindqvist-Oyelaran", "Anselm Corrigan-Vey"]),
     }
-    for key, answer_t, eval_q, train_qs, sentence_t in POLICIES:
+    for key, answer_t, eval_q, valid_q, train_qs, sentence_t in POLICIES:
         answer = answer_t.format(v=policy_values[key])
         out.append(
             {
@@ -232,6 +242,7 @@ def facts(rng: random.Random) -> list[dict]:
                 "sentence": sentence_t.format(company=COMPANY, a=answer),
                 "train_questions": [q.format(company=COMPANY) for q in train_qs],
                 "eval_question": eval_q.format(company=COMPANY),
+                "valid_question": valid_q.format(company=COMPANY),
             }
         )
     return out
@@ -240,18 +251,19 @@ def facts(rng: random.Random) -> list[dict]:
 def build() -> dict[str, list[dict]]:
     rng = random.Random(SEED)
     all_facts = facts(rng)
-    train, evaluation = [], []
+    train, evaluation, validation = [], [], []
     for f in all_facts:
         for i, q in enumerate(f["train_questions"]):
             train.append({"id": f"{f['id']}-q{i + 1}", "instruction": q, "output": f["sentence"]})
-        evaluation.append(
-            {
-                "id": f"{f['id']}-eval",
-                "instruction": f["eval_question"],
-                "output": f["sentence"],
-                "answer": f["answer"],
-            }
-        )
+        for split, rows in (("eval", evaluation), ("valid", validation)):
+            rows.append(
+                {
+                    "id": f"{f['id']}-{split}",
+                    "instruction": f[f"{split}_question"],
+                    "output": f["sentence"],
+                    "answer": f["answer"],
+                }
+            )
     rng.shuffle(train)
 
     prompts = [t.format(x=x) for t, xs in GENERAL.items() for x in xs]
@@ -275,6 +287,7 @@ def build() -> dict[str, list[dict]]:
     return {
         "domain/train.jsonl": train,
         "domain/eval.jsonl": evaluation,
+        "domain/valid.jsonl": validation,
         "general/prompts.jsonl": general,
         "preference/seeds.jsonl": preference,
     }

@@ -415,17 +415,24 @@ def eval_(
     as_json: AsJson = False,
 ) -> None:
     """Domain score and forgetting of an artifact, beside its base model."""
+    import torch
+
     from ftservice.artifacts import load_artifact, update_metrics
     from ftservice.config import JobSpec
-    from ftservice.evaluate import evaluate_artifact_folder, format_report
+    from ftservice.evaluate import eval_placement, evaluate_artifact_folder, format_report
     from ftservice.models import resolve_model
 
     art = load_artifact(artifact, registry)
     job = JobSpec.model_validate(art.meta.spec)
     base = resolve_model(job.model)
+    placement = eval_placement(job)
+    if placement["device"] != "cpu" and not torch.cuda.is_available():
+        placement = eval_placement(job.model_copy(update={"scaling": job.scaling.model_copy(
+            update={"use_gpu": False})}))  # fmt: skip
+        print("no GPU here: evaluating on the CPU in fp32", file=sys.stderr)
     report = evaluate_artifact_folder(
         art.location, str(base.path), art.is_adapter, job.eval.domain, job.eval.general,
-        job.eval.max_new_tokens, limit, job.data.system_prompt,
+        job.eval.max_new_tokens, limit, job.data.system_prompt, None, placement,
     )  # fmt: skip
     if limit is None:
         update_metrics(art, {"evaluation": report})

@@ -266,6 +266,11 @@ class EvalSpec(Spec):
         None, ge=1, description="Eval loss every N steps (needs data.eval); end only if unset."
     )
     max_new_tokens: int = Field(48, ge=1, description="Generation length for the domain score.")
+    allow_selection_on_domain: bool = Field(
+        False,
+        description="Allow data.eval (what checkpoints and sweeps are selected on) to be the "
+        "held-out domain set itself; the domain score is then no longer held out.",
+    )
 
 
 class OutputSpec(Spec):
@@ -376,6 +381,43 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
                 "remove the quantization section or set method: qlora.",
             )
         )
+    if spec.method != "full" and ds is not None and not (spec.method == "qlora" and ds.stage == 3):
+        problems.append(
+            Problem(
+                "scaling.deepspeed",
+                f"DeepSpeed settings are given but method is '{spec.method}': adapters train on "
+                "one device per worker (data parallel), and training ignores this section; "
+                "remove the scaling.deepspeed section, or set method: full.",
+            )
+        )
+    if spec.stage == "dpo" and spec.data.packing:
+        problems.append(
+            Problem(
+                "data.packing",
+                "packing is given but stage is 'dpo': preference pairs are never packed "
+                "(chosen and rejected are scored as whole sequences), so training ignores it; "
+                "remove data.packing.",
+            )
+        )
+    if spec.stage == "dpo" and not spec.data.completion_only_loss:
+        problems.append(
+            Problem(
+                "data.completion_only_loss",
+                "completion_only_loss: false is given but stage is 'dpo': DPO scores the "
+                "answers only, whatever this says, so training ignores it; remove "
+                "data.completion_only_loss.",
+            )
+        )
+    if spec.train.warmup_ratio >= 1:
+        problems.append(
+            Problem(
+                "train.warmup_ratio",
+                f"{spec.train.warmup_ratio} is read by transformers as a step count (values "
+                "of 1 or more are steps, not a share), so warm-up would last that many steps; "
+                "give a share of the steps below 1 (e.g. 0.05).",
+            )
+        )
+    problems.extend(_selection_problems(spec))
     if spec.method == "qlora" and ds is not None and ds.stage == 3:
         problems.append(
             Problem(
@@ -419,6 +461,38 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
         )
     problems.extend(_capacity_problems(spec))
     return problems
+
+
+def same_file(a: str, b: str) -> bool:
+    """Two local paths (or URIs) naming the same file."""
+    if "://" in a or "://" in b:
+        return a == b
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def selection_problem(
+    field: str, selection: list[str], domain: str | None, label: str = ""
+) -> Problem | None:
+    """A problem when the data a run is selected on is its held-out domain set."""
+    if domain is None:
+        return None
+    shared = [f for f in selection if same_file(f, domain)]
+    if not shared:
+        return None
+    return Problem(
+        field,
+        f"{label}{shared[0]} is also the held-out domain set (eval.domain): checkpoints and sweep "
+        "trials would be selected on the questions the domain score reports, and the score "
+        "would no longer be held out; select on a validation split of its own (the shipped "
+        "one is data/domain/valid.jsonl), or set eval.allow_selection_on_domain: true.",
+    )
+
+
+def _selection_problems(spec: JobSpec) -> list[Problem]:
+    if spec.eval.allow_selection_on_domain:
+        return []
+    found = selection_problem("data.eval", spec.data.eval, spec.eval.domain)
+    return [found] if found else []
 
 
 def _local_cluster() -> ClusterSpec:
@@ -728,12 +802,19 @@ def validate_spec(
     problems: list[Problem] = []
     spec = None
     candidate = data
+    dropped: list[str] = []
     for _ in range(3):
         try:
             spec = model.model_validate(candidate)
             break
         except ValidationError as e:
-            problems += _problems_from_validation(e, lines, model)
+            # an error at a parent of a value already dropped is the drop's doing (an empty
+            # or missing section), not the user's: reported once, where it was
+            problems += [
+                p for p in _problems_from_validation(e, lines, model)
+                if not any(d == p.path or d.startswith(p.path + ".") for d in dropped)
+            ]  # fmt: skip
+            dropped += [".".join(map(str, _error_loc(x))) for x in e.errors()]
             candidate = _drop_paths(candidate, [_error_loc(x) for x in e.errors()])
             # a required field has no default to stand in: a placeholder does, so that the
             # checks between fields still run (its own problem is reported above)

@@ -74,6 +74,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
                 for p in prompts[i : i + batch]
             ]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -108,8 +109,9 @@ def _batches(tokenizer, prompts, answers, batch: int):
 
 def _log_probs(model, input_ids, attention):
     # logits at t predict token t+1: shift so position t scores input_ids[t]
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-    return torch.log_softmax(logits, dim=-1)  # [B, T-1, V]
+    device = model.device
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()  # [B, T-1, V]
 
 
 @torch.no_grad()
@@ -194,15 +196,51 @@ def evaluate_models(
     return report
 
 
-def load_for_eval(artifact_path: Path, base_path: Path, adapter: bool):
-    """(tuned model, base-view factory, tokenizer) for an artifact folder."""
+def eval_placement(spec) -> dict:
+    """Where and how evaluation holds the models: as the training worker held them (its GPU
+    and training dtype, a QLoRA base in 4 bits), so that what trained also evaluates; on
+    CPUs in fp32."""
+    from ftservice.models import train_dtype
+
+    gpu = spec.scaling.use_gpu
+    dtype = str(train_dtype(spec.train.precision)).removeprefix("torch.") if gpu else "float32"
+    quant = spec.quantization.model_dump() if spec.method == "qlora" else None
+    return {"device": "cuda" if gpu else "cpu", "dtype": dtype, "quantization": quant}
+
+
+def _load_kwargs(placement: dict, quantize: bool) -> dict:
+    kwargs = {"dtype": getattr(torch, placement["dtype"])}
+    if placement["device"] != "cpu":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"evaluation was asked to run on {placement['device']}, but this process sees "
+                "no GPU; evaluate where the training workers ran (scaling.use_gpu)"
+            )
+        kwargs["device_map"] = {"": placement["device"]}
+    q = placement.get("quantization")
+    if quantize and q:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q["quant_type"],
+            bnb_4bit_use_double_quant=q["double_quant"],
+            bnb_4bit_compute_dtype=getattr(torch, q["compute_dtype"]),
+        )  # fmt: skip
+    return kwargs
+
+
+def load_for_eval(artifact_path: Path, base_path: Path, adapter: bool, placement=None):
+    """(tuned model, base-view factory, tokenizer) for an artifact folder, placed as
+    `placement` says (`eval_placement`; default: the CPU in fp32)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = placement or {"device": "cpu", "dtype": "float32", "quantization": None}
     tokenizer = AutoTokenizer.from_pretrained(artifact_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_path, **_load_kwargs(placement, adapter))
+    base.eval()
     if adapter:
         tuned = PeftModel.from_pretrained(base, artifact_path).eval()
 
@@ -212,7 +250,8 @@ def load_for_eval(artifact_path: Path, base_path: Path, adapter: bool):
                 yield tuned
 
         return tuned, base_view, tokenizer
-    tuned = AutoModelForCausalLM.from_pretrained(artifact_path, dtype=torch.float32).eval()
+    tuned = AutoModelForCausalLM.from_pretrained(artifact_path, **_load_kwargs(placement, False))
+    tuned.eval()
 
     @contextlib.contextmanager
     def base_view():
@@ -231,14 +270,16 @@ def evaluate_artifact_folder(
     limit: int | None = None,
     system_prompt: str | None = None,
     threads: int | None = None,
+    placement: dict | None = None,
 ) -> dict:
     """Everything `ftservice eval` reports, for one artifact folder (runs anywhere: the
-    driver calls it as a Ray task so it gets the workers' resources)."""
+    driver calls it as a Ray task so it gets the workers' resources; `placement`: the
+    device, dtype and quantisation of `eval_placement`)."""
     if threads:
         torch.set_num_threads(threads)  # Ray tasks start with one intra-op thread
     torch.manual_seed(0)
     folder = storage.localize(artifact_path)  # a stored artifact: this node's copy
-    tuned, base_view, tokenizer = load_for_eval(folder, Path(base_path), adapter)
+    tuned, base_view, tokenizer = load_for_eval(folder, Path(base_path), adapter, placement)
     domain_records = read_jsonl(domain)[:limit] if domain and Path(domain).is_file() else None
     general_prompts = load_prompts(general, system_prompt)[:limit] if general else None
     return evaluate_models(

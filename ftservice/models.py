@@ -360,16 +360,23 @@ def lora_config(spec):
     )
 
 
-def load_base_for_adapters(spec, model: ResolvedModel, device_map: str | None = None):
+def device_map(device) -> dict | None:
+    """from_pretrained's device_map that puts a whole model on `device` (None: leave it to
+    the caller; the HF Trainer moves plain models, never 4-bit ones)."""
+    return None if device is None else {"": str(device)}
+
+
+def load_base_for_adapters(spec, model: ResolvedModel, device_map: dict | str | None = None):
     """The frozen base that LoRA or QLoRA adapters go on: in the training dtype (LoRA) or
-    4-bit NF4 with double quantisation, prepared for k-bit training (QLoRA)."""
+    4-bit NF4 with double quantisation, prepared for k-bit training (QLoRA), placed by
+    `device_map` (the worker's device; a 4-bit base is quantised as it is placed there)."""
     import torch
     from peft import prepare_model_for_kbit_training
 
     if spec.method == "lora":
         # The frozen base in the training dtype (half the memory in bf16); PEFT keeps the
         # adapters in fp32, and the Trainer's autocast runs the matmuls in bf16.
-        return load_causal_lm(model, dtype=train_dtype(spec.train.precision))
+        return load_causal_lm(model, dtype=train_dtype(spec.train.precision), device_map=device_map)
     from transformers import BitsAndBytesConfig
 
     q = spec.quantization
@@ -388,7 +395,7 @@ def load_base_for_adapters(spec, model: ResolvedModel, device_map: str | None = 
     )
 
 
-def build_model(spec, model: ResolvedModel, device_map: str | None = None):
+def build_model(spec, model: ResolvedModel, device_map: dict | str | None = None):
     """The model a method trains: full (every parameter), LoRA (adapters on a frozen base) or
     QLoRA (adapters on a 4-bit NF4 base with double quantisation)."""
     import torch
@@ -396,5 +403,5 @@ def build_model(spec, model: ResolvedModel, device_map: str | None = None):
 
     if spec.method == "full":
         # Master weights stay fp32; bf16 runs as autocast (Trainer's bf16=True).
-        return load_causal_lm(model, dtype=torch.float32)
+        return load_causal_lm(model, dtype=torch.float32, device_map=device_map)
     return get_peft_model(load_base_for_adapters(spec, model, device_map), lora_config(spec))

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from ftservice import storage
 from ftservice.artifacts import META, SweepLineage, load_artifact, remove
@@ -32,7 +31,19 @@ from ftservice.asha import (
     promoted_from,
     rung_steps,
 )
-from ftservice.config import JobSpec, Spec, SpecError, load_spec, spec_from_dict
+from ftservice.config import (
+    EvalSpec,
+    JobSpec,
+    Problem,
+    Spec,
+    SpecError,
+    apply_overrides,
+    load_spec,
+    read_yaml,
+    selection_problem,
+    spec_from_dict,
+    validate_spec,
+)
 from ftservice.errors import FtserviceError
 from ftservice.records import Record, Strict
 from ftservice.train.driver import TrainingDiverged
@@ -135,18 +146,33 @@ def _override(path: str, value: Any) -> str:
     return f"{path}={json.dumps(value)}"
 
 
+def _selection_problems(sweep: SweepSpec) -> list[Problem]:
+    """Trials ranked on the base job's held-out domain set (the file its domain score reports
+    on, even when the sweep turns that score off for its trials)."""
+    try:
+        raw, _ = read_yaml(sweep.base)
+    except SpecError:
+        return []  # the base's own problems are reported when it is loaded
+    merged = json.loads(json.dumps(raw))
+    apply_overrides(merged, [_override(k, v) for k, v in sweep.overrides.items()])
+    section = merged.get("eval") if isinstance(merged.get("eval"), dict) else {}
+    if section.get("allow_selection_on_domain") is True:
+        return []
+    original = raw.get("eval") if isinstance(raw.get("eval"), dict) else {}
+    domain = original.get("domain", EvalSpec().domain)
+    selection = (merged.get("data") or {}).get("eval") or []
+    field = "overrides.data.eval" if "data.eval" in sweep.overrides else "base"
+    found = selection_problem(field, [str(f) for f in selection], domain,
+                              "the trials are ranked on data.eval, and ")  # fmt: skip
+    return [found] if found else []
+
+
 def load_sweep(path: str) -> tuple[SweepSpec, dict]:
     """The sweep spec and its base job spec (as a dict), every dimension checked against the
-    job spec's schema: a value of each dimension must make a valid job spec."""
-    source = Path(path)
-    try:
-        data = yaml.safe_load(source.read_text())
-        sweep = SweepSpec.model_validate(data)
-    except FileNotFoundError:
-        raise SweepError(f"{path}: file not found") from None
-    except ValidationError as e:
-        lines = [f"{path}: {'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()]
-        raise SweepError("\n".join(lines)) from None
+    job spec's schema: a value of each dimension must make a valid job spec. A problem with
+    the sweep file itself is a SpecError naming its field and line."""
+    data, lines = read_yaml(path, "sweep spec")
+    sweep = validate_spec(SweepSpec, data, path, lines, None, _selection_problems)
     base_spec = load_spec(
         sweep.base, [_override(k, v) for k, v in sweep.overrides.items()], check_inputs=True
     )

@@ -219,3 +219,53 @@ def test_a_dumped_resolved_spec_loads_again(tmp_path):
     spec = load_spec(QUICKSTART)
     again = write(tmp_path, dump_spec(spec))
     assert load_spec(again) == spec
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "line", "parts"),
+    [
+        ("method: lora\nscaling:\n  deepspeed:\n    stage: 2\n", "scaling.deepspeed", 4,
+         ["method is 'lora'", "remove the scaling.deepspeed section"]),
+        ("method: qlora\nscaling:\n  deepspeed:\n    stage: 1\n", "scaling.deepspeed", 4,
+         ["method is 'qlora'", "remove the scaling.deepspeed section"]),
+        ("stage: dpo\ndata:\n  packing: true\n", "data.packing", 4,
+         ["stage is 'dpo'", "remove data.packing"]),
+        ("stage: dpo\ndata:\n  completion_only_loss: false\n", "data.completion_only_loss", 4,
+         ["stage is 'dpo'", "remove data.completion_only_loss"]),
+        ("train:\n  warmup_ratio: 1.0\n", "train.warmup_ratio", 3,
+         ["step count", "below 1"]),
+    ],
+)  # fmt: skip
+def test_a_field_training_would_ignore_is_refused(tmp_path, text, field, line, parts):
+    path = write(tmp_path, "name: a\n" + text)
+    [msg] = problems(path)
+    assert msg.startswith(f"{path}:{line}: {field}: "), msg
+    for part in parts:
+        assert part in msg, msg
+
+
+def test_a_resolved_dpo_spec_with_default_data_fields_is_not_refused(tmp_path):
+    path = write(tmp_path, "name: a\nstage: dpo\n")
+    spec = load_spec(path)
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(dump_spec(spec))  # completion_only_loss: true and packing: false in it
+    assert load_spec(dumped) == spec
+
+
+def test_selecting_on_the_held_out_domain_set_is_refused_unless_asked_for(tmp_path):
+    path = write(
+        tmp_path,
+        "name: a\ndata:\n  eval: [data/domain/eval.jsonl]\n"
+        "eval:\n  domain: data/domain/eval.jsonl\n",
+    )
+    [msg] = problems(path)
+    assert msg.startswith(f"{path}:3: data.eval: ")
+    assert "held-out domain set" in msg and "data/domain/valid.jsonl" in msg
+    assert "eval.allow_selection_on_domain: true" in msg
+    spec = load_spec(path, ["eval.allow_selection_on_domain=true"])
+    assert spec.data.eval == ["data/domain/eval.jsonl"]
+    # the same file under another spelling is the same file
+    other = load_spec(path, ["data.eval=[./data/../data/domain/valid.jsonl]"])
+    assert other.data.eval == ["./data/../data/domain/valid.jsonl"]
+    with pytest.raises(SpecError):
+        load_spec(path, ["data.eval=[./data/../data/domain/eval.jsonl]"])

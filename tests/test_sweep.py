@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftservice.config import SpecError
 from ftservice.sweep import SweepError, load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,8 +75,11 @@ def test_invalid_spaces_are_refused_before_anything_starts(tmp_path, base_spec):
     two_kinds = write_sweep(
         tmp_path, base_spec, {"train.learning_rate": {"grid": [1e-3], "loguniform": [1e-4, 1e-3]}}
     )
-    with pytest.raises(SweepError, match="exactly one of grid"):
+    with pytest.raises(SpecError) as e:  # the sweep file's own field, with its line
         load_sweep(str(two_kinds))
+    [msg] = [p.render(str(two_kinds)) for p in e.value.problems]
+    assert msg.startswith(f"{two_kinds}:") and "space.train.learning_rate" in msg
+    assert "exactly one of grid" in msg
     orphan = write_sweep(tmp_path, base_spec, {"lora.alpha": {"multiple_of": "lora.r"}})
     with pytest.raises(SweepError, match=r"multiple_of names 'lora\.r', which is not in the space"):
         load_sweep(str(orphan))
@@ -232,7 +236,8 @@ def test_the_grid_runs_every_point_once_per_sample_in_a_seeded_random_order(tmp_
 def test_the_shipped_sweep_is_valid():
     sweep, base = load_sweep(str(REPO / "tune/lora-rank-lr.yaml"))
     assert sweep.scheduler.type == "asha"
-    assert base["data"]["eval"] == ["data/domain/eval.jsonl"]
+    # it selects on the validation phrasings; the held-out ones are only reported
+    assert base["data"]["eval"] == ["data/domain/valid.jsonl"]
     assert {k for k in sweep.space} == {"train.learning_rate", "lora.r", "lora.alpha"}
 
 
@@ -249,5 +254,39 @@ def test_the_time_budget_stops_the_sweep_and_keeps_what_ran(tmp_path, base_spec,
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((tmp_path / "sweeps" / "tiny-sweep" / "sweep.json").read_text())
     states = [t["state"] for t in summary["trials"]]
-    assert "completed" not in states, states
+    assert len(states) == 3 and "stopped early" in states, states  # the budget stopped one
     assert set(states) <= {"stopped early", "not started"}, states
+
+
+def test_a_sweep_spec_error_names_the_file_the_field_and_the_line(tmp_path, base_spec):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        f"name: s\nbase: {base_spec}\nspace:\n  lora.r: {{grid: [4, 8]}}\nscheduler:\n  typ: asha\n"
+    )
+    with pytest.raises(SpecError) as e:
+        load_sweep(str(path))
+    [msg] = [p.render(str(path)) for p in e.value.problems]
+    assert msg.startswith(f"{path}:6: scheduler.typ: unknown key 'typ'; did you mean 'type'?")
+    path.write_text("name: s\nspace: [\n  lora.r\n")
+    with pytest.raises(SpecError) as e:
+        load_sweep(str(path))
+    assert f"{path}:" in str(e.value) and "not valid YAML" in str(e.value)
+
+
+def test_a_sweep_that_selects_on_the_held_out_domain_set_is_refused(tmp_path, base_spec):
+    spec = yaml.safe_load(base_spec.read_text())
+    held_out = spec["data"]["eval"][0]
+    spec["eval"]["domain"] = held_out  # the base reports its domain score on the eval file
+    base_spec.write_text(yaml.safe_dump(spec))
+    # the sweep leaves domain scoring out of its trials, but still ranks them on that file
+    path = write_sweep(tmp_path, base_spec, {"lora.r": {"grid": [2, 4]}},
+                       overrides={"eval.domain": None})  # fmt: skip
+    with pytest.raises(SpecError) as e:
+        load_sweep(str(path))
+    [msg] = [p.render(str(path)) for p in e.value.problems]
+    assert msg.startswith(f"{path}:")
+    assert "data.eval" in msg and held_out in msg and "held-out domain set" in msg
+    allowed = write_sweep(tmp_path, base_spec, {"lora.r": {"grid": [2, 4]}},
+                          overrides={"eval.domain": None,
+                                     "eval.allow_selection_on_domain": True})  # fmt: skip
+    assert load_sweep(str(allowed))[1]["data"]["eval"] == [held_out]

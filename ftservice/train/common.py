@@ -60,6 +60,17 @@ class TrainHistory(Record):
     paused_at: int | None
 
 
+def worker_device(spec: JobSpec):
+    """The device this Ray Train worker's adapters' base is placed on: its GPU (Ray Train
+    sets CUDA_VISIBLE_DEVICES per worker; `get_device` names the one it got). None on CPUs,
+    and for full fine-tuning, whose weights DeepSpeed's ZeRO-3 places (partitioned) itself."""
+    if not spec.scaling.use_gpu or spec.method == "full":
+        return None
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
 def training_arguments(spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: bool):
     """The TrainingArguments fields every stage shares, from the spec."""
     t, ck = spec.train, spec.checkpoint

@@ -19,7 +19,7 @@ from pathlib import Path
 from ftservice import storage
 from ftservice.config import JobSpec
 from ftservice.data.loaders import load_rows
-from ftservice.models import ResolvedModel, build_model, load_base_for_adapters
+from ftservice.models import ResolvedModel, build_model, device_map, load_base_for_adapters
 from ftservice.train.common import training_arguments
 
 
@@ -53,17 +53,19 @@ def dpo_config(spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: 
     )
 
 
-def policy_model(spec: JobSpec, model_ref: ResolvedModel, parent: dict | None):
+def policy_model(
+    spec: JobSpec, model_ref: ResolvedModel, parent: dict | None, placement: dict | None = None
+):
     """The model DPO trains: the parent's adapter made trainable, its full weights, or a new
     model as SFT would build it."""
     if parent is None:
-        return build_model(spec, model_ref)
+        return build_model(spec, model_ref, placement)
     if spec.method == "full":
         folder = storage.localize(parent["location"])
-        return build_model(spec, dataclasses.replace(model_ref, path=folder))
+        return build_model(spec, dataclasses.replace(model_ref, path=folder), placement)
     from peft import PeftModel
 
-    base = load_base_for_adapters(spec, model_ref)
+    base = load_base_for_adapters(spec, model_ref, placement)
     return PeftModel.from_pretrained(base, storage.localize(parent["location"]), is_trainable=True)
 
 
@@ -87,8 +89,9 @@ def on_shared_disk(dataset, folder: Path | None):
 
 
 def dpo_trainer(
-    spec, model_ref, parent, tokenizer, work, max_steps, callbacks, shared_dir: Path | None = None
-):
+    spec, model_ref, parent, tokenizer, work, max_steps, callbacks,
+    shared_dir: Path | None = None, device=None,
+):  # fmt: skip
     from trl import DPOTrainer
 
     d = spec.data
@@ -102,7 +105,7 @@ def dpo_trainer(
         )
         eval_ds = on_shared_disk(eval_ds, shared and shared / "eval")
     return DPOTrainer(
-        model=policy_model(spec, model_ref, parent),
+        model=policy_model(spec, model_ref, parent, device_map(device)),
         args=dpo_config(spec, work, max_steps, eval_ds is not None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,

@@ -28,7 +28,7 @@ from ftservice.artifacts import (
 from ftservice.config import JobSpec
 from ftservice.data.loaders import DataError, TrainingInputs, load_rows, training_inputs
 from ftservice.errors import FtserviceError
-from ftservice.evaluate import evaluate_artifact_folder
+from ftservice.evaluate import eval_placement, evaluate_artifact_folder
 from ftservice.models import ResolvedModel, portable_name, resolve_model
 from ftservice.train import worker
 from ftservice.train.common import FINAL, HISTORY, ParentRef, TrainHistory, WorkerConfig
@@ -217,6 +217,7 @@ def evaluate_remote(spec: JobSpec, artifact: Artifact, base: ResolvedModel, limi
             limit,
             spec.data.system_prompt,
             max(1, int(sc.cpus_per_worker)),
+            eval_placement(spec),
         )
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ftservice.config import JobSpec
 from ftservice.data.loaders import load_rows
 from ftservice.data.tokenize import tokenize_chat
-from ftservice.models import build_model
+from ftservice.models import build_model, device_map
 from ftservice.train.common import training_arguments
 
 
@@ -44,8 +44,12 @@ def sft_config(spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: 
     )
 
 
-def sft_trainer(spec, model_ref, parent, tokenizer, work, max_steps, callbacks, shared_dir=None):
-    """SFTTrainer on already tokenised data (TRL uses input_ids + labels as they are)."""
+def sft_trainer(
+    spec, model_ref, parent, tokenizer, work, max_steps, callbacks, shared_dir=None, device=None
+):
+    """SFTTrainer on already tokenised data (TRL uses input_ids + labels as they are);
+    `device`: where the worker's model goes (the Trainer moves a plain model, but never a
+    4-bit one: it must be loaded there)."""
     from trl import SFTTrainer
 
     d = spec.data
@@ -60,7 +64,7 @@ def sft_trainer(spec, model_ref, parent, tokenizer, work, max_steps, callbacks, 
             d.max_seq_length, d.completion_only_loss,
         )  # fmt: skip
     return SFTTrainer(
-        model=build_model(spec, model_ref),
+        model=build_model(spec, model_ref, device_map(device)),
         args=sft_config(spec, work, max_steps, eval_ds is not None),
         train_dataset=train_ds,
         eval_dataset=eval_ds,

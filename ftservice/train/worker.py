@@ -30,6 +30,7 @@ from ftservice.train.common import (
     TrainHistory,
     WorkerConfig,
     peak_memory,
+    worker_device,
 )
 
 PICKLED_ARGS = "training_args.bin"  # what Trainer.save_model adds; artifacts hold no pickle
@@ -64,7 +65,7 @@ def train_loop(config: dict) -> None:
     shared = (local_staging or Path(work) / "staging").parent / "data"
     trainer = prepare_trainer(
         build(spec, model_ref, parent, tokenizer, work, cfg.max_steps, callbacks,
-              shared_dir=shared)
+              shared_dir=shared, device=worker_device(spec))
     )  # fmt: skip
 
     checkpoint = ray.train.get_checkpoint()
