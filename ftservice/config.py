@@ -222,6 +222,13 @@ class ScalingSpec(Spec):
     use_gpu: bool = Field(False, description="Give each worker GPUs.")
     gpus_per_worker: float = Field(1, gt=0, description="GPUs per worker when use_gpu is on.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    threads_per_worker: int | None = Field(
+        None,
+        ge=1,
+        description="Intra-op threads of a CPU worker (torch), default: its cpus_per_worker. "
+        "Above that only where the other reserved CPUs idle while it trains (the loop's DPO "
+        "beside an app that is not generating).",
+    )
     deepspeed: DeepSpeedSpec | None = Field(
         None,
         description="DeepSpeed ZeRO settings for method full; unset is ZeRO-3 without offload.",

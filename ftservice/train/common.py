@@ -60,6 +60,12 @@ class TrainHistory(Record):
     paused_at: int | None
 
 
+def cpu_threads(spec: JobSpec) -> int:
+    """The torch threads of a CPU worker (Ray starts workers with one)."""
+    sc = spec.scaling
+    return sc.threads_per_worker or max(1, int(sc.cpus_per_worker))
+
+
 def worker_device(spec: JobSpec):
     """The device this Ray Train worker's adapters' base is placed on: its GPU (Ray Train
     sets CUDA_VISIBLE_DEVICES per worker; `get_device` names the one it got). None on CPUs,

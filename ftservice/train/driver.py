@@ -31,7 +31,14 @@ from ftservice.errors import FtserviceError
 from ftservice.evaluate import eval_placement, evaluate_artifact_folder
 from ftservice.models import ResolvedModel, portable_name, resolve_model
 from ftservice.train import worker
-from ftservice.train.common import FINAL, HISTORY, ParentRef, TrainHistory, WorkerConfig
+from ftservice.train.common import (
+    FINAL,
+    HISTORY,
+    ParentRef,
+    TrainHistory,
+    WorkerConfig,
+    cpu_threads,
+)
 
 STAGE_KINDS = {"sft": {"chat", "text"}, "dpo": {"preference"}}
 
@@ -216,7 +223,7 @@ def evaluate_remote(spec: JobSpec, artifact: Artifact, base: ResolvedModel, limi
             spec.eval.max_new_tokens,
             limit,
             spec.data.system_prompt,
-            max(1, int(sc.cpus_per_worker)),
+            cpu_threads(spec),
             eval_placement(spec),
         )
     )

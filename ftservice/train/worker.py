@@ -29,6 +29,7 @@ from ftservice.train.common import (
     StopOnNonFiniteLoss,
     TrainHistory,
     WorkerConfig,
+    cpu_threads,
     peak_memory,
     worker_device,
 )
@@ -43,7 +44,7 @@ def train_loop(config: dict) -> None:
     model_ref = cfg.model
     if not spec.scaling.use_gpu:
         # Ray starts workers with one intra-op thread; give torch the CPUs the worker holds
-        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+        torch.set_num_threads(cpu_threads(spec))
     context = ray.train.get_context()
     rank = context.get_world_rank()
 
