@@ -157,6 +157,12 @@ class QuantSpec(Spec):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Dtype the 4-bit weights are dequantised to for matmuls."
     )
+    unquantized_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Dtype of the weights left unquantised (embeddings, norms, LM head): "
+        "float32 as PEFT's k-bit preparation casts them, or bfloat16 (half their memory; "
+        "GiBs for a 128k vocabulary).",
+    )
 
 
 class TrainSpec(Spec):
@@ -183,6 +189,11 @@ class TrainSpec(Spec):
         "auto", description="Training precision; 'auto' picks bf16 where the hardware has it."
     )
     logging_steps: int = Field(1, ge=1, description="Report metrics every this many steps.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description="AdamW (torch's), or bitsandbytes' 8-bit AdamW, optionally paged (GPUs "
+        "only): a quarter of AdamW's state memory.",
+    )
 
 
 class DpoSpec(Spec):
@@ -422,6 +433,14 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
                 f"{spec.train.warmup_ratio} is read by transformers as a step count (values "
                 "of 1 or more are steps, not a share), so warm-up would last that many steps; "
                 "give a share of the steps below 1 (e.g. 0.05).",
+            )
+        )
+    if spec.train.optimizer != "adamw" and not spec.scaling.use_gpu:
+        problems.append(
+            Problem(
+                "train.optimizer",
+                f"{spec.train.optimizer} is bitsandbytes' optimizer for CUDA GPUs, and this job "
+                "trains on CPUs; set scaling.use_gpu: true, or train.optimizer: adamw.",
             )
         )
     problems.extend(_selection_problems(spec))

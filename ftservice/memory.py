@@ -20,6 +20,7 @@ The verdict is the cheapest method and scaling that fits the devices given.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -209,6 +210,8 @@ class PlanInput:
     lora_targets: list[str] | str = "all-linear"
     precision: str = "bf16"  # bf16 | fp32 (CPU runs in fp32 or bf16 autocast)
     zero3: bool | None = None  # full: ZeRO-3 (default on)
+    unquantized_dtype: str = "float32"  # qlora: embeddings, norms, LM head (PEFT casts: fp32)
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes, GPUs)
 
     @property
     def ranks(self) -> int:
@@ -225,6 +228,7 @@ class Plan:
     fits: bool | None
     notes: list[str] = field(default_factory=list)
     cheapest: dict | None = None
+    advice: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -300,27 +304,31 @@ def plan(p: PlanInput) -> Plan:
             # master weights in mixed precision: 16 bytes a parameter either way
             parts["weights"] = s.total_params * elem
             parts["gradients"] = s.total_params * elem
-            parts["optimizer"] = s.total_params * (16 - 2 * elem)
+            # fp32 master weights in mixed precision, and AdamW's two moments (fp32: 8 bytes;
+            # bitsandbytes' 8-bit: 2 bytes)
+            master = 4 if elem == 2 else 0
+            parts["optimizer"] = s.total_params * (master + _moment_bytes(p))
         if p.stage == "dpo":
             notes.append("DPO reference: log-probabilities precomputed before training (no copy)")
     elif p.method in ("lora", "qlora"):
         lora = s.lora_params(p.lora_r, p.lora_targets)
         if p.method == "lora":
             parts["weights"] = s.total_params * elem
-            lora_bytes_per = 4 + 4 + 8  # fp32 adapter, gradient, AdamW moments
+            lora_bytes_per = 4 + 4 + _moment_bytes(p)  # fp32 adapter and gradient, AdamW
         else:
             q = s.quantizable_params
             # NF4: 4 bits/weight; double quantisation: 8-bit absmax per 64 weights and an
             # fp32 constant per 256 of those blocks (+ the 16-entry code books)
             parts["weights_4bit"] = q // 2 + q // 64 + 4 * math.ceil(q / (64 * 256))
-            parts["weights_unquantized_fp32"] = 4 * (
+            kept = 2 if p.unquantized_dtype == "bfloat16" else 4
+            parts[f"weights_unquantized_{'bf16' if kept == 2 else 'fp32'}"] = kept * (
                 s.embedding_params + s.lm_head_params + s.norm_params
             )
             if on_cpu:
                 # measured: on a CPU the fp32 weights quantised at load stay in the process
                 # heap (freed, not returned to the OS); a GPU quantises as it loads
                 parts["cpu_load_residue"] = 4 * q
-            lora_bytes_per = 2 + 2 + 8  # bf16 adapter and gradient (TRL casts), fp32 moments
+            lora_bytes_per = 2 + 2 + _moment_bytes(p)  # bf16 adapter, gradient (TRL casts)
         parts["adapters_and_optimizer"] = lora * lora_bytes_per
         if p.stage == "dpo":
             parts["dpo_reference_adapter"] = lora * 4  # TRL's "ref" copy of the adapter
@@ -335,6 +343,86 @@ def plan(p: PlanInput) -> Plan:
     if fits is not None and cpu_per_node and p.cpu_mem_gb:
         fits = fits and cpu_per_node <= p.cpu_mem_gb * GiB * HEADROOM
     return Plan(asdict(p) | {"shape": asdict(s)}, parts, total, cpu_per_node, device, fits, notes)
+
+
+def _moment_bytes(p: PlanInput) -> int:
+    return 2 if p.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
+
+
+# Settings of the same method a plan that misses can change, nearest first: (job spec field,
+# value, what it changes in the plan). Each is a field of the job spec that training honours.
+def _knobs(p: PlanInput) -> list[tuple[str, object, dict]]:
+    out: list[tuple[str, object, dict]] = []
+    if not p.gradient_checkpointing:
+        out.append(("train.gradient_checkpointing", True, {"gradient_checkpointing": True}))
+    if p.method == "qlora" and p.unquantized_dtype != "bfloat16":
+        out.append(("quantization.unquantized_dtype", "bfloat16",
+                    {"unquantized_dtype": "bfloat16"}))  # fmt: skip
+    if not p.on_cpu and p.optimizer == "adamw":
+        out.append(("train.optimizer", "paged_adamw_8bit", {"optimizer": "paged_adamw_8bit"}))
+    if p.micro_batch > 1:
+        out.append(("train.micro_batch_size", 1, {"micro_batch": 1}))
+    if p.method in ("lora", "qlora") and p.lora_targets == "all-linear":
+        attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        out.append(("lora.target_modules", attention, {"lora_targets": attention}))
+    for seq in (p.seq_len // 2, p.seq_len // 4):
+        if seq >= 256:
+            out.append(("data.max_seq_length", seq, {"seq_len": seq}))
+    return out
+
+
+def _entry(p: PlanInput, result: Plan, changes: dict) -> dict:
+    return {
+        "changes": changes,
+        "method": p.method,
+        "gpus_per_node": p.gpus,
+        "nodes": p.nodes,
+        "offload": p.offload,
+        "per_device_gib": round(result.total_bytes / GiB, 2),
+        "fits": bool(result.fits),
+    }
+
+
+def advise(p: PlanInput, limit: int = 6) -> list[dict]:
+    """What fits, best first: the fewest GPUs; at equal GPUs, the same method with the fewest
+    and nearest changes of its settings (gradient checkpointing, bf16 unquantized weights,
+    a paged 8-bit optimizer, micro-batch 1, attention-only LoRA, shorter sequences), then
+    other methods and more GPUs with the settings as they are."""
+    if p.device_mem_gb is None:
+        return []
+    found: list[tuple[tuple, dict]] = []
+    knobs = _knobs(p)
+    fitting: list[set] = []
+    for n in range(len(knobs) + 1):
+        for combo in itertools.combinations(range(len(knobs)), n):
+            paths = [knobs[i][0] for i in combo]
+            if len(set(paths)) < len(paths):  # two sequence lengths at once
+                continue
+            if any(f <= set(combo) for f in fitting):  # a smaller change already fits
+                continue
+            candidate = p
+            for i in combo:
+                candidate = replace(candidate, **knobs[i][2])
+            result = plan(candidate)
+            if n and result.fits:
+                fitting.append(set(combo))
+                changes = {knobs[i][0]: knobs[i][1] for i in combo}
+                found.append(
+                    ((p.ranks, 0, sum(1 + i for i in combo)), _entry(candidate, result, changes))
+                )
+    other = cheapest(p)
+    if other is not None:
+        candidate = replace(p, method=other["method"], gpus=other["gpus_per_node"],
+                            nodes=other["nodes"], offload=other["offload"])  # fmt: skip
+        changes = {"method": other["method"]} if other["method"] != p.method else {}
+        if (other["gpus_per_node"], other["nodes"]) != (p.gpus, p.nodes):
+            changes |= {"scaling.num_workers": other["gpus_per_node"] * other["nodes"]}
+        if other["offload"] != "none":
+            changes |= {"scaling.deepspeed.offload_optimizer": other["offload"]}
+        if changes:
+            found.append(((candidate.ranks, 1, 0), _entry(candidate, plan(candidate), changes)))
+    found.sort(key=lambda x: x[0])
+    return [entry for _, entry in found[:limit]]
 
 
 def cheapest(p: PlanInput, max_gpus_per_node: int = 8, max_nodes: int = 16) -> dict | None:
@@ -367,6 +455,8 @@ def cheapest(p: PlanInput, max_gpus_per_node: int = 8, max_nodes: int = 16) -> d
 def plan_with_verdict(p: PlanInput) -> Plan:
     result = plan(p)
     result.cheapest = cheapest(p)
+    if result.fits is False:
+        result.advice = advise(p)
     return result
 
 
@@ -392,14 +482,24 @@ def format_plan(result: Plan) -> str:
             f"verdict: {'fits' if result.fits else 'does NOT fit'} in {have:.3g} GiB per device"
             f" (planning to {HEADROOM:.0%} of it)"
         )
+    if result.advice:
+        lines.append("advice, best first (what fits):")
+        for a in result.advice[:3]:
+            what = ", ".join(f"{k}={json.dumps(v)}" for k, v in a["changes"].items())
+            lines.append(
+                f"  {what}: {a['method']} on {a['gpus_per_node']} GPU(s) × {a['nodes']} "
+                f"node(s), {a['per_device_gib']} GiB per device"
+            )
     if result.cheapest:
         c = result.cheapest
         lines.append(
-            f"cheapest that fits: {c['method']} on {c['gpus_per_node']} GPU(s) × {c['nodes']} "
-            f"node(s), offload {c['offload']} ({c['per_device_gib']} GiB per GPU)"
+            f"fewest GPUs with these settings: {c['method']} on {c['gpus_per_node']} GPU(s) × "
+            f"{c['nodes']} node(s), offload {c['offload']} ({c['per_device_gib']} GiB per GPU)"
         )
     elif result.fits is not None:
-        lines.append("cheapest that fits: nothing up to 16 nodes of 8 GPUs of this size")
+        lines.append(
+            "fewest GPUs with these settings: nothing up to 16 nodes of 8 GPUs of this size"
+        )
     return "\n".join(lines)
 
 
@@ -441,5 +541,7 @@ def plan_for_spec(spec) -> Plan:
         lora_targets=lora.target_modules,
         precision=precision,
         zero3=ds.stage == 3 if ds else None,
+        unquantized_dtype=spec.quantization.unquantized_dtype,
+        optimizer=spec.train.optimizer,
     )
     return plan_with_verdict(p)

@@ -387,12 +387,23 @@ def load_base_for_adapters(spec, model: ResolvedModel, device_map: dict | str | 
         bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
         bnb_4bit_quant_storage=torch.uint8,
     )
+    keep_bf16 = q.unquantized_dtype == "bfloat16"
     base = load_causal_lm(
-        model, quantization_config=quant, device_map=device_map or "cpu", dtype=torch.float32
-    )
-    return prepare_model_for_kbit_training(
-        base, use_gradient_checkpointing=spec.train.gradient_checkpointing
-    )
+        model, quantization_config=quant, device_map=device_map or "cpu",
+        dtype=torch.bfloat16 if keep_bf16 else torch.float32,
+    )  # fmt: skip
+    if not keep_bf16:
+        return prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=spec.train.gradient_checkpointing
+        )
+    # PEFT's preparation but its cast of every unquantised weight to fp32: the embeddings,
+    # norms and LM head stay in bf16, as loaded
+    for param in base.parameters():
+        param.requires_grad_(False)
+    if spec.train.gradient_checkpointing:
+        base.enable_input_require_grads()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return base
 
 
 def build_model(spec, model: ResolvedModel, device_map: dict | str | None = None):

@@ -163,3 +163,57 @@ def test_train_refuses_a_plan_that_cannot_fit_before_starting_ray(tmp_path, cli_
     assert "does NOT fit in 0.5 GiB" in out.stderr
     assert f"{spec}: the plan needs" in out.stderr and "--force" in out.stderr
     assert not (tmp_path / "runs").exists()  # refused before any run started
+
+
+def test_a_70b_qlora_that_misses_48gb_is_advised_nearby_settings_on_one_gpu():
+    """The headline case: PEFT's fp32 copy of a 128k vocabulary's embeddings and LM head
+    tips 70B QLoRA over one 48 GB GPU; the advice keeps the method and the one GPU."""
+    p = PlanInput(resolve_shape("llama-3-70b"), method="qlora", device_mem_gb=48)
+    result = plan_with_verdict(p)
+    assert result.fits is False
+    assert result.per_device["weights_unquantized_fp32"] > 7 * GiB
+    first = result.advice[0]
+    assert first == {"changes": {"quantization.unquantized_dtype": "bfloat16"},
+                     "method": "qlora", "gpus_per_node": 1, "nodes": 1, "offload": "none",
+                     "per_device_gib": first["per_device_gib"], "fits": True}  # fmt: skip
+    assert first["per_device_gib"] < 48 * 0.95
+    again = plan(replace(p, unquantized_dtype="bfloat16"))  # the change, planned: it fits
+    assert (
+        again.fits
+        and again.per_device["weights_unquantized_bf16"] * 2
+        == (result.per_device["weights_unquantized_fp32"])
+    )
+    gpus = [a["gpus_per_node"] * a["nodes"] for a in result.advice]
+    assert gpus == sorted(gpus)  # ranked by GPUs used
+    # no advice is a superset of a smaller change that already fits
+    changes = [{(k, json.dumps(v)) for k, v in a["changes"].items()}
+               for a in result.advice if a["method"] == "qlora"]  # fmt: skip
+    assert not any(a < b for a in changes for b in changes)
+    # every change names a job spec field, and a spec with it applied plans as advised
+    spec = load_spec(REPO / "cluster/jobs/llama3-70b-qlora-48gb.yaml")
+    for advice in result.advice:
+        for path in advice["changes"]:
+            section, _, key = path.rpartition(".")
+            holder = spec
+            for part in filter(None, section.split(".")):
+                holder = getattr(holder, part)
+            assert hasattr(holder, key), path
+
+
+def test_the_cli_prints_the_advice_and_plan_json_carries_it(cli_env):
+    out = cli("plan", "--model", "llama-3-70b", "--method", "qlora", "--gpus", "1",
+              "--gpu-mem", "48", "--json", env=cli_env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    advice = json.loads(out.stdout)["advice"]
+    assert advice[0]["method"] == "qlora" and advice[0]["gpus_per_node"] == 1
+    text = cli("plan", "--model", "llama-3-70b", "--method", "qlora", "--gpus", "1",
+               "--gpu-mem", "48", env=cli_env)  # fmt: skip
+    assert "advice, best first" in text.stdout
+    assert 'quantization.unquantized_dtype="bfloat16": qlora on 1 GPU(s)' in text.stdout
+
+
+def test_an_8bit_optimizer_quarters_adamws_state():
+    p = PlanInput(resolve_shape("llama-3-8b"), method="full", zero3=False, device_mem_gb=80)
+    adamw, paged = plan(p), plan(replace(p, optimizer="paged_adamw_8bit"))
+    params = resolve_shape("llama-3-8b").total_params
+    assert adamw.per_device["optimizer"] - paged.per_device["optimizer"] == 6 * params

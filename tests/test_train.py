@@ -395,3 +395,18 @@ def test_evaluation_holds_the_models_as_the_training_worker_did(monkeypatch, tin
     on_cpu = spec.scaling.model_copy(update={"use_gpu": False})
     cpu = eval_placement(spec.model_copy(update={"method": "lora", "scaling": on_cpu}))
     assert cpu == {"device": "cpu", "dtype": "float32", "quantization": None}
+
+
+def test_qlora_can_keep_its_unquantised_weights_in_bf16(tmp_path, tiny_llama, small_data):
+    from ftservice.models import build_model, resolve_model
+
+    spec = make_spec(tmp_path, tiny_llama, small_data, method="qlora", lora={"r": 4, "alpha": 8})
+    kept = make_spec(tmp_path, tiny_llama, small_data, method="qlora", lora={"r": 4, "alpha": 8},
+                     quantization={"unquantized_dtype": "bfloat16"})  # fmt: skip
+    default, bf16 = (build_model(s, resolve_model(s.model)) for s in (spec, kept))
+    for model, dtype in ((default, torch.float32), (bf16, torch.bfloat16)):
+        embeddings = model.get_input_embeddings().weight
+        norms = [p for n, p in model.named_parameters() if "norm" in n]
+        assert embeddings.dtype == dtype and {p.dtype for p in norms} == {dtype}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)  # the base stays frozen

@@ -17,6 +17,8 @@ from ftservice.records import Record, Strict
 from ftservice.train.deepspeed import deepspeed_config
 
 FINAL = "final"
+OPTIMIZERS = {"adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+"""train.optimizer -> TrainingArguments.optim (adamw: the Trainer's default, torch's AdamW)."""
 HISTORY = "history.json"
 
 
@@ -107,6 +109,7 @@ def training_arguments(spec: JobSpec, output_dir: str, max_steps: int | None, ha
         "eval_strategy": "steps" if evaluate else "no",
         "eval_steps": spec.eval.every_steps if evaluate else None,
         "report_to": "none",
+        **({"optim": OPTIMIZERS[t.optimizer]} if t.optimizer != "adamw" else {}),
         "deepspeed": deepspeed_config(spec) if spec.method == "full" else None,
         "dataloader_num_workers": 0,
         "use_cpu": not spec.scaling.use_gpu,
