@@ -189,6 +189,11 @@ class TrainSpec(Spec):
         "auto", description="Training precision; 'auto' picks bf16 where the hardware has it."
     )
     logging_steps: int = Field(1, ge=1, description="Report metrics every this many steps.")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers rank 0 writes to (the HF Trainer's integrations): "
+        "tensorboard (event files in the run's folder), mlflow (tracking.uri).",
+    )
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw",
         description="AdamW (torch's), or bitsandbytes' 8-bit AdamW, optionally paged (GPUs "
@@ -314,6 +319,20 @@ class RuntimeSpec(Spec):
     )
 
 
+class TrackingSpec(Spec):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://..., sqlite:///..., file:///...); default: "
+        "a file store, mlruns/ in output.storage_path.",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment; default: the job's name (a sweep's: its name)."
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict, description="Tags of the run (a sweep adds its name and trial)."
+    )
+
+
 class JobSpec(Spec):
     """One fine-tuning run: what to train, on what data, how, where, and where it goes."""
 
@@ -341,6 +360,9 @@ class JobSpec(Spec):
     )
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation after training.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Where train.report_to's MLflow runs go."
+    )
     runtime: RuntimeSpec = Field(
         default_factory=RuntimeSpec, description="Runtime environment of cluster jobs."
     )
@@ -441,6 +463,20 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
                 "train.optimizer",
                 f"{spec.train.optimizer} is bitsandbytes' optimizer for CUDA GPUs, and this job "
                 "trains on CPUs; set scaling.use_gpu: true, or train.optimizer: adamw.",
+            )
+        )
+    if (
+        "mlflow" in spec.train.report_to
+        and spec.tracking.uri is None
+        and "://" in spec.output.storage_path
+        and not spec.output.storage_path.startswith("file://")
+    ):
+        problems.append(
+            Problem(
+                "tracking.uri",
+                "train.report_to has mlflow and runs live in a store "
+                f"({spec.output.storage_path}), where no MLflow file store can go; set "
+                "tracking.uri to your MLflow server (http://...).",
             )
         )
     problems.extend(_selection_problems(spec))

@@ -224,7 +224,11 @@ def trial_spec(base: dict, sweep: SweepSpec, config: dict, trial_id: str, root: 
         _override("name", f"{sweep.name}-{trial_id}".lower().replace("_", "-")),
         _override("output.registry", str(root / "artifacts")),
         _override("output.storage_path", str(root / "runs")),
-    ]
+        # trackers: the trials of a sweep are one experiment, each run tagged with its trial
+        _override("tracking.experiment", base.get("tracking", {}).get("experiment") or sweep.name),
+        _override("tracking.tags", {**base.get("tracking", {}).get("tags", {}),
+                                    "ftservice.sweep": sweep.name, "ftservice.trial": trial_id}),
+    ]  # fmt: skip
     return spec_from_dict(json.loads(json.dumps(base)), f"trial {trial_id}", None, overrides)
 
 

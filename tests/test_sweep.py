@@ -290,3 +290,12 @@ def test_a_sweep_that_selects_on_the_held_out_domain_set_is_refused(tmp_path, ba
                           overrides={"eval.domain": None,
                                      "eval.allow_selection_on_domain": True})  # fmt: skip
     assert load_sweep(str(allowed))[1]["data"]["eval"] == [held_out]
+
+
+def test_a_trial_is_tracked_in_the_sweeps_experiment_with_its_trial_tag(tmp_path, base_spec):
+    from ftservice.sweep import trial_spec
+
+    sweep, base = load_sweep(str(write_sweep(tmp_path, base_spec, {"lora.r": {"grid": [2, 4]}})))
+    spec = trial_spec(base, sweep, {"lora.r": 2}, "abc_00001", tmp_path / "sw")
+    assert spec.lora.r == 2 and spec.tracking.experiment == "tiny-sweep"
+    assert spec.tracking.tags == {"ftservice.sweep": "tiny-sweep", "ftservice.trial": "abc_00001"}

@@ -410,3 +410,43 @@ def test_qlora_can_keep_its_unquantised_weights_in_bf16(tmp_path, tiny_llama, sm
         assert embeddings.dtype == dtype and {p.dtype for p in norms} == {dtype}
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and all("lora_" in n for n in trainable)  # the base stays frozen
+
+
+TRACKER_ENV = ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME",
+               "MLFLOW_TAGS", "HF_MLFLOW_LOG_ARTIFACTS", "MLFLOW_ALLOW_FILE_STORE")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_run_reports_its_steps_to_tensorboard_and_mlflow(
+    local_ray, monkeypatch, tmp_path, tiny_llama, small_data
+):
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ftservice.train.driver import train
+
+    for key in TRACKER_ENV:  # the recipe runs in this process (num_workers: 0): undo after
+        monkeypatch.delenv(key, raising=False)
+    spec = make_spec(
+        tmp_path, tiny_llama, small_data, train={"report_to": ["tensorboard", "mlflow"]},
+        scaling={"num_workers": 0}, tracking={"tags": {"team": "search"}},
+    )  # fmt: skip
+    result = train(spec, evaluate=False)
+    steps = result.artifact.meta.metrics["global_step"]
+    assert steps == 8
+
+    [events] = {p.parent for p in (tmp_path / "runs").rglob("events.out.tfevents*")}
+    assert events.name == "tensorboard" and events.parent.parent == tmp_path / "runs"
+    board = EventAccumulator(str(events))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == list(range(1, steps + 1))
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = mlflow.MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
+    experiment = client.get_experiment_by_name("tiny")
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    assert run.data.tags["team"] == "search" and run.data.tags["ftservice.job"] == "tiny"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == list(range(1, steps + 1))
+    assert float(run.data.params["learning_rate"]) == spec.train.learning_rate

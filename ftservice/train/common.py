@@ -4,8 +4,10 @@ worker's config and `history.json`)."""
 
 from __future__ import annotations
 
+import json
 import math
 import resource
+from pathlib import Path
 
 import torch
 from pydantic import Field
@@ -68,6 +70,28 @@ def cpu_threads(spec: JobSpec) -> int:
     return sc.threads_per_worker or max(1, int(sc.cpus_per_worker))
 
 
+def tracking_env(spec: JobSpec, run_dir: Path) -> dict[str, str]:
+    """The environment the HF Trainer's tracker integrations read (set in the worker before
+    the trainer is built; they write from rank 0 only): TensorBoard's event files in the
+    run's folder, MLflow's run in tracking.uri (a file store in the runs' folder by default)
+    under the experiment, with the spec's tags."""
+    env: dict[str, str] = {}
+    if "tensorboard" in spec.train.report_to:
+        env["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    if "mlflow" in spec.train.report_to:
+        tr = spec.tracking
+        uri = tr.uri or (run_dir.parent / "mlruns").resolve().as_uri()
+        env |= {
+            "MLFLOW_TRACKING_URI": uri,
+            "MLFLOW_EXPERIMENT_NAME": tr.experiment or spec.name,
+            "MLFLOW_TAGS": json.dumps({"ftservice.job": spec.name, **tr.tags}),
+            "HF_MLFLOW_LOG_ARTIFACTS": "0",  # the registry holds the weights
+        }
+        if uri.startswith("file:"):  # mlflow >= 3.13 asks for the file store explicitly
+            env["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    return env
+
+
 def worker_device(spec: JobSpec):
     """The device this Ray Train worker's adapters' base is placed on: its GPU (Ray Train
     sets CUDA_VISIBLE_DEVICES per worker; `get_device` names the one it got). None on CPUs,
@@ -108,7 +132,8 @@ def training_arguments(spec: JobSpec, output_dir: str, max_steps: int | None, ha
         "save_total_limit": 1,  # local copies only; Ray keeps checkpoint.num_to_keep
         "eval_strategy": "steps" if evaluate else "no",
         "eval_steps": spec.eval.every_steps if evaluate else None,
-        "report_to": "none",
+        "report_to": list(t.report_to) or "none",
+        "run_name": spec.name,
         **({"optim": OPTIMIZERS[t.optimizer]} if t.optimizer != "adamw" else {}),
         "deepspeed": deepspeed_config(spec) if spec.method == "full" else None,
         "dataloader_num_workers": 0,

@@ -9,6 +9,7 @@ driver publishes from.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ from ftservice.train.common import (
     WorkerConfig,
     cpu_threads,
     peak_memory,
+    tracking_env,
     worker_device,
 )
 
@@ -64,6 +66,10 @@ def train_loop(config: dict) -> None:
     # where every rank sees the same files (ZeRO-3 DPO's precomputed reference): the run's
     # folder when runs are local; with runs in a store, one node's disk only
     shared = (local_staging or Path(work) / "staging").parent / "data"
+    # trackers write beside the run's checkpoints (a local folder of this run; with runs in
+    # a store, a folder of the worker's, uploaded with the staging)
+    run_dir = local_staging.parent if local_staging else Path(work) / "tracking"
+    os.environ.update(tracking_env(spec, run_dir))
     trainer = prepare_trainer(
         build(spec, model_ref, parent, tokenizer, work, cfg.max_steps, callbacks,
               shared_dir=shared, device=worker_device(spec))
@@ -114,6 +120,9 @@ def train_loop(config: dict) -> None:
         ).write(staging / HISTORY)
         if local_staging is None:
             storage.upload(staging, cfg.staging)
+            if (run_dir / "tensorboard").is_dir():
+                storage.upload(run_dir / "tensorboard", storage.join(
+                    cfg.staging.rsplit("/", 1)[0], "tensorboard"))  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
 
 
