@@ -210,6 +210,13 @@ class DpoSpec(Spec):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="Assumed fraction of flipped preference labels."
     )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of an SFT term on the chosen answers added to the DPO loss (RPO, "
+        "Pang et al. 2024; TRL's loss_type 'sft'): keeps the likelihood of what was chosen "
+        "from falling, and with it what the parent knew. 0: plain DPO.",
+    )
     parent: str | None = Field(
         None, description="SFT artifact (path or registry name) to start from; base if unset."
     )

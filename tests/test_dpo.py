@@ -173,3 +173,15 @@ def test_dpo_refuses_a_parent_trained_on_another_base(
     assert not runs.exists() or list(runs.iterdir()) == []  # no run, no worker ever started
     stored = json.loads((sft_artifact.path / "ftservice.json").read_text())
     assert stored == sft_artifact.meta.model_dump(mode="json")
+
+
+def test_an_sft_weight_adds_trls_sft_term_on_the_chosen_answers(tmp_path, tiny_llama, data):
+    from ftservice.config import spec_from_dict
+    from ftservice.train.dpo import dpo_config
+
+    base = {"name": "d", "stage": "dpo", "model": {"name": str(tiny_llama)},
+            "data": {"train": [data["prefs"]]}}  # fmt: skip
+    plain = dpo_config(spec_from_dict(base), str(tmp_path), 2, False)
+    assert plain.loss_type == ["sigmoid"]
+    rpo = dpo_config(spec_from_dict(base | {"dpo": {"sft_weight": 0.5}}), str(tmp_path), 2, False)
+    assert rpo.loss_type == ["sigmoid", "sft"] and rpo.loss_weights == [1.0, 0.5]

@@ -7,7 +7,8 @@ is never a second copy of the model for adapters:
 - LoRA/QLoRA from the base: a fresh adapter; its initial copy equals the base (B = 0).
 - full: the reference log-probabilities are computed once by the starting policy before
   training (TRL's `precompute_ref_log_probs`), so no reference model is held at all.
-Loss, beta and label smoothing are TRL's (`dpo.loss_type`, `dpo.beta`, `dpo.label_smoothing`).
+Loss, beta and label smoothing are TRL's (`dpo.loss_type`, `dpo.beta`, `dpo.label_smoothing`),
+with TRL's SFT term on the chosen answers added at `dpo.sft_weight`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def dpo_config(spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: 
     return DPOConfig(
         **training_arguments(spec, output_dir, max_steps, has_eval),
         beta=d.beta,
-        loss_type=[d.loss_type],
+        loss_type=[d.loss_type, "sft"] if d.sft_weight else [d.loss_type],
+        loss_weights=[1.0, d.sft_weight] if d.sft_weight else None,
         label_smoothing=d.label_smoothing,
         max_length=spec.data.max_seq_length,
         precompute_ref_log_probs=spec.method == "full",
