@@ -545,8 +545,9 @@ class Ingress(ArenaRoutes):
         """Counted for the key (in the store) and for the model (in the metrics)."""
         record_usage(self.store, caller, prompt, completion)
         tokens = _metrics().tokens
-        tokens.inc(prompt, tags={"model": model, "kind": "prompt"})
-        tokens.inc(completion, tags={"model": model, "kind": "completion"})
+        for kind, count in (("prompt", prompt), ("completion", completion)):
+            if count:  # a Ray counter refuses 0 (an answer that is EOS at once has no token)
+                tokens.inc(count, tags={"model": model, "kind": kind})
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
