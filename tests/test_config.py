@@ -274,6 +274,6 @@ def test_selecting_on_the_held_out_domain_set_is_refused_unless_asked_for(tmp_pa
 def test_a_cpu_worker_runs_the_threads_the_spec_gives_it(tmp_path):
     from ftservice.train.common import cpu_threads
 
-    assert cpu_threads(load_spec(write(tmp_path, "name: a\nscaling:\n  cpus_per_worker: 3\n"))) == 3
+    assert cpu_threads(load_spec(write(tmp_path, "name: a\nscaling:\n  cpus_per_worker: 2\n"))) == 2
     spec = load_spec(write(tmp_path, "name: a\nscaling:\n  threads_per_worker: 2\n"))
     assert spec.scaling.cpus_per_worker == 1 and cpu_threads(spec) == 2
