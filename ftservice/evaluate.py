@@ -23,6 +23,7 @@ import torch
 
 from ftservice import storage
 from ftservice.data.loaders import DataError, load_rows
+from ftservice.models import train_dtype
 
 _NON_WORD = re.compile(r"[^0-9a-z]+")
 
@@ -200,8 +201,6 @@ def eval_placement(spec) -> dict:
     """Where and how evaluation holds the models: as the training worker held them (its GPU
     and training dtype, a QLoRA base in 4 bits), so that what trained also evaluates; on
     CPUs in fp32."""
-    from ftservice.models import train_dtype
-
     gpu = spec.scaling.use_gpu
     dtype = str(train_dtype(spec.train.precision)).removeprefix("torch.") if gpu else "float32"
     quant = spec.quantization.model_dump() if spec.method == "qlora" else None

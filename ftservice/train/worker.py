@@ -67,7 +67,7 @@ def train_loop(config: dict) -> None:
     # folder when runs are local; with runs in a store, one node's disk only
     shared = (local_staging or Path(work) / "staging").parent / "data"
     # trackers write beside the run's checkpoints (a local folder of this run; with runs in
-    # a store, a folder of the worker's, uploaded with the staging)
+    # a store, a folder of the worker's, uploaded to the run's folder at the end)
     run_dir = local_staging.parent if local_staging else Path(work) / "tracking"
     os.environ.update(tracking_env(spec, run_dir))
     trainer = prepare_trainer(
