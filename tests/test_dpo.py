@@ -161,7 +161,7 @@ def test_dpo_resumes_when_the_driver_is_killed(tmp_path, cli_env, tiny_llama, da
 def test_dpo_refuses_a_parent_trained_on_another_base(
     local_ray, tiny_llama, other_tiny_llama, data, sft_artifact
 ):
-    from ftservice.train.driver import ParentMismatch, train
+    from ftservice.train.driver import ParentMismatch, run_name, train
 
     spec = dpo_spec(data, other_tiny_llama, sft_artifact)
     with pytest.raises(ParentMismatch) as caught:
@@ -169,8 +169,7 @@ def test_dpo_refuses_a_parent_trained_on_another_base(
     message = str(caught.value)
     assert str(other_tiny_llama) in message and str(tiny_llama) in message
     assert sft_artifact.meta.base_model.fingerprint[:12] in message
-    runs = Path(spec.output.storage_path)
-    assert not runs.exists() or list(runs.iterdir()) == []  # no run, no worker ever started
+    assert not (Path(spec.output.storage_path) / run_name(spec)).exists()  # no worker started
     stored = json.loads((sft_artifact.path / "ftservice.json").read_text())
     assert stored == sft_artifact.meta.model_dump(mode="json")
 

@@ -243,18 +243,19 @@ def test_the_shipped_sweep_is_valid():
 
 @pytest.mark.slow
 def test_the_time_budget_stops_the_sweep_and_keeps_what_ran(tmp_path, base_spec, cli_env):
-    # 100,000 steps cannot end inside a budget of 20 s: every trial is stopped by the budget
-    # (TPE suggests the trials, through ASHA's gate)
+    # 100,000 steps cannot end inside a budget of 60 s: the trial running then is stopped by
+    # the budget, and none completes (TPE suggests the trials, through ASHA's gate); 60 s and
+    # not less, so that a trial has started on a busy machine before the budget ends
     sweep = write_sweep(
         tmp_path, base_spec, {"train.learning_rate": {"loguniform": [3e-4, 3e-3]}},
         search={"algorithm": "tpe", "num_samples": 3},
-        overrides={"train.max_steps": 100_000}, time_budget_minutes=1 / 3, max_concurrent=1,
+        overrides={"train.max_steps": 100_000}, time_budget_minutes=1, max_concurrent=1,
     )  # fmt: skip
     done = ftservice(cli_env, "sweep", str(sweep))
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((tmp_path / "sweeps" / "tiny-sweep" / "sweep.json").read_text())
     states = [t["state"] for t in summary["trials"]]
-    assert len(states) == 3 and "stopped early" in states, states  # the budget stopped one
+    assert "stopped early" in states, states  # the budget stopped the one that ran
     assert set(states) <= {"stopped early", "not started"}, states
 
 
