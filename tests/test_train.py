@@ -311,6 +311,25 @@ def test_killed_worker_restarts_from_the_last_checkpoint(
     assert 1 <= len(kept) <= 2, kept
 
 
+class Placed(Exception):
+    """Raised where transformers would load weights: what it was asked is what counts."""
+
+
+def stop_at_load(monkeypatch) -> dict:
+    """The keyword arguments the next `AutoModelForCausalLM.from_pretrained` gets (the load
+    itself stops there with Placed: no GPU is needed to see where it would go)."""
+    import transformers
+
+    seen: dict = {}
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise Placed
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    return seen
+
+
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_a_qlora_worker_on_a_gpu_quantises_its_base_onto_that_gpu(
     monkeypatch, tmp_path, tiny_llama, stage
@@ -319,24 +338,13 @@ def test_a_qlora_worker_on_a_gpu_quantises_its_base_onto_that_gpu(
     cuda:0 as this worker's device: the 4-bit base is loaded there, since the HF Trainer never
     moves a quantised model. No GPU is needed: the load is stopped at from_pretrained."""
     import ray.train.torch
-    import transformers
 
     from ftservice.config import JobSpec
     from ftservice.models import load_tokenizer, resolve_model
     from ftservice.train import dpo, sft
     from ftservice.train.common import worker_device
 
-    seen = {}
-
-    class Placed(Exception):
-        pass
-
-    def from_pretrained(path, **kwargs):
-        seen.update(kwargs)
-        raise Placed
-
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda:0"))
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     data = REPO / ("data/domain/train.jsonl" if stage == "sft" else "data/preference/seeds.jsonl")
     spec = JobSpec.model_validate({
         "name": "q", "stage": stage, "method": "qlora", "model": {"name": str(tiny_llama)},
@@ -345,6 +353,7 @@ def test_a_qlora_worker_on_a_gpu_quantises_its_base_onto_that_gpu(
     })  # fmt: skip
     model = resolve_model(spec.model)
     build = sft.sft_trainer if stage == "sft" else dpo.dpo_trainer
+    seen = stop_at_load(monkeypatch)
     with pytest.raises(Placed):
         build(spec, model, None, load_tokenizer(model), str(tmp_path), 1, [],
               device=worker_device(spec))  # fmt: skip
@@ -359,7 +368,6 @@ def test_a_qlora_worker_on_a_gpu_quantises_its_base_onto_that_gpu(
 def test_evaluation_holds_the_models_as_the_training_worker_did(monkeypatch, tiny_llama):
     """A QLoRA job on GPUs is evaluated on a GPU, in its training dtype, on the 4-bit base
     (not on the CPU in fp32, which for the 70B spec needs ~280 GB of RAM)."""
-    import transformers
 
     from ftservice.config import JobSpec
     from ftservice.evaluate import eval_placement, evaluate_artifact_folder
@@ -376,17 +384,8 @@ def test_evaluation_holds_the_models_as_the_training_worker_did(monkeypatch, tin
     with pytest.raises(RuntimeError, match="sees no GPU"):
         evaluate_artifact_folder(str(tiny_llama), str(tiny_llama), True, None, None, 4,
                                  placement=placement)  # fmt: skip
-    seen = {}
-
-    class Placed(Exception):
-        pass
-
-    def from_pretrained(path, **kwargs):
-        seen.update(kwargs)
-        raise Placed
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    seen = stop_at_load(monkeypatch)
     with pytest.raises(Placed):
         evaluate_artifact_folder(str(tiny_llama), str(tiny_llama), True, None, None, 4,
                                  placement=placement)  # fmt: skip
