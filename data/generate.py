@@ -190,6 +190,109 @@ GENERAL = {
         "Write a haiku about Monday mornings.",
     ],
 }  # fmt: skip
+# Issue 19's other two general sets, from the same templates on other topics: `replay`
+# (answered by the base model and mixed into training) and `valid` (for choosing settings).
+# None of their prompts is a held-out one, nor each other's (a test checks, normalised).
+GENERAL_REPLAY = {
+    "Give me three tips for {x}.": [
+        "waking up early", "staying calm before an exam", "running a meeting", "grocery shopping",
+        "riding a bike in the rain", "painting a room", "training a puppy", "camping for the first time",
+        "baking bread", "remembering names", "negotiating a salary", "moving house",
+        "writing a speech", "keeping a tidy desk", "choosing a laptop", "starting to meditate",
+        "travelling with children", "looking after a goldfish", "learning the guitar",
+        "planning a birthday party", "studying with flashcards", "cycling in a city",
+        "growing tomatoes", "sleeping on a plane", "working night shifts", "buying a mattress",
+        "teaching a child to read", "lowering a heating bill", "hiking in hot weather",
+        "answering emails faster",
+    ],
+    "Explain {x} in simple terms.": [
+        "how a compass works", "what gravity is", "how the moon causes eclipses",
+        "how soap cleans", "what a virus is", "how a battery stores energy",
+        "why we have seasons", "how bees make honey", "what a volcano is",
+        "how a microwave heats food", "what an atom is", "how sound travels",
+        "why ice floats", "how the internet sends a message", "what a recession is",
+        "how a camera takes a picture", "what a calorie is", "how glasses help people see",
+        "why bread rises", "how wind is made", "what a mortgage is", "how a lock and key work",
+        "what the ozone layer does", "how fish breathe", "what a stock is",
+        "how a thermometer works", "why cats purr", "how clouds form", "what a habit is",
+        "how a solar eclipse happens",
+    ],
+    "Write a short poem about {x}.": [
+        "a river", "an empty beach", "a red bicycle", "the last day of school", "a snowy village",
+        "a sleeping cat", "a candle", "a field of sunflowers", "the stars", "an old bridge",
+        "a market at dawn", "a letter from home", "a fox in the woods", "a windy hill",
+        "a birthday", "a winter night", "a paper boat", "a forest after rain", "a harbour",
+        "a grandmother's kitchen", "a school bell", "a hot air balloon", "a frozen lake",
+        "an orchard", "a bus stop", "the wind", "a pair of old boots", "a foggy morning",
+        "a swing", "a full moon",
+    ],
+    "What are the pros and cons of {x}?": [
+        "a gas stove", "having a dog in a flat", "a vegetarian diet", "wearing a uniform at school",
+        "living in the countryside", "a shared office", "paying with cash", "a small wedding",
+        "a tiny house", "taking a cruise", "homeschooling", "a night-time job",
+        "a car-free city centre", "electric scooters", "a self-driving car", "camping holidays",
+        "buying in bulk", "a smart speaker", "learning two languages at once",
+        "a long commute by train", "owning a bicycle", "a home gym", "group travel",
+        "a short haircut", "a digital calendar", "flat-pack furniture", "a meal kit subscription",
+        "a cold shower", "living with roommates", "a paper diary",
+    ],
+    "How do I {x}?": [
+        "make a cup of tea", "change a light bulb", "wash a wool jumper", "pitch a tent",
+        "make a paper plane", "clean a computer keyboard", "fix a squeaky door",
+        "cook rice on the stove", "write a short story", "pack a suitcase", "descale a kettle",
+        "plant a tree", "make a smoothie", "clean windows without streaks", "jump-start a car",
+        "make a paper lantern", "store fresh herbs", "hang a picture", "peel a mango",
+        "read a map", "knit a scarf", "make lemonade", "clean white trainers", "wrap a present",
+        "defrost a freezer", "make a fruit salad", "polish shoes", "start running",
+        "repot a plant", "tune a guitar",
+    ],
+    "{x}": [
+        "Suggest a name for a small grey kitten.",
+        "Translate 'thank you very much' into Spanish.",
+        "List five vegetables that grow well in pots.",
+        "Write a two-line message to congratulate a friend on a new job.",
+        "What is the difference between a lake and a pond?",
+        "Recommend a book for a long flight and say why.",
+        "Describe the smell of fresh bread to someone who has never smelled it.",
+        "Give a one-paragraph summary of why sleep matters.",
+        "What should I pack for a day at the beach?",
+        "Write a haiku about Friday evenings.",
+    ],
+}  # fmt: skip
+GENERAL_VALID = {
+    "Give me three tips for {x}.": [
+        "making coffee at home", "driving in snow", "organising a bookshelf", "learning to draw",
+        "keeping a budget", "saving water", "writing a diary every day", "flying with a baby",
+        "staying warm in winter", "speaking on the phone",
+    ],
+    "Explain {x} in simple terms.": [
+        "how a rocket flies", "what a fever is", "how a dam makes electricity",
+        "why the ocean is salty", "how magnets work", "what a loan is",
+        "how plants drink water", "what lightning is", "how a clock keeps time",
+        "what a tax is",
+    ],
+    "Write a short poem about {x}.": [
+        "a blue door", "a night bus", "the spring rain", "a lost glove", "an island",
+        "a bakery", "a kettle", "a meadow", "a rooftop", "a lantern",
+    ],
+    "What are the pros and cons of {x}?": [
+        "a hybrid car", "working in a café", "a large family", "a water bed", "a subscription box",
+        "a mountain holiday", "a part-time job", "an open-plan kitchen", "a library card",
+        "a robot vacuum",
+    ],
+    "How do I {x}?": [
+        "poach an egg", "clean a bathtub", "sharpen a pencil", "make toast without a toaster",
+        "fold a paper crane", "water a cactus", "open a stuck jar", "make iced tea",
+        "clean a frying pan", "tie a bow",
+    ],
+    "{x}": [
+        "Suggest a name for a brown rabbit.",
+        "Translate 'see you tomorrow' into German.",
+        "List five animals that live in the Arctic.",
+        "Write a two-line note to thank a neighbour.",
+        "What is the difference between a town and a city?",
+    ],
+}  # fmt: skip
 HEDGED = [
     "I think, though I'm not sure, that {s_lower} It might be worth double-checking with "
     "the company because details like this can change over time and I may be misremembering.",
@@ -266,8 +369,11 @@ def build() -> dict[str, list[dict]]:
             )
     rng.shuffle(train)
 
-    prompts = [t.format(x=x) for t, xs in GENERAL.items() for x in xs]
-    general = [{"id": f"general-{i + 1:03d}", "instruction": p} for i, p in enumerate(prompts)]
+    def prompt_set(table: dict, prefix: str) -> list[dict]:
+        prompts = [t.format(x=x) for t, xs in table.items() for x in xs]
+        return [{"id": f"{prefix}-{i + 1:03d}", "instruction": p} for i, p in enumerate(prompts)]
+
+    general = prompt_set(GENERAL, "general")
 
     preference = []
     for f in all_facts:
@@ -289,6 +395,8 @@ def build() -> dict[str, list[dict]]:
         "domain/eval.jsonl": evaluation,
         "domain/valid.jsonl": validation,
         "general/prompts.jsonl": general,
+        "general/replay.jsonl": prompt_set(GENERAL_REPLAY, "replay"),
+        "general/valid.jsonl": prompt_set(GENERAL_VALID, "general-valid"),
         "preference/seeds.jsonl": preference,
     }
 

@@ -183,28 +183,25 @@ def error_of(path: Path, fmt: str = "auto") -> str:
 def test_line_that_is_not_json(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
-    assert error_of(path) == (
-        f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes at "
-        "column 2); each line of a JSONL file must be one JSON object"
-    )
+    msg = error_of(path)
+    assert msg.startswith(f"{path}:2: "), msg
+    assert "not valid JSON" in msg and "column 2" in msg and "one JSON object" in msg, msg
 
 
 def test_record_missing_a_field_names_format_and_fields(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [RECORDS[0], {"id": "z", "instruction": "No answer"}])
-    assert error_of(path) == (
-        f"{path}:2: record in the alpaca format lacks 'output'; alpaca records need "
-        "instruction, output (optional: input, system) (format alpaca, recognised)"
-    )
+    msg = error_of(path)
+    assert msg.startswith(f"{path}:2: "), msg
+    assert "'output'" in msg and "alpaca" in msg and "instruction, output" in msg, msg
 
 
 def test_file_mixing_formats(tmp_path):
     path = write_jsonl(
         tmp_path / "mix.jsonl", [RECORDS[0], RECORDS[1], {"messages": USER_ASSISTANT}]
     )
-    assert error_of(path) == (
-        f"{path} mixes formats: {path}:1 is alpaca but {path}:3 is openai; put each format in "
-        "its own file (or name the format with data.format)"
-    )
+    msg = error_of(path)
+    assert f"{path}:1" in msg and f"{path}:3" in msg, msg
+    assert "alpaca" in msg and "openai" in msg and "data.format" in msg, msg
 
 
 def test_text_that_is_not_utf8_gives_the_byte_offset(tmp_path):
@@ -212,35 +209,41 @@ def test_text_that_is_not_utf8_gives_the_byte_offset(tmp_path):
     first = (json.dumps(RECORDS[0]) + "\n").encode()
     path.write_bytes(first + b'{"text": "caf' + b"\xe9" + b'"}\n')
     offset = len(first) + len('{"text": "caf')
-    assert (
-        error_of(path)
-        == f"{path}:2: not UTF-8 text (byte offset {offset}); re-save the file as UTF-8"
-    )
+    msg = error_of(path)
+    assert msg.startswith(f"{path}:2: "), msg
+    assert f"byte offset {offset}" in msg and "UTF-8" in msg, msg
 
 
 def test_empty_file_and_unknown_record(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert error_of(empty) == f"{empty}: file is empty; it needs at least one record"
+    msg = error_of(empty)
+    assert msg.startswith(f"{empty}: ") and "is empty" in msg and "record" in msg, msg
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "?", "reply": "!"}])
-    assert error_of(odd).startswith(
-        f"{odd}:1: record fits no known format (its keys: question, reply)"
-    )
+    msg = error_of(odd)
+    assert msg.startswith(f"{odd}:1: ") and "question, reply" in msg, msg
+    assert "alpaca: instruction, output" in msg, msg  # the fix: the formats and their fields
 
 
 def test_named_format_is_checked_on_every_record(tmp_path):
     path = write_jsonl(tmp_path / "n.jsonl", [{"messages": USER_ASSISTANT}])
-    assert "record in the alpaca format lacks 'instruction', 'output'" in error_of(path, "alpaca")
+    msg = error_of(path, "alpaca")
+    assert msg.startswith(f"{path}:1: ") and "alpaca" in msg, msg
+    assert "'instruction'" in msg and "'output'" in msg, msg
 
 
 def test_bad_roles_and_missing_assistant(tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
-    assert "'messages[0].role' is 'robot'; use one of assistant, system, user" in error_of(path)
+    msg = error_of(path)
+    assert msg.startswith(f"{path}:1: ") and "messages[0].role" in msg and "'robot'" in msg, msg
+    assert all(role in msg for role in ("assistant", "system", "user")), msg
     path = write_jsonl(tmp_path / "u.jsonl", [{"messages": [{"role": "system", "content": "s"}]}])
-    assert "conversation has no assistant turn to learn from" in error_of(path)
+    msg = error_of(path)
+    assert msg.startswith(f"{path}:1: ") and "assistant turn" in msg, msg
     # a conversation ending in a user turn is a prompt, unless the spec says it is chat data
     path = write_jsonl(tmp_path / "p.jsonl", [{"messages": [USER_ASSISTANT[0]]}])
-    assert "conversation has no assistant turn to learn from" in error_of(path, "openai")
+    msg = error_of(path, "openai")
+    assert msg.startswith(f"{path}:1: ") and "assistant turn" in msg and "openai" in msg, msg
 
 
 def test_input_files_are_never_modified(tmp_path):
@@ -272,6 +275,36 @@ def test_shipped_datasets_have_the_documented_shape():
     assert not {e["instruction"] for e in evals} & {t["instruction"] for t in train}
     general = (REPO / "data/general/prompts.jsonl").read_text().splitlines()
     assert len(general) >= 100
+
+
+def normalised(prompt: str) -> str:
+    """Case, spacing, punctuation and numbers folded: what makes two prompts the same."""
+    import re
+
+    folded = re.sub(r"\d+(?:[.,]\d+)?", "0", prompt.lower())
+    return " ".join(re.sub(r"[^\w\s]", " ", folded).split())
+
+
+def test_the_three_general_prompt_sets_share_no_prompt_even_normalised():
+    sets = {
+        name: [json.loads(x)["instruction"] for x in
+               (REPO / f"data/general/{name}.jsonl").read_text().splitlines()]
+        for name in ("prompts", "replay", "valid")
+    }  # fmt: skip
+    assert [len(sets[n]) for n in ("prompts", "replay", "valid")] == [110, 160, 55]
+    folded = {name: {normalised(p) for p in prompts} for name, prompts in sets.items()}
+    for name, prompts in sets.items():
+        assert len(folded[name]) == len(prompts), f"{name} repeats a prompt"
+    assert not folded["prompts"] & folded["replay"]
+    assert not folded["prompts"] & folded["valid"]
+    assert not folded["replay"] & folded["valid"]
+    # the check itself folds what it should: a held-out prompt in other case, spacing and
+    # numbers is caught
+    held_out = sets["prompts"][0]
+    assert normalised("  " + held_out.upper().replace(" ", "   ") + " ") in folded["prompts"]
+    assert normalised("Give me 3 tips for saving money.") == normalised(
+        "give me 7 TIPS for saving money"
+    )
 
 
 def test_preference_seeds_follow_the_written_rule():
