@@ -2,16 +2,18 @@
 
 Both train LoRA (r=16, alpha 32, all linear layers) on the built-in SmolLM2-135M-Instruct
 over one epoch of the shipped domain set, max length 256, 2 threads, same system prompt.
-The peer is TRL's documented quick start with its default settings (padding to the longest
-example of each batch, no packing, batch 8, bf16 autocast, gradient checkpointing); ours is
-the quickstart spec (packing, bf16, no checkpointing) through Ray Train. Useful tokens are
+The peers are TRL's documented quick start with its default settings (padding to the longest
+example of each batch, no packing, batch 8, bf16 autocast, gradient checkpointing) and the
+same script configured as our spec is (packing, micro-batch 2, no checkpointing); ours is
+the quickstart spec through Ray Train, with each of issue 18's levers alone and together,
+and in-process. Useful tokens are
 the non-pad tokens each one trained on (TRL's own `num_tokens` count); time is the HF
 Trainer's `train_runtime` (the training loop, no start-up). Model FLOPs utilisation counts
 the matmuls a LoRA step needs (forward 2·N, input gradients 2·N, per token, N = matmul
 weights incl. the tied LM head) plus attention, against the matmul peak of this machine
 measured in the same run.
 
-    .venv/bin/python benchmarks/sft_throughput.py [--epochs 1]
+    .venv/bin/python benchmarks/sft_throughput.py [--epochs 1] [--runs NAME ...]
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def flops_per_token(model_path: str, seq_len: float) -> float:
     return 2 * (2 * matmul + 2 * attention)  # forward + gradients w.r.t. inputs
 
 
-def peer(model_path: str, out: str, epochs: float) -> dict:
-    """TRL's quick start (defaults), on the same data and LoRA settings."""
+def peer(model_path: str, out: str, epochs: float, our_settings: bool) -> dict:
+    """TRL's quick start on the same data and LoRA settings: its defaults, or (our_settings)
+    configured as the quickstart spec is (packing, micro-batch, no checkpointing, warm-up)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -75,6 +78,13 @@ def peer(model_path: str, out: str, epochs: float) -> dict:
     spec = load_spec(SPEC)
     rows = load_rows(spec.data.train, system_prompt=spec.data.system_prompt)
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    ours = {
+        "packing": True,
+        "packing_strategy": "bfd",
+        "per_device_train_batch_size": spec.train.micro_batch_size,
+        "gradient_checkpointing": False,
+        "warmup_steps": spec.train.warmup_ratio,
+    }
     trainer = SFTTrainer(
         model=model_path,
         train_dataset=dataset,
@@ -88,6 +98,7 @@ def peer(model_path: str, out: str, epochs: float) -> dict:
             save_strategy="no",
             logging_steps=1,
             disable_tqdm=True,
+            **(ours if our_settings else {}),
         ),
         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"),
     )
@@ -109,7 +120,8 @@ def summarise(log_history: list[dict]) -> dict:
     }
 
 
-def ours(tmp: Path, epochs: float) -> dict:
+def ours(tmp: Path, epochs: float, overrides: list[str]) -> dict:
+    """`ftservice train` of the quickstart spec for `epochs`, with `overrides`."""
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "disabled",
@@ -117,10 +129,11 @@ def ours(tmp: Path, epochs: float) -> dict:
         "RAY_TMPDIR": tempfile.mkdtemp(prefix="ftb-", dir="/tmp"),
     }
     env.pop("RAY_ADDRESS", None)
+    registry = tempfile.mkdtemp(dir=tmp)
     cmd = [
         sys.executable, "-m", "ftservice", "train", str(SPEC), "--no-evaluate", "--json",
-        f"train.epochs={epochs}", f"output.registry={tmp / 'artifacts'}",
-        f"output.storage_path={tmp / 'runs'}", "checkpoint.every_steps=100000",
+        f"train.epochs={epochs}", f"output.registry={registry}",
+        f"output.storage_path={tmp / 'runs'}", "checkpoint.every_steps=100000", *overrides,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode != 0:
@@ -129,44 +142,82 @@ def ours(tmp: Path, epochs: float) -> dict:
     return summarise(json.loads((artifact / "log_history.json").read_text()))
 
 
+BEFORE = ["train.label_only_head=false", "train.attention=sdpa"]  # the recipe before issue 18
+RUNS = {
+    # name: (what, how)
+    "trl_defaults": ("TRL `SFTTrainer` defaults (in-process)", "peer"),
+    "trl_our_settings": ("TRL `SFTTrainer`, our settings (in-process)", "peer-ours"),
+    "before": ("ftservice before: TRL's head, SDPA over packed rows (Ray)", BEFORE),
+    "label_only_head": ("  + label-only LM head alone (Ray)", ["train.attention=sdpa"]),
+    "documents": ("  + per-document attention alone (Ray)", ["train.label_only_head=false"]),
+    "ftservice": ("ftservice train, both (Ray Train, 1 worker)", []),
+    "ftservice_local": ("ftservice train, both (in-process)", ["scaling.num_workers=0"]),
+}
+
+
+def run(name: str, tmp: Path, epochs: float) -> dict:
+    how = RUNS[name][1]
+    if isinstance(how, list):
+        return ours(tmp, epochs, how)
+    done = subprocess.run(
+        [sys.executable, __file__, "--epochs", str(epochs), "--peer-only", str(tmp), how],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict) -> str:
+    base = results["trl_defaults"]["tokens_per_s"]
+    lines = [
+        "| | useful tokens | seconds | tokens/s | × TRL defaults | MFU (bf16 peak) | last loss |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {RUNS[name][0]} | {r['tokens']:,.0f} | {r['seconds']:.1f} | "
+            f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}× | "
+            f"{r['mfu_bf16_peak']:.1%} | {r['last_loss']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--peer-only", metavar="OUT", help=argparse.SUPPRESS)
+    parser.add_argument("--runs", nargs="*", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--peer-only", nargs=2, metavar=("OUT", "HOW"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     from ftservice.config import ModelSpec
     from ftservice.models import resolve_model
 
     model_path = str(resolve_model(ModelSpec(name="smollm2-135m-instruct")).path)
     if args.peer_only:
-        print(json.dumps(peer(model_path, args.peer_only, args.epochs)))
+        out, how = args.peer_only
+        print(json.dumps(peer(model_path, out, args.epochs, our_settings=how == "peer-ours")))
         return
     peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        ours_result = ours(tmp, args.epochs)
-        done = subprocess.run(
-            [sys.executable, __file__, "--epochs", str(args.epochs), "--peer-only", str(tmp)],
-            capture_output=True, text=True, cwd=REPO,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise SystemExit(done.stderr[-3000:])
-        peer_result = json.loads(done.stdout.strip().splitlines()[-1])
-    for r in (ours_result, peer_result):
-        flops = flops_per_token(model_path, seq_len=128) * r["tokens_per_s"]
-        r["model_gflops"] = flops / 1e9
-        r["mfu_bf16_peak"] = flops / 1e9 / peaks["bfloat16"]
-    print(
-        json.dumps(
-            {
-                "matmul_peak_gflops": peaks,
-                "ftservice": ours_result,
-                "trl_defaults": peer_result,
-                "throughput_ratio": ours_result["tokens_per_s"] / peer_result["tokens_per_s"],
-            },
-            indent=2,
+        for name in args.runs:
+            results[name] = run(name, Path(tmp), args.epochs)
+            r = results[name]
+            flops = flops_per_token(model_path, seq_len=128) * r["tokens_per_s"]
+            r["model_gflops"] = flops / 1e9
+            r["mfu_bf16_peak"] = flops / 1e9 / peaks["bfloat16"]
+            print(f"{name}: {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+    ratios = {}
+    if "trl_defaults" in results:
+        base = results["trl_defaults"]["tokens_per_s"]
+        ratios = {f"{k}_over_trl_defaults": v["tokens_per_s"] / base for k, v in results.items()}
+    if "trl_our_settings" in results and "ftservice" in results:
+        ratios["ftservice_over_trl_our_settings"] = (
+            results["ftservice"]["tokens_per_s"] / results["trl_our_settings"]["tokens_per_s"]
         )
-    )
+    print(json.dumps({"matmul_peak_gflops": peaks, "runs": results, "ratios": ratios}, indent=2))
+    if "trl_defaults" in results:
+        print(table(results))
 
 
 if __name__ == "__main__":

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from ftservice.config import spec_from_dict
 from ftservice.data.loaders import load_rows
 from ftservice.models import build_model, load_tokenizer, resolve_model
 from ftservice.train import sft
+from ftservice.train.attention import DOCUMENT_ATTENTION, use_document_attention
 
 
-def test_packed_batches_give_the_logits_of_each_example_alone(tmp_path, tiny_llama):
+@pytest.mark.parametrize("attention", ["sdpa", "documents", "documents-long"])
+def test_packed_batches_give_the_logits_of_each_example_alone(
+    tmp_path, tiny_llama, attention, monkeypatch
+):
     from trl import SFTTrainer
 
     spec = spec_from_dict(
@@ -44,9 +49,15 @@ def test_packed_batches_give_the_logits_of_each_example_alone(tmp_path, tiny_lla
     assert len(starts) - 1 >= 4, "several examples share the packed row"
     assert len(positions) > 128, "two bins of up to 128 tokens each, concatenated"
 
+    inputs = {k: v for k, v in batch.items() if k != "labels"}  # with the examples' bounds
+    if attention == "documents-long":  # documents over the matmul cap take SDPA's kernel
+        monkeypatch.setattr("ftservice.train.attention.MATMUL_MAX_LENGTH", 8)
+    if attention.startswith("documents"):
+        assert use_document_attention(model.get_base_model())
+        assert model.config._attn_implementation == DOCUMENT_ATTENTION
     model.eval()
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        packed = model(**inputs).logits[0]
         for a, b in itertools.pairwise(starts):
             alone = model(input_ids=batch["input_ids"][:, a:b]).logits[0]
             torch.testing.assert_close(packed[a:b], alone, atol=1e-4, rtol=1e-4)

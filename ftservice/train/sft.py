@@ -11,7 +11,9 @@ from ftservice.config import JobSpec
 from ftservice.data.loaders import load_rows
 from ftservice.data.tokenize import tokenize_chat
 from ftservice.models import build_model, device_map
+from ftservice.train.attention import use_document_attention
 from ftservice.train.common import training_arguments
+from ftservice.train.lm_head import label_only_head
 
 
 def tokenized(rows: list[dict], tokenizer, max_length: int, completion_only: bool):
@@ -63,7 +65,7 @@ def sft_trainer(
             load_rows(d.eval, d.format, d.system_prompt, "eval")[: d.max_eval_samples], tokenizer,
             d.max_seq_length, d.completion_only_loss,
         )  # fmt: skip
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=build_model(spec, model_ref, device_map(device)),
         args=sft_config(spec, work, max_steps, eval_ds is not None),
         train_dataset=train_ds,
@@ -71,3 +73,10 @@ def sft_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    model = trainer.model
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if spec.train.label_only_head:
+        label_only_head(model)
+    if spec.data.packing and spec.train.attention != "sdpa":
+        use_document_attention(model)
+    return trainer
