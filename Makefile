@@ -2,10 +2,15 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test test-fast lint
+.PHONY: install vllm-env quickstart test test-fast test-vllm lint
 
 install:
 	@bash scripts/install.sh
+
+# The vLLM serving environment (.venv-vllm) for `backend: vllm`; `make vllm-env KIND=gpu` on
+# GPU nodes.
+vllm-env: install
+	@bash scripts/install-vllm.sh $(or $(KIND),cpu)
 
 # The main job on the embedded default: local Ray, the built-in model, the shipped data.
 quickstart: install
@@ -15,9 +20,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Everything: lint, then all tests (slow ones included).
-test: lint
+# Everything: lint, then all tests (slow ones and the vLLM backend's included).
+test: lint vllm-env
 	$(BIN)/python -m pytest
+
+# The `backend: vllm` tests only.
+test-vllm: vllm-env
+	$(BIN)/python -m pytest -m vllm
 
 # While working: the fast tests only.
 test-fast: install

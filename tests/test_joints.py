@@ -275,8 +275,9 @@ def test_prompt_sets_are_prompts_and_training_refuses_them_with_the_reason(tmp_p
     )  # fmt: skip
     with pytest.raises(DataError) as err:
         check_data(spec)
-    assert "data.train: 110 of 110 examples are prompt data" in str(err.value)
-    assert "prompt-only data has no answers to learn from" in str(err.value)
+    msg = str(err.value)
+    assert msg.startswith("data.train: ") and "110 of 110" in msg and "prompt" in msg, msg
+    assert "eval.general" in msg, msg  # the fix: where prompt sets belong
 
 
 def test_data_show_prints_the_chat_template_applied(tmp_path, tiny_llama):
@@ -319,7 +320,9 @@ def test_imports_form_a_dag_with_every_import_at_the_top():
     for name, path in modules.items():
         top, lines = _ftservice_imports(ast.parse(path.read_text()))
         graph[name] = {m for m in top if m in modules and m != name}
-        if lines and name != "ftservice.cli":  # the CLI imports per command, for start-up
+        # the CLI imports per command, for start-up; the vLLM deployment's methods run in the
+        # vLLM environment, which has only Ray and the backend they import there
+        if lines and name not in ("ftservice.cli", "ftservice.serve.vllm"):
             nested[name] = lines
     assert nested == {}
     done, visiting = set(), []

@@ -39,6 +39,7 @@ from ftservice.serve.api import api
 from ftservice.serve.arena import ArenaRoutes
 from ftservice.serve.batcher import Batcher
 from ftservice.serve.engine import Engine, Generation, GenerationRequest
+from ftservice.serve.finetune import FineTuneRoutes, JobRoutes
 from ftservice.serve.gate import Gate, candidates, check_name
 from ftservice.serve.protocol import (
     ApiError,
@@ -48,6 +49,7 @@ from ftservice.serve.protocol import (
     stops,
 )
 from ftservice.serve.spec import ServeSpec
+from ftservice.serve.vllm import vllm_deployment, vllm_settings
 from ftservice.storage import localize
 from ftservice.store.db import open_store
 from ftservice.store.keys import Caller, authenticate, record_usage, take_request
@@ -99,19 +101,8 @@ class AdapterSlot:
 def model_deployment(spec: ServeSpec):
     """The model deployment class, with the spec's batching and multiplexing settings."""
     replicas = spec.replicas
-    options = {
-        "ray_actor_options": {"num_cpus": replicas.cpus, "num_gpus": replicas.gpus},
-        "max_queued_requests": spec.limits.max_queued_requests,
-        "max_ongoing_requests": max(spec.batching.max_batch_size * 2, 8),
-        "health_check_period_s": 10,
-        "health_check_timeout_s": 60,
-    }
-    if replicas.autoscaling is not None:
-        options["autoscaling_config"] = replicas.autoscaling.model_dump()
-    else:
-        options["num_replicas"] = replicas.num
 
-    @serve.deployment(name="model", **options)
+    @serve.deployment(name="model", **spec.model_options())
     class ModelServer:
         def __init__(self, spec_json: dict):
             self.spec = ServeSpec.model_validate(spec_json)
@@ -292,7 +283,7 @@ api.add_middleware(SpecCors)  # outermost: answers preflights before any route
 
 @serve.deployment(name="ingress")
 @serve.ingress(api)
-class Ingress(ArenaRoutes):
+class Ingress(ArenaRoutes, FineTuneRoutes, JobRoutes):
     def __init__(self, spec_json: dict, model):
         self.spec = ServeSpec.model_validate(spec_json)
         self.model = model
@@ -503,6 +494,14 @@ class Ingress(ArenaRoutes):
             **extra,
         }
 
+    def located(self, payload: dict, adapter: str | None) -> dict:
+        """The payload with the gate-approved adapter's location (a vLLM replica loads it
+        from there; the transformers replica gates and finds it itself)."""
+        if adapter is None:
+            return payload
+        verdict = next(v for v in self.verdicts() if v["name"] == adapter)
+        return {**payload, "adapter_location": verdict["location"]}
+
     def handle(self, adapter: str | None, stream: bool = False):
         return self.model.options(stream=stream, multiplexed_model_id=adapter or "")
 
@@ -519,6 +518,7 @@ class Ingress(ArenaRoutes):
     async def run(self, adapter: str | None, payload: dict, t0: float) -> dict:
         """One generation, sent again if its replica died while running it, cancelled (408)
         at the spec's deadline counted from t0 (the replica drops it unless it is running)."""
+        payload = self.located(payload, adapter)
         for attempt in range(RETRIES + 1):
             response = self.handle(adapter).generate.remote(payload)
             left = t0 + self.spec.limits.request_timeout_s - time.time()
@@ -799,7 +799,8 @@ class Ingress(ArenaRoutes):
                         "choices": [opening],
                     }
                     yield f"data: {json.dumps(head)}\n\n"
-                pieces = self.handle(adapter, stream=True).generate_stream.remote(payload)
+                located = self.located(payload, adapter)
+                pieces = self.handle(adapter, stream=True).generate_stream.remote(located)
                 while True:
                     left = t0 + self.spec.limits.request_timeout_s - time.time()
                     try:
@@ -875,7 +876,10 @@ class Ingress(ArenaRoutes):
 def build_app(spec: ServeSpec):
     """The Serve application for a serve spec: `serve.run(build_app(spec))`."""
     spec_json = spec.model_dump(mode="json")
-    model = model_deployment(spec).bind(spec_json)
+    if spec.backend == "vllm":
+        model = vllm_deployment(spec).bind(vllm_settings(spec))
+    else:
+        model = model_deployment(spec).bind(spec_json)
     return Ingress.options(
         ray_actor_options={"num_cpus": spec.replicas.ingress_cpus},
         max_ongoing_requests=INGRESS_MAX_ONGOING,

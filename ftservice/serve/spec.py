@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from ftservice.config import ModelSpec, Problem, Spec, SpecError, read_yaml, validate_spec
 from ftservice.feedback.campaign import CampaignSpec, campaign_problems, load_campaign
+from ftservice.serve.finetune_spec import settable
 
 SERVE_KEYS = {"registries", "adapters", "replicas", "batching", "store", "limits", "campaigns"}
 """Top-level keys only a serve spec has: how `ftservice validate` tells the kinds apart."""
@@ -97,15 +98,69 @@ class StoreSpec(Spec):
     )
 
 
+class JobsSpec(Spec):
+    storage: str = Field(
+        "state/jobs",
+        description="The fine-tuning API's folder: uploaded files, resolved job specs and "
+        "runs (git-ignored state/ by default; on a cluster, a shared filesystem every node "
+        "sees).",
+    )
+    max_file_bytes: int = Field(
+        64 << 20, ge=1024, description="Largest file one upload may be (413 over)."
+    )
+    max_project_bytes: int = Field(
+        1 << 30, ge=1024, description="Most bytes of files one project may keep (413 over)."
+    )
+    max_concurrent_jobs: int = Field(
+        2, ge=1, description="Jobs one project may have queued or running at once (429 over)."
+    )
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Job spec fields every API job starts from (e.g. scaling.use_gpu: true), "
+        "as dotted paths; a request's `ftservice` object overrides them.",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="The Ray Jobs API the jobs run on (http://head:8265); default: the "
+        "cluster the app runs on.",
+    )
+
+
+class VLLMSpec(Spec):
+    python: str = Field(
+        ".venv-vllm/bin/python",
+        description="The vLLM environment's interpreter, which model replicas run (Ray's "
+        "`py_executable`); a relative path is from the folder `serve run` starts in. "
+        "`make vllm-env` builds .venv-vllm; a cluster image has its own path.",
+    )
+    kv_cache_gib: int = Field(
+        1, ge=1, description="KV cache per CPU replica in GiB (VLLM_CPU_KVCACHE_SPACE, whole)."
+    )
+    zero_base: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Serve the base as a zero adapter, so base rows never take another "
+        "adapter's slot (vLLM 0.32's CPU LoRA kernels do that); auto: on CPU replicas.",
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="More vLLM engine arguments (gpu_memory_utilization, ...), over ours.",
+    )
+
+
 class ServeSpec(Spec):
     """One serving app: a base model and the adapters of one or more registries."""
 
     name: str = Field(
         "ftservice", pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Serve application name."
     )
-    backend: Literal["transformers"] = Field(
+    backend: Literal["transformers", "vllm"] = Field(
         "transformers",
-        description="Model deployment: transformers + PEFT (CPU and GPU). vLLM comes later.",
+        description="Model deployment: transformers + PEFT (CPU and GPU; the faster on CPU), "
+        "or vllm: Ray Serve LLM's vLLM engine with multi-LoRA (for GPUs), in its own "
+        "environment (`vllm.python`).",
+    )
+    vllm: VLLMSpec = Field(
+        default_factory=lambda: VLLMSpec(), description="Settings of `backend: vllm`."
     )
     model: ModelSpec = Field(description="The base model (required), resolved as in job specs.")
     base_name: str | None = Field(
@@ -127,6 +182,9 @@ class ServeSpec(Spec):
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Caps on requests.")
     gate: GateSpec = Field(default_factory=GateSpec, description="Compatibility gate.")
     store: StoreSpec = Field(default_factory=StoreSpec, description="The service's database.")
+    jobs: JobsSpec = Field(
+        default_factory=JobsSpec, description="The fine-tuning API: files, jobs, their limits."
+    )
     host: str = Field("127.0.0.1", description="Address the HTTP server listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP server.")
     cors_origins: list[str] = Field(
@@ -160,6 +218,23 @@ class ServeSpec(Spec):
             return True
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.adapters)
 
+    def model_options(self) -> dict:
+        """Serve's options for the model deployment, whichever backend runs it: replicas or
+        autoscaling, resources, queue cap, health checks."""
+        replicas = self.replicas
+        options = {
+            "ray_actor_options": {"num_cpus": replicas.cpus, "num_gpus": replicas.gpus},
+            "max_queued_requests": self.limits.max_queued_requests,
+            "max_ongoing_requests": max(self.batching.max_batch_size * 2, 8),
+            "health_check_period_s": 10,
+            "health_check_timeout_s": 60,
+        }
+        if replicas.autoscaling is not None:
+            options["autoscaling_config"] = replicas.autoscaling.model_dump()
+        else:
+            options["num_replicas"] = replicas.num
+        return options
+
 
 def serve_problems(spec: ServeSpec) -> list[Problem]:
     problems = []
@@ -183,6 +258,14 @@ def serve_problems(spec: ServeSpec) -> list[Problem]:
         for problem in campaign_problems(campaign):
             problem.path = f"campaigns.{i}.{problem.path}"
             problems.append(problem)
+    for path in spec.jobs.defaults:
+        if not settable(path):
+            problems.append(Problem(
+                f"jobs.defaults.{path}",
+                "not a training field the API sets (method, lora.*, quantization.*, train.*, "
+                "scaling.*, checkpoint.*, dpo.beta, data.max_seq_length, ...); files, the "
+                "model and outputs are the API's own",
+            ))  # fmt: skip
     names = [c.name for c in spec.campaigns]
     for i, name in enumerate(names):
         if name in names[:i]:
