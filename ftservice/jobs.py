@@ -22,19 +22,8 @@ from ftservice.errors import FtserviceError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-# Never upload these with the working dir: environments, outputs, caches, weights.
-UPLOAD_EXCLUDES = [
-    ".venv/",
-    ".git/",
-    "runs/",
-    "artifacts/",
-    "__pycache__/",
-    ".pytest_cache/",
-    ".ruff_cache/",
-    "*.safetensors",
-    "*.gguf",
-    "*.bin",
-]
+# What Ray reads to leave files out of the uploaded working dir (with .gitignore)
+IGNORE_FILES = (".rayignore", ".gitignore")
 
 
 def _state(status) -> str:
@@ -111,15 +100,17 @@ class Submission:
     status: str
 
 
-def entrypoint(spec_path: str, overrides: list[str]) -> str:
+def entrypoint(spec_path: str, overrides: list[str], python: str = "python") -> str:
     """The command the job runs on the cluster: the same `ftservice train` as on a laptop.
 
     Inside a Ray job RAY_ADDRESS names the cluster, so the driver joins it rather than
     starting a Ray of its own. `output.registry` and `output.storage_path` should be storage
     every node sees (a shared filesystem or a bucket): the working dir is a temporary copy.
+    `python`: the cluster's interpreter, found on its PATH unless a caller on the cluster
+    itself knows it (the jobs API passes its replica's own).
     """
-    args = " ".join(shlex.quote(a) for a in [spec_path, *overrides])
-    return f"python -m ftservice train {args}"
+    command = [python, "-m", "ftservice", "train", spec_path, *overrides]
+    return " ".join(shlex.quote(a) for a in command)
 
 
 def submission_id(spec: JobSpec, command: str) -> str:
@@ -129,10 +120,10 @@ def submission_id(spec: JobSpec, command: str) -> str:
 
 
 def runtime_env(spec: JobSpec, working_dir: Path) -> dict:
-    """Working dir, pip requirements and env vars for the job's processes."""
+    """Working dir, pip requirements and env vars for the job's processes. What the upload
+    leaves out is the working dir's own .rayignore and .gitignore (Ray reads both)."""
     env: dict = {
         "working_dir": str(working_dir),
-        "excludes": UPLOAD_EXCLUDES,
         "env_vars": dict(spec.runtime.env_vars),
     }
     package = Path(ftservice.__file__).parent
@@ -168,6 +159,13 @@ def prepare(spec_path: str, overrides: list[str], working_dir: Path | None = Non
             "holds the spec and its data."
         )
     rel = str(spec_file.relative_to(working_dir))
+    if not any((working_dir / name).is_file() for name in IGNORE_FILES):
+        print(
+            f"ftservice submit: {working_dir} has no .rayignore or .gitignore, so Ray uploads "
+            "all of it (outputs and weights too); add a .rayignore (gitignore syntax) naming "
+            "what jobs do not need, as ftservice's own does.",
+            file=sys.stderr,
+        )
     command = entrypoint(rel, overrides)
     return PreparedJob(
         spec, command, submission_id(spec, command), runtime_env(spec, working_dir), rel

@@ -89,6 +89,15 @@ def is_file(location: str) -> bool:
     return _info(location).type == pafs.FileType.File
 
 
+def modified(location: str) -> float:
+    """When a file or folder was last written (seconds since the epoch)."""
+    local = local_path(location)
+    if local is not None:
+        return local.stat().st_mtime
+    info = _info(location)
+    return info.mtime.timestamp() if info.mtime is not None else 0.0
+
+
 def read_text(location: str) -> str:
     local = local_path(location)
     if local is not None:

@@ -41,8 +41,11 @@ def builtin_model():
     return resolve_model(ModelSpec(name="smollm2-135m-instruct"))
 
 
-def make_tiny_llama(folder: Path, tokenizer_from: Path, seed: int = 0) -> Path:
-    """A 2-layer random-init Llama with the SmolLM2 tokenizer, saved as safetensors."""
+def make_tiny_llama(
+    folder: Path, tokenizer_from: Path, seed: int = 0, head_dim: int | None = None
+) -> Path:
+    """A 2-layer random-init Llama with the SmolLM2 tokenizer, saved as safetensors.
+    `head_dim`: wider heads than hidden/heads (vLLM's CPU attention wants 64 or more)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -55,6 +58,7 @@ def make_tiny_llama(folder: Path, tokenizer_from: Path, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
+        **({"head_dim": head_dim} if head_dim else {}),
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -22,6 +26,7 @@ from ftservice.config import ModelSpec
 from ftservice.models import resolve_model
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = {"alpha": 1, "beta": 2, "gamma": 3}
 
 
@@ -53,7 +58,11 @@ def app(tmp_path_factory, tiny_llama, other_tiny_llama):
          "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.2},
          "generation": {"max_tokens": 16, "temperature": 0.0},
          "limits": {"max_tokens": 64, "max_request_bytes": 4096},
-         "store": {"url": store_url}, "cors_origins": ["http://allowed.example"]}
+         "store": {"url": store_url}, "cors_origins": ["http://allowed.example"],
+         "jobs": {"storage": str(root / "jobs"), "max_file_bytes": 8192,
+                  "max_project_bytes": 12000, "max_concurrent_jobs": 1,
+                  "defaults": {"scaling.num_workers": 0, "data.max_seq_length": 96,
+                               "checkpoint.every_steps": 2}}}
     )  # fmt: skip
     store = open_store(store_url)
     keys = {
@@ -61,6 +70,8 @@ def app(tmp_path_factory, tiny_llama, other_tiny_llama):
         "admin": create_key(store, "admin", ["inference", "admin"]),
         "annotator": create_key(store, "annotator", ["annotator"]),
         "limited": create_key(store, "limited", ["inference"], requests_per_minute=2),
+        "acme": create_key(store, "acme", ["inference", "jobs"], project="acme"),
+        "rival": create_key(store, "rival", ["jobs"], project="rival"),
     }
     port = free_port()
     ray_tmp = short_dir("ftr-serve-")
@@ -70,16 +81,21 @@ def app(tmp_path_factory, tiny_llama, other_tiny_llama):
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         mp.setenv("RAY_metrics_report_interval_ms", "1000")  # metrics seen within seconds
         mp.delenv("RAY_ADDRESS", raising=False)
+        # no venv on PATH: a fine-tuning job must find ftservice's python without it
+        venv_bin = str(Path(sys.executable).parent)
+        mp.setenv("PATH", ":".join(p for p in os.environ["PATH"].split(":") if p != venv_bin))
         metrics_port = free_port()
         # the dashboard: Ray Train's state queries (a job trained beside the app) need it
-        ray.init(num_cpus=2, _temp_dir=str(ray_tmp), dashboard_port=free_port(),
+        dashboard_port = free_port()
+        ray.init(num_cpus=2, _temp_dir=str(ray_tmp), dashboard_port=dashboard_port,
                  _metrics_export_port=metrics_port, logging_level="warning")  # fmt: skip
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(build_app(spec), name="test", route_prefix="/")
             yield {"url": f"http://127.0.0.1:{port}", "keys": keys, "registry": registry,
                    "root": root, "base": base, "tiny": tiny_llama, "ray_tmp": ray_tmp,
-                   "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}  # fmt: skip
+                   "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+                   "dashboard": f"http://127.0.0.1:{dashboard_port}"}  # fmt: skip
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -579,3 +595,250 @@ def test_per_adapter_metrics_reach_prometheus_and_every_request_has_an_access_li
         assert re.search(r" id=(chatcmpl-[0-9a-f]{24}|-)$", line), line
         assert ("status=404" if model == "-" else "status=200") in line
     assert secret not in logs
+
+
+def training_lines(n: int) -> bytes:
+    lines = (REPO / "data/domain/train.jsonl").read_text().splitlines()[:n]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_files_are_uploaded_checked_listed_read_and_deleted_per_project(app):
+    acme, rival = client(app, "acme"), client(app, "rival")
+    data = training_lines(16)
+    made = acme.files.create(file=("domain.jsonl", data), purpose="fine-tune")
+    assert made.id.startswith("file-") and made.bytes == len(data)
+    assert made.filename == "domain.jsonl" and made.purpose == "fine-tune"
+    assert made.model_extra["ftservice"] == {"format": "alpaca", "records": 16, "kinds": "chat 16"}
+    assert acme.files.retrieve(made.id).bytes == len(data)
+    assert acme.files.content(made.id).read() == data
+    assert made.id in [f.id for f in acme.files.list()]
+    # another project sees none of it: its ids answer 404, as unknown ids do
+    assert made.id not in [f.id for f in rival.files.list()]
+    for call in (rival.files.retrieve, rival.files.content, rival.files.delete):
+        with pytest.raises(openai.NotFoundError):
+            call(made.id)
+    # a key without the jobs scope may not upload
+    with pytest.raises(openai.PermissionDeniedError):
+        client(app, "user").files.create(file=("d.jsonl", data), purpose="fine-tune")
+    stored = app["root"] / "jobs" / "files" / "acme" / made.id / "domain.jsonl"
+    assert stored.read_bytes() == data
+    assert acme.files.delete(made.id).deleted is True
+    assert not stored.parent.exists()
+    with pytest.raises(openai.NotFoundError):
+        acme.files.retrieve(made.id)
+
+
+def test_a_bad_file_is_refused_at_upload_with_its_line_and_nothing_is_kept(app):
+    acme = client(app, "acme")
+    before = [f.id for f in acme.files.list()]
+    bad = training_lines(2) + b"{'instruction': 'single quotes'}\n"
+    with pytest.raises(openai.BadRequestError) as e:
+        acme.files.create(file=("mine.jsonl", bad), purpose="fine-tune")
+    error = e.value.body
+    assert e.value.status_code == 400 and error["param"] == "file"
+    assert error["message"].startswith("mine.jsonl:3: "), error  # the upload's name and line
+    assert "JSON" in error["message"] and "one JSON object" in error["message"], error
+    with pytest.raises(openai.BadRequestError) as e:  # a record of no format we read
+        acme.files.create(file=("odd.jsonl", b'{"question": "?"}\n'), purpose="fine-tune")
+    assert e.value.body["message"].startswith("odd.jsonl:1: "), e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        acme.files.create(file=("d.jsonl", training_lines(2)), purpose="assistants")
+    assert e.value.body["param"] == "purpose" and "fine-tune" in e.value.body["message"]
+    assert [f.id for f in acme.files.list()] == before
+    assert not list((app["root"] / "jobs" / "files").glob("acme/*/mine.jsonl"))
+
+
+def test_file_size_and_project_space_are_capped(app):
+    acme = client(app, "acme")
+    with pytest.raises(openai.APIStatusError) as e:  # over max_file_bytes (8192)
+        acme.files.create(file=("big.jsonl", training_lines(100)), purpose="fine-tune")
+    assert e.value.status_code == 413 and "jobs.max_file_bytes" in e.value.body["message"]
+    kept = [acme.files.create(file=(f"p{i}.jsonl", training_lines(30)), purpose="fine-tune")
+            for i in range(2)]  # fmt: skip
+    assert sum(f.bytes for f in kept) + kept[0].bytes > 12000  # a third is over the project's
+    with pytest.raises(openai.APIStatusError) as e:
+        acme.files.create(file=("p2.jsonl", training_lines(30)), purpose="fine-tune")
+    assert e.value.status_code == 413 and "jobs.max_project_bytes" in e.value.body["message"]
+    for f in kept:  # and deleting frees the space
+        acme.files.delete(f.id)
+    acme.files.delete(
+        acme.files.create(file=("p2.jsonl", training_lines(30)), purpose="fine-tune").id
+    )
+
+
+def wait_for(acme, job_id: str, statuses: tuple[str, ...], timeout_s: float = 600):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = acme.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses or time.monotonic() > deadline:
+            return job
+        time.sleep(1)
+
+
+def test_a_supervised_job_trains_publishes_and_its_model_answers_through_the_same_client(app):
+    from ftservice.artifacts import load_artifact
+
+    acme = client(app, "acme")
+    training = acme.files.create(file=("train.jsonl", training_lines(16)), purpose="fine-tune")
+    job = acme.fine_tuning.jobs.create(
+        model="tiny", training_file=training.id, suffix="Support Bot!",
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "batch_size": 4, "learning_rate_multiplier": 10}}},
+        # Ray Train workers (local mode keeps no checkpoints): one, beside the app
+        extra_body={"ftservice": {"train.max_steps": 4, "lora.r": 4, "scaling.num_workers": 1,
+                                  "scaling.cpus_per_worker": 1}},
+    )  # fmt: skip
+    assert job.id.startswith("ftjob-") and job.status in ("queued", "running"), job.error
+    assert job.method.supervised.hyperparameters.batch_size == 4
+    done = wait_for(acme, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model.startswith("ft-support-bot-")
+    artifact = load_artifact(done.fine_tuned_model, app["registry"])
+    spec = artifact.meta.spec
+    assert spec["train"]["learning_rate"] == pytest.approx(2e-4 * 10)
+    assert spec["train"]["micro_batch_size"] * spec["train"]["gradient_accumulation_steps"] == 4
+    history = json.loads((artifact.path / "log_history.json").read_text())
+    logged = [h for h in history if "loss" in h]
+    assert [h["step"] for h in logged] == [1, 2, 3, 4]
+    assert done.trained_tokens and done.trained_tokens > 0
+    # events: each logged loss as the run logged it, and the status changes
+    events = list(acme.fine_tuning.jobs.list_events(job.id, limit=100))
+    losses = {e.data["step"]: e.data["loss"] for e in events
+              if e.type == "metrics" and e.data and "loss" in e.data}  # fmt: skip
+    assert losses == {h["step"]: pytest.approx(h["loss"]) for h in logged}
+    assert any(e.message == "status: succeeded" for e in events)
+    checkpoints = list(acme.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in checkpoints] == [4, 2]
+    # each a servable model: the last is the job's, the one before was published beside it
+    names = [c.fine_tuned_model_checkpoint for c in checkpoints]
+    assert names == [done.fine_tuned_model, f"{done.fine_tuned_model}-step-2"]
+    assert all(c.model_extra["ftservice"]["servable"] for c in checkpoints)
+    assert chat(app, names[1], "Hi")
+    earlier = load_artifact(names[1], app["registry"])
+    assert earlier.meta.metrics == {"global_step": 2, "checkpoint_of": done.fine_tuned_model}
+    assert checkpoints[1].metrics.train_loss == pytest.approx(logged[1]["loss"])
+    # the fine-tuned model answers at once, through the same client
+    answer = acme.chat.completions.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=4, temperature=0,
+    )  # fmt: skip
+    assert answer.model == done.fine_tuned_model and answer.usage.completion_tokens > 0
+    # a DPO job whose parent is that model: a new adapter trained from it
+    pairs = (REPO / "data/preference/seeds.jsonl").read_text().splitlines(keepends=True)[:8]
+    prefs = acme.files.create(file=("pairs.jsonl", "".join(pairs).encode()), purpose="fine-tune")
+    dpo = acme.fine_tuning.jobs.create(
+        model=done.fine_tuned_model, training_file=prefs.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+        extra_body={"ftservice": {"train.max_steps": 2}},
+    )  # fmt: skip
+    dpo_done = wait_for(acme, dpo.id, ("succeeded", "failed", "cancelled"))
+    assert dpo_done.status == "succeeded", dpo_done.error
+    assert dpo_done.method.dpo.hyperparameters.beta == 0.2
+    child = load_artifact(dpo_done.fine_tuned_model, app["registry"])
+    assert child.meta.parent == done.fine_tuned_model and child.meta.spec["stage"] == "dpo"
+    assert chat(app, dpo_done.fine_tuned_model, "Hi")  # servable at once too
+    # another project sees nothing of it
+    rival = client(app, "rival")
+    assert job.id not in [j.id for j in rival.fine_tuning.jobs.list()]
+    with pytest.raises(openai.NotFoundError):
+        rival.fine_tuning.jobs.retrieve(job.id)
+    newest = acme.fine_tuning.jobs.list(limit=1)  # cursor pages, newest first
+    assert [j.id for j in newest.data] == [dpo.id] and newest.has_more
+    assert [j.id for j in acme.fine_tuning.jobs.list(limit=1, after=dpo.id).data] == [job.id]
+
+
+def test_a_long_job_is_cancelled_its_ray_job_stopped_and_nothing_published(app):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    acme = client(app, "acme")
+    training = acme.files.create(file=("long.jsonl", training_lines(16)), purpose="fine-tune")
+    job = acme.fine_tuning.jobs.create(
+        model="tiny", training_file=training.id, extra_body={"ftservice": {"train.max_steps": 5000}}
+    )
+    # one job at a time for this project (jobs.max_concurrent_jobs: 1)
+    with pytest.raises(openai.RateLimitError) as e:
+        acme.fine_tuning.jobs.create(model="tiny", training_file=training.id)
+    assert e.value.body["code"] == "too_many_jobs"
+    deadline = time.monotonic() + 300
+    while not any(ev.type == "metrics" for ev in acme.fine_tuning.jobs.list_events(job.id)):
+        assert time.monotonic() < deadline, "the job never logged a step"
+        time.sleep(1)
+    assert acme.fine_tuning.jobs.retrieve(job.id).status == "running"
+    with pytest.raises(openai.ConflictError) as e:  # its run reads the file
+        acme.files.delete(training.id)
+    assert e.value.body["code"] == "file_in_use" and job.id in e.value.body["message"]
+    cancelled = acme.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+    submission = cancelled.model_extra["ftservice"]["submission"]
+    assert JobSubmissionClient(app["dashboard"]).get_job_status(submission) == JobStatus.STOPPED
+    name = json.loads((app["root"] / "jobs" / "specs" / "acme" / f"{job.id}.json").read_text())[
+        "name"
+    ]
+    assert not (app["registry"] / name).exists()  # nothing published
+    with pytest.raises(openai.ConflictError):  # a job that ended cannot be cancelled again
+        acme.fine_tuning.jobs.cancel(job.id)
+    assert acme.files.delete(training.id).deleted  # and its file may go now
+
+
+def test_job_requests_that_cannot_run_are_refused_with_the_field(app):
+    acme = client(app, "acme")
+    training = acme.files.create(file=("t.jsonl", training_lines(8)), purpose="fine-tune")
+
+    def refused(**kw) -> dict:
+        with pytest.raises(openai.APIStatusError) as e:
+            acme.fine_tuning.jobs.create(**{"model": "tiny", "training_file": training.id} | kw)
+        return {"status": e.value.status_code, **e.value.body}
+
+    missing = refused(training_file="file-000000000000000000000000")
+    assert missing["status"] == 400 and missing["param"] == "training_file"
+    other = client(app, "rival").files.create(file=("r.jsonl", training_lines(4)),
+                                              purpose="fine-tune")  # fmt: skip
+    assert refused(training_file=other.id)["param"] == "training_file"  # another project's
+    where = refused(extra_body={"ftservice": {"output.registry": "/tmp/elsewhere"}})
+    assert where["status"] == 400 and where["param"] == "ftservice.output.registry"
+    bad = refused(extra_body={"ftservice": {"lora.r": 0}})
+    assert bad["status"] == 400 and bad["param"] == "lora.r" and "lora.r" in bad["message"]
+    huge = refused(extra_body={"ftservice": {"train.micro_batch_size": 100000}})
+    assert huge["status"] == 400 and huge["code"] == "does_not_fit", huge
+    assert "GiB per device" in huge["message"] and "micro_batch_size" in huge["message"]
+    pairs = (REPO / "data/preference/seeds.jsonl").read_text().splitlines(keepends=True)[:4]
+    prefs = acme.files.create(file=("p.jsonl", "".join(pairs).encode()), purpose="fine-tune")
+    wrong = refused(training_file=prefs.id)  # preference pairs for a supervised job
+    assert wrong["status"] == 400 and wrong["param"] == "training_file", wrong
+    assert refused(model="no-such-model", method={"type": "dpo"},
+                   training_file=prefs.id)["status"] == 404  # fmt: skip
+    assert [j for j in acme.fine_tuning.jobs.list() if j.training_file in
+            (training.id, prefs.id)] == []  # nothing was created  # fmt: skip
+    for f in (training, prefs):
+        acme.files.delete(f.id)
+    client(app, "rival").files.delete(other.id)
+
+
+def test_a_paused_job_keeps_its_checkpoints_and_resumes_from_the_last(app):
+    from ftservice.artifacts import load_artifact
+
+    acme = client(app, "acme")
+    training = acme.files.create(file=("pause.jsonl", training_lines(16)), purpose="fine-tune")
+    job = acme.fine_tuning.jobs.create(
+        model="tiny", training_file=training.id,
+        extra_body={"ftservice": {"train.max_steps": 60, "scaling.num_workers": 1,
+                                  "scaling.cpus_per_worker": 1}},
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list(acme.fine_tuning.jobs.checkpoints.list(job.id)):
+        assert time.monotonic() < deadline, "no checkpoint was kept"
+        time.sleep(1)
+    paused = acme.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused", paused
+    kept = [c.step_number for c in acme.fine_tuning.jobs.checkpoints.list(job.id)]
+    assert kept and max(kept) < 60
+    resumed = acme.fine_tuning.jobs.resume(job.id)
+    assert resumed.status in ("queued", "running")
+    assert resumed.model_extra["ftservice"]["attempts"] == 2
+    done = wait_for(acme, job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    metrics = load_artifact(done.fine_tuned_model, app["registry"]).meta.metrics
+    assert metrics["resumed"] is True and metrics["global_step"] == 60
+    messages = [e.message for e in acme.fine_tuning.jobs.list_events(job.id, limit=1000)]
+    assert "status: paused" in messages and any(m.startswith("resumed") for m in messages)
+    acme.files.delete(training.id)

@@ -136,7 +136,13 @@ def test_publish_and_load_round_trip_on_s3_and_partial_uploads_are_ignored(
 def test_training_reads_data_from_s3_and_publishes_there_through_ray_workers(
     s3, local_ray, tmp_path, tiny_llama
 ):
-    from ftservice.train.driver import train
+    from ftservice.serve.finetune import (
+        HISTORY_FILE,
+        checkpoint_states,
+        logged_steps,
+        publish_checkpoints,
+    )
+    from ftservice.train.driver import drop_checkpoints, run_name, train
 
     fs, root = pafs.FileSystem.from_uri(f"{s3}/project")
     lines = (REPO / "data/domain/train.jsonl").read_text().splitlines()[:16]
@@ -157,7 +163,7 @@ def test_training_reads_data_from_s3_and_publishes_there_through_ray_workers(
                 "max_steps": 4,
                 "warmup_ratio": 0,
             },
-            "checkpoint": {"every_steps": 2, "num_to_keep": 1},
+            "checkpoint": {"every_steps": 2, "num_to_keep": 2},
             "eval": {
                 "domain": None,
                 "general": f"{s3}/project/data/general.jsonl",
@@ -166,7 +172,7 @@ def test_training_reads_data_from_s3_and_publishes_there_through_ray_workers(
             "output": {
                 "registry": f"{s3}/project/registry",
                 "storage_path": f"{s3}/project/runs",
-                "keep_checkpoints": False,
+                "keep_checkpoints": True,
             },
         },
         check_inputs=True,
@@ -180,7 +186,23 @@ def test_training_reads_data_from_s3_and_publishes_there_through_ray_workers(
     assert stored.meta.metrics["evaluation"] == result.evaluation  # written back to S3
     assert [d.path for d in stored.meta.data] == spec.data.train
     assert stored.meta.metrics["last_loss"] < stored.meta.metrics["first_loss"]
-    # Ray Train kept its run in the bucket; with keep_checkpoints off, no checkpoint is left
+    # what the jobs API reads of a run kept in the bucket: its logged steps (uploaded as
+    # the run went on), its kept checkpoints, each published as a model of its own
+    run = f"{s3}/project/runs/{run_name(spec)}"
+    history = json.loads(storage.read_text(f"{artifact.location}/{HISTORY_FILE}"))
+    losses = {h["step"]: h["loss"] for h in history if "loss" in h}
+    assert {e["step"]: e["loss"] for e in logged_steps(run) if "loss" in e} == losses
+    assert [c.state["global_step"] for c in checkpoint_states(run)] == [2, 4]
+    assert publish_checkpoints(stored, history, run) == ["on-s3-step-2"]
+    step2 = load_artifact("on-s3-step-2", spec.output.registry)
+    kept = checkpoint_states(run)[0].folder
+    published = load_file(step2.path / "adapter_model.safetensors")
+    saved = load_file(storage.cached(f"{kept}/adapter_model.safetensors"))
+    assert published.keys() == saved.keys()
+    assert all(torch.equal(published[k], saved[k]) for k in saved)
+    assert step2.meta.metrics == {"global_step": 2, "checkpoint_of": "on-s3"}
+    # Ray Train kept its run in the bucket; dropping its checkpoints leaves none
+    drop_checkpoints(run)
     runs = fs.get_file_info(pafs.FileSelector(f"{root}/runs", recursive=True))
     assert any(i.base_name == "checkpoint_manager_snapshot.json" for i in runs)
     assert not any("/checkpoint_" in i.path and i.type == pafs.FileType.Directory for i in runs)

@@ -77,3 +77,48 @@ def test_keys_cli_shows_a_key_once_and_lists_it_without_it(tmp_path):
     assert "ci" in listed and "inference,jobs" in listed and secret not in listed
     run("revoke", "ci")
     assert "revoked" in run("list").stdout
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_processes_opening_a_new_store_together_migrate_it_once(backend, tmp_path):
+    """The loop's driver and its Serve replicas open a new store at the same moment; each
+    must find it migrated, none may fail on a table another one just made."""
+    import time
+    import uuid
+
+    from conftest import PG
+    from sqlalchemy import create_engine
+
+    from ftservice.store.db import open_store
+
+    url, schema = f"sqlite:///{tmp_path / 'state' / 'ftservice.db'}", None
+    admin = create_engine(PG, isolation_level="AUTOCOMMIT")
+    if backend == "postgresql":
+        url, schema = PG, f"ftservice_test_{uuid.uuid4().hex[:8]}"
+        with admin.connect() as c:
+            c.execute(text(f"CREATE SCHEMA {schema}"))
+    at = time.time() + 6  # every process has imported by then, and they all start at once
+    opener = (
+        "import sys, time\n"
+        "from ftservice.store.db import open_store\n"
+        f"time.sleep(max(0, {at} - time.time()))\n"
+        f"open_store({url!r}, schema={schema!r})\n"
+    )
+    try:
+        command = [sys.executable, "-c", opener]
+        openers = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(5)]
+        try:
+            errors = [p.communicate(timeout=120)[1] for p in openers]
+        finally:
+            for p in openers:
+                p.kill()
+        assert [p.returncode for p in openers] == [0] * 5, "\n".join(errors)[-3000:]
+        with open_store(url, schema=schema)() as session:
+            versions = session.execute(text("SELECT version_num FROM alembic_version")).all()
+            keys = session.execute(text("SELECT count(*) FROM api_keys")).scalar_one()
+        assert len(versions) == 1 and keys == 0
+    finally:
+        if schema:
+            with admin.connect() as c:
+                c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,12 +51,36 @@ def make_engine(url: str, schema: str | None = None) -> Engine:
     return create_engine(parsed, connect_args=options, pool_pre_ping=True)
 
 
+@contextlib.contextmanager
+def _migration_lock(engine: Engine, connection: Connection) -> Iterator[None]:
+    """One migrator at a time: processes that open a new store together (the loop's driver
+    and its Serve replicas) would otherwise both see it empty and both create its tables.
+    SQLite runs DDL outside a transaction, so a lock file beside the database; PostgreSQL
+    takes a transaction-scoped advisory lock."""
+    database = engine.url.database
+    if engine.url.get_backend_name() == "sqlite":
+        if not database or database == ":memory:":
+            yield
+            return
+        with open(f"{database}.migrate.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return
+    if engine.url.get_backend_name() == "postgresql":
+        key = zlib.crc32(f"ftservice-migrate:{database}".encode())
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    yield
+
+
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest migration (a no-op when it is there)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     try:
-        with engine.begin() as connection:
+        with engine.begin() as connection, _migration_lock(engine, connection):
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
     except Exception as e:

@@ -249,3 +249,78 @@ class AliasEvent(Base):
     round: Mapped[int | None] = mapped_column(Integer)
     evidence: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StoredFile(Base):
+    """A file uploaded for fine-tuning (`POST /v1/files`), checked record by record at
+    upload; it belongs to its key's project and no other project sees it."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    """file-<24 hex>."""
+    project: Mapped[str] = mapped_column(String(100), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(40))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    location: Mapped[str] = mapped_column(Text)
+    """Where its bytes are: a path or URI under the jobs' file storage."""
+    format: Mapped[str] = mapped_column(String(40))
+    """The data format our loaders recognised (alpaca, openai, openai_dpo, ...)."""
+    records: Mapped[int] = mapped_column(Integer)
+    kinds: Mapped[str] = mapped_column(String(200))
+    """What its records are: chat, preference, ... with counts."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class FineTuneJob(Base):
+    """A fine-tuning job of the API (`POST /v1/fine_tuning/jobs`): the request, the job
+    spec it resolved to, and the Ray Job that runs it. Its status is refreshed from Ray
+    Jobs when read, so an API that restarts loses nothing."""
+
+    __tablename__ = "fine_tuning_jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    """ftjob-<24 hex>."""
+    project: Mapped[str] = mapped_column(String(100), index=True)
+    model: Mapped[str] = mapped_column(String(200))
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40))
+    method: Mapped[str] = mapped_column(Text)
+    """JSON: OpenAI's method object as resolved (type and hyperparameters)."""
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer)
+    job_metadata: Mapped[str] = mapped_column(Text, default="{}")
+    """JSON: the request's metadata (16 string pairs at most)."""
+    spec: Mapped[str] = mapped_column(Text)
+    """JSON: the resolved job spec the run trains."""
+    spec_location: Mapped[str] = mapped_column(Text)
+    run: Mapped[str] = mapped_column(Text)
+    """The run's folder (checkpoints, live events)."""
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    """validating_files, queued, running, succeeded, failed, cancelled, paused."""
+    submission: Mapped[str | None] = mapped_column(String(100))
+    """The Ray Job of its latest attempt (a resumed job is a new attempt)."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    wanted: Mapped[str | None] = mapped_column(String(20))
+    """What a stop asked for, until Ray confirms it: cancelled or paused."""
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(200))
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    """JSON: {code, message, param} of a failed job."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class JobEvent(Base):
+    """A status change or message of a fine-tuning job (its logged steps are read from the
+    run's events file)."""
+
+    __tablename__ = "fine_tuning_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job: Mapped[str] = mapped_column(String(40), index=True)
+    level: Mapped[str] = mapped_column(String(10))
+    """info, warn, error."""
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

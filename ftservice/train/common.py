@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import math
 import resource
+import time
 from pathlib import Path
 
 import torch
 from pydantic import Field
 from transformers import TrainerCallback
 
+from ftservice import storage
 from ftservice.config import JobSpec
 from ftservice.models import ResolvedModel, train_dtype
 from ftservice.records import Record, Strict
@@ -74,7 +76,8 @@ def tracking_env(spec: JobSpec, run_dir: Path) -> dict[str, str]:
     """The environment the HF Trainer's tracker integrations read (set in the worker before
     the trainer is built; they write from rank 0 only): TensorBoard's event files in the
     run's folder, MLflow's run in tracking.uri (a file store in the runs' folder by default)
-    under the experiment, with the spec's tags."""
+    under the experiment, with the spec's tags; W&B's run in the experiment's project (its
+    files, and an offline run, in the run's folder)."""
     env: dict[str, str] = {}
     if "tensorboard" in spec.train.report_to:
         env["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
@@ -89,6 +92,17 @@ def tracking_env(spec: JobSpec, run_dir: Path) -> dict[str, str]:
         }
         if uri.startswith("file:"):  # mlflow >= 3.13 asks for the file store explicitly
             env["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    if "wandb" in spec.train.report_to:
+        tr = spec.tracking
+        tags = {"ftservice.job": spec.name, **tr.tags}
+        env |= {
+            "WANDB_DIR": str(run_dir),  # wandb/ in the run's folder: offline runs, logs
+            "WANDB_PROJECT": tr.experiment or spec.name,
+            "WANDB_TAGS": ",".join(f"{k}={v}" for k, v in tags.items()),  # W&B tags: labels
+            "WANDB_LOG_MODEL": "false",  # the registry holds the weights
+        }
+        if tr.wandb_mode:
+            env["WANDB_MODE"] = tr.wandb_mode
     return env
 
 
@@ -158,6 +172,47 @@ class StopOnNonFiniteLoss(TrainerCallback):
             self.step = state.global_step
             control.should_training_stop = True
             control.should_save = False
+
+
+EVENTS = "events.jsonl"  # the run's logged steps, a line each, as they happen
+
+
+class LogEvents(TrainerCallback):
+    """Appends every log of the run (its step, time, loss, learning rate, ...) to a JSONL
+    file in the run's folder as it happens (rank 0): what the jobs API shows as events
+    while the run goes on. A run resumed from a checkpoint appends the steps it repeats.
+
+    With runs in a store (`upload_to`, a URI) the file is kept on the worker and uploaded
+    whole (a store has no append) at most every `every_s` and when training ends; a resumed
+    run starts from the uploaded file."""
+
+    def __init__(self, path: Path, upload_to: str | None = None, every_s: float = 5.0):
+        self.path, self.upload_to, self.every_s = path, upload_to, every_s
+        self.uploaded = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or self.upload_to is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if storage.is_file(self.upload_to):
+            self.path.write_text(storage.read_text(self.upload_to))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "time": time.time(), **logs}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        if self.upload_to is not None and time.monotonic() - self.uploaded >= self.every_s:
+            self.upload()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.upload_to is not None and self.path.is_file():
+            self.upload()
+
+    def upload(self) -> None:
+        storage.write_text(self.upload_to, self.path.read_text())
+        self.uploaded = time.monotonic()
 
 
 class PauseAtRung(TrainerCallback):

@@ -41,6 +41,7 @@ from ftservice.train.common import (
 )
 
 STAGE_KINDS = {"sft": {"chat", "text"}, "dpo": {"preference"}}
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # the checkpoints Ray Train holds
 
 
 class TrainingDiverged(FtserviceError):
@@ -207,12 +208,16 @@ def _absolute(location: str) -> str:
 
 
 def evaluate_remote(spec: JobSpec, artifact: Artifact, base: ResolvedModel, limit=None) -> dict:
-    """Evaluation as a Ray task with a training worker's resources (a GPU where training had
-    one), so a cluster driver without accelerators can still run it."""
+    """Evaluation as a Ray task with the GPUs its placement holds the models on (one
+    worker's, or a node's for full fine-tuning), so a cluster driver without accelerators can
+    still run it. The task's process exits after it (`max_calls=1`): the models' memory goes
+    back at once, and the peak it reports is the evaluation's own."""
     import ray
 
-    sc = spec.scaling
-    task = ray.remote(num_cpus=sc.cpus_per_worker, num_gpus=sc.gpus_per_worker if sc.use_gpu else 0)
+    placement = eval_placement(spec)
+    task = ray.remote(
+        num_cpus=spec.scaling.cpus_per_worker, num_gpus=placement["gpus"], max_calls=1
+    )
     return ray.get(
         task(evaluate_artifact_folder).remote(
             _absolute(artifact.location),
@@ -224,7 +229,7 @@ def evaluate_remote(spec: JobSpec, artifact: Artifact, base: ResolvedModel, limi
             limit,
             spec.data.system_prompt,
             cpu_threads(spec),
-            eval_placement(spec),
+            placement,
         )
     )
 
@@ -236,6 +241,30 @@ def drop_checkpoints(run: str) -> int:
     for folder in checkpoints:
         storage.remove_tree(storage.join(run, folder))
     return len(checkpoints)
+
+
+def held_checkpoints(run: str) -> set[str]:
+    """The run's `checkpoint_*` folders that Ray Train's checkpoint manager holds: the ones
+    a resumed run can start from. A folder is written before the worker reports it, so a
+    run stopped in between leaves a folder that Ray never registered (and never resumes
+    from, nor deletes under `num_to_keep`)."""
+    snapshot = storage.join(run, CHECKPOINT_SNAPSHOT)
+    if not storage.is_file(snapshot):
+        return set()
+    results = json.loads(storage.read_text(snapshot)).get("checkpoint_results", [])
+    return {r["checkpoint_dir_name"] for r in results}
+
+
+def drop_stray_checkpoints(run: str) -> list[str]:
+    """Delete a finished run's checkpoint folders that Ray Train does not hold (a worker
+    killed while reporting a checkpoint leaves one). Returns the folders that went."""
+    if not storage.is_file(storage.join(run, CHECKPOINT_SNAPSHOT)):
+        return []
+    held = held_checkpoints(run)
+    stray = [f for f in storage.list_dirs(run) if f.startswith("checkpoint_") and f not in held]
+    for folder in stray:
+        storage.remove_tree(storage.join(run, folder))
+    return stray
 
 
 def _fetch_staging(staged_at: str) -> Path:
@@ -339,7 +368,9 @@ def train(
     _drop_staging(staged_at, staging)
     if storage.local_path(runs) is not None:  # DPO's shared dataset copy
         shutil.rmtree(Path(runs, name, "data"), ignore_errors=True)
-    if not spec.output.keep_checkpoints:
+    if spec.output.keep_checkpoints:
+        drop_stray_checkpoints(storage.join(runs, name))
+    else:
         drop_checkpoints(storage.join(runs, name))
     evaluation: dict = {}
     if evaluate and (spec.eval.domain or spec.eval.general):

@@ -24,8 +24,10 @@ from ftservice.config import JobSpec
 from ftservice.models import load_tokenizer
 from ftservice.train import dpo, sft
 from ftservice.train.common import (
+    EVENTS,
     FINAL,
     HISTORY,
+    LogEvents,
     PauseAtRung,
     StopOnNonFiniteLoss,
     TrainHistory,
@@ -70,6 +72,11 @@ def train_loop(config: dict) -> None:
     # a store, a folder of the worker's, uploaded to the run's folder at the end)
     run_dir = local_staging.parent if local_staging else Path(work) / "tracking"
     os.environ.update(tracking_env(spec, run_dir))
+    # live events: in the run's folder, or uploaded there as the run goes on when runs
+    # live in a store
+    run_location = cfg.staging.rsplit("/", 1)[0] if local_staging is None else None
+    upload_to = storage.join(run_location, EVENTS) if run_location else None
+    callbacks.append(LogEvents(run_dir / EVENTS, upload_to))
     trainer = prepare_trainer(
         build(spec, model_ref, parent, tokenizer, work, cfg.max_steps, callbacks,
               shared_dir=shared, device=worker_device(spec))
@@ -94,6 +101,10 @@ def train_loop(config: dict) -> None:
             result = trainer.train(resume_from_checkpoint=str(resume))
     else:
         result = trainer.train()
+    if "wandb" in spec.train.report_to:
+        import wandb
+
+        wandb.finish()  # the HF callback leaves the run open: its last records and exit now
 
     staging = local_staging or Path(work) / "staging"
     staging.mkdir(parents=True, exist_ok=True)
@@ -120,9 +131,10 @@ def train_loop(config: dict) -> None:
         ).write(staging / HISTORY)
         if local_staging is None:
             storage.upload(staging, cfg.staging)
-            if (run_dir / "tensorboard").is_dir():
-                storage.upload(run_dir / "tensorboard", storage.join(
-                    cfg.staging.rsplit("/", 1)[0], "tensorboard"))  # fmt: skip
+            for tracker in ("tensorboard", "wandb"):  # the trackers' files in the run
+                if (run_dir / tracker).is_dir():
+                    storage.upload(run_dir / tracker, storage.join(
+                        cfg.staging.rsplit("/", 1)[0], tracker))  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
 
 
