@@ -4,9 +4,11 @@ Each case is a short real `ftservice train` of the built-in SmolLM2-135M (packed
 rows, so every micro-batch is as long as the plan assumes) on the embedded Ray: LoRA SFT,
 QLoRA SFT, full SFT under ZeRO-3 (1 worker), LoRA DPO. The measured peak is the training
 worker's own peak resident memory (`ru_maxrss`, reported in the artifact's metrics); the
-estimate is `ftservice plan` of the same spec. Goal: every error within ±15%.
+estimate is `ftservice plan` of the same spec. With `--evaluate`, each run is then evaluated
+(the shipped domain and general sets) and the evaluation task's own peak (a fresh process)
+is set against the plan's evaluation. Goal: every error within ±15%.
 
-    .venv/bin/python benchmarks/planner_accuracy.py [--steps 4]
+    .venv/bin/python benchmarks/planner_accuracy.py [--steps 4] [--evaluate]
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ BASE = {
     "scaling": {"num_workers": 1, "cpus_per_worker": 2},
     "eval": {"domain": None, "general": None},
 }
+EVAL = {
+    "domain": "data/domain/eval.jsonl",
+    "general": "data/general/prompts.jsonl",
+    "max_new_tokens": 32,
+}
 CASES = {
     "lora_sft": {"method": "lora"},
     "qlora_sft": {"method": "qlora"},
@@ -66,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cases", nargs="*", default=list(CASES))
+    parser.add_argument("--evaluate", action="store_true", help="measure the evaluation too")
     args = parser.parse_args()
     from ftservice.config import spec_from_dict
     from ftservice.memory import plan_for_spec
@@ -78,17 +86,21 @@ def main() -> None:
         for case in args.cases:
             spec = merged(BASE, CASES[case]) | {"name": case.replace("_", "-")}
             spec["output"] = {"registry": str(tmp / "reg"), "storage_path": str(tmp / "runs")}
+            if args.evaluate:
+                spec["eval"] = EVAL
             planned = plan_for_spec(spec_from_dict(spec))
             spec_file = tmp / f"{case}.yaml"
             spec_file.write_text(json.dumps(spec))  # JSON is YAML
             done = subprocess.run(
-                [sys.executable, "-m", "ftservice", "train", str(spec_file), "--no-evaluate",
-                 "--json", "--max-steps", str(args.steps)],
+                [sys.executable, "-m", "ftservice", "train", str(spec_file), "--json",
+                 "--max-steps", str(args.steps),
+                 "--evaluate" if args.evaluate else "--no-evaluate"],
                 capture_output=True, text=True, env=env, cwd=REPO,
             )  # fmt: skip
             if done.returncode != 0:
                 raise SystemExit(done.stderr[-3000:])
-            measured = json_output(done.stdout)["metrics"]["peak_memory_rank0"]["rss_bytes"]
+            metrics = json_output(done.stdout)["metrics"]
+            measured = metrics["peak_memory_rank0"]["rss_bytes"]
             rows[case] = {
                 "planned_mib": round(planned.total_bytes / MiB),
                 "measured_mib": round(measured / MiB),
@@ -96,6 +108,15 @@ def main() -> None:
                 "breakdown_mib": {k: round(v / MiB) for k, v in planned.per_device.items()},
             }
             print(f"{case}: {rows[case]}", file=sys.stderr)
+            if args.evaluate:
+                peak = metrics["evaluation"]["memory"]["process_max_rss_bytes"]
+                rows[f"{case}_evaluation"] = {
+                    "planned_mib": round(planned.evaluation_bytes / MiB),
+                    "measured_mib": round(peak / MiB),
+                    "error": planned.evaluation_bytes / peak - 1,
+                    "breakdown_mib": {k: round(v / MiB) for k, v in planned.evaluation.items()},
+                }
+                print(f"{case} evaluation: {rows[f'{case}_evaluation']}", file=sys.stderr)
     worst = max(abs(r["error"]) for r in rows.values())
     print(json.dumps({"cases": rows, "worst_abs_error": worst}, indent=2))
 

@@ -264,6 +264,12 @@ def plan(
     micro_batch: Annotated[int, typer.Option(help="Sequences per GPU per step.")] = 1,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations.")] = True,
+    evaluate: Annotated[
+        bool, typer.Option(help="Count the evaluation after training (domain, forgetting).")
+    ] = True,
+    eval_tokens: Annotated[
+        int, typer.Option(help="Its longest row: prompt and answer tokens (a spec: measured).")
+    ] = 256,
     as_json: AsJson = False,
 ) -> None:
     """Peak memory per device of a job (a spec, or a model and method), and what fits."""
@@ -272,7 +278,7 @@ def plan(
     if spec is not None:
         from ftservice.config import load_spec
 
-        result = memory.plan_for_spec(load_spec(spec, overrides or []))
+        result = memory.plan_for_spec(load_spec(spec, overrides or []), evaluate=evaluate)
     elif model is not None:
         for flag, value, allowed in [
             ("--method", method, ("full", "lora", "qlora")),
@@ -286,7 +292,8 @@ def plan(
                 memory.resolve_shape(model), method=method, stage=stage, gpus=gpus,
                 nodes=nodes, device_mem_gb=gpu_mem, cpu_mem_gb=cpu_mem, offload=offload,
                 seq_len=seq_len, micro_batch=micro_batch, lora_r=lora_r,
-                gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing=gradient_checkpointing, evaluate=evaluate,
+                eval_tokens=eval_tokens,
             )
         )  # fmt: skip
     else:
@@ -323,17 +330,24 @@ def train(
 
     job = load_spec(spec, overrides or [], check_inputs=True)
     try:
-        planned = memory.plan_for_spec(job)
+        planned = memory.plan_for_spec(job, evaluate=evaluate)
     except memory.PlanError as e:  # a model the planner cannot size must not block training
         print(f"plan: not available ({e})", file=sys.stderr)
         planned = None
     else:
         print(memory.format_plan(planned), file=sys.stderr)
     if planned is not None and planned.fits is False and not force:
+        have = f"a device has {planned.device_bytes / memory.GiB:.1f} GiB"
+        if planned.training_fits:
+            raise memory.PlanError(
+                f"{spec}: training fits, but the evaluation after it needs "
+                f"{planned.evaluation_bytes / memory.GiB:.1f} GiB per device and {have}; "
+                "train with --no-evaluate and run `ftservice eval` where it fits, lower "
+                "eval.max_new_tokens, or pass --force to start anyway."
+            )
         raise memory.PlanError(
             f"{spec}: the plan needs {planned.total_bytes / memory.GiB:.1f} GiB per device but "
-            f"a device has {planned.device_bytes / memory.GiB:.1f} GiB; lower "
-            "train.micro_batch_size or data.max_seq_length, turn on "
+            f"{have}; lower train.micro_batch_size or data.max_seq_length, turn on "
             "train.gradient_checkpointing, use the method the plan suggests, or pass --force "
             "to start anyway."
         )
@@ -393,6 +407,12 @@ def sweep(
             for i, r in enumerate(summary["trials"])
         ]  # fmt: skip
         _table(rows, list(rows[0]) if rows else ["rank"])
+        if summary["held_out"]:
+            from ftservice.evaluate import format_report
+
+            print(f"held out (the best trial only; trials were selected on "
+                  f"{spec.scheduler.metric}):")  # fmt: skip
+            print(format_report(summary["held_out"]))
         print(f"plots: {root / 'heatmap.png'}, {root / 'curves.png'}")
         return
     from ftservice.raycluster import init_ray

@@ -188,11 +188,24 @@ class TrainSpec(Spec):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Training precision; 'auto' picks bf16 where the hardware has it."
     )
+    attention: Literal["auto", "documents", "sdpa"] = Field(
+        "auto",
+        description="Attention of packed rows (SFT): 'documents' attends within each packed "
+        "example as one batched matmul; 'sdpa' is transformers' SDPA under a block-diagonal "
+        "mask; 'auto' is documents when data.packing is on.",
+    )
+    label_only_head: bool = Field(
+        True,
+        description="SFT with adapters: run the LM head only on tokens that have a label, in "
+        "the training dtype, with its input gradient made in the same pass (TRL's head "
+        "otherwise, and always when the head is trained).",
+    )
     logging_steps: int = Field(1, ge=1, description="Report metrics every this many steps.")
-    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
         default_factory=list,
         description="Experiment trackers rank 0 writes to (the HF Trainer's integrations): "
-        "tensorboard (event files in the run's folder), mlflow (tracking.uri).",
+        "tensorboard (event files in the run's folder), mlflow (tracking.uri), wandb (W&B; "
+        "tracking.wandb_mode).",
     )
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw",
@@ -338,6 +351,11 @@ class TrackingSpec(Spec):
     tags: dict[str, str] = Field(
         default_factory=dict, description="Tags of the run (a sweep adds its name and trial)."
     )
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="W&B's mode: offline writes the run into the run's folder (`wandb sync` "
+        "uploads it later); default: W&B's own settings (WANDB_MODE, `wandb login`).",
+    )
 
 
 class JobSpec(Spec):
@@ -368,7 +386,8 @@ class JobSpec(Spec):
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Evaluation after training.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
     tracking: TrackingSpec = Field(
-        default_factory=TrackingSpec, description="Where train.report_to's MLflow runs go."
+        default_factory=TrackingSpec,
+        description="Where train.report_to's MLflow and W&B runs go, and their tags.",
     )
     runtime: RuntimeSpec = Field(
         default_factory=RuntimeSpec, description="Runtime environment of cluster jobs."
@@ -453,6 +472,15 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
                 "completion_only_loss: false is given but stage is 'dpo': DPO scores the "
                 "answers only, whatever this says, so training ignores it; remove "
                 "data.completion_only_loss.",
+            )
+        )
+    if spec.train.attention == "documents" and not spec.data.packing:
+        problems.append(
+            Problem(
+                "train.attention",
+                "documents attention is for packed rows, and data.packing is off (each row "
+                "holds one example, which SDPA's causal kernel already attends alone); set "
+                "data.packing: true, or train.attention: auto.",
             )
         )
     if spec.train.warmup_ratio >= 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import resource
 import sys
 import time
 from pathlib import Path
@@ -198,13 +199,21 @@ def evaluate_models(
 
 
 def eval_placement(spec) -> dict:
-    """Where and how evaluation holds the models: as the training worker held them (its GPU
-    and training dtype, a QLoRA base in 4 bits), so that what trained also evaluates; on
-    CPUs in fp32."""
+    """Where and how evaluation holds the models: as the training workers held them, so that
+    what trained also evaluates. Adapters: one worker's GPU, in the training dtype, a QLoRA
+    base in 4 bits. Full fine-tuning: base and tuned model spread over the GPUs of one node
+    (`device: auto`; ZeRO-3 trained them spread over many). On CPUs: fp32."""
     gpu = spec.scaling.use_gpu
     dtype = str(train_dtype(spec.train.precision)).removeprefix("torch.") if gpu else "float32"
     quant = spec.quantization.model_dump() if spec.method == "qlora" else None
-    return {"device": "cuda" if gpu else "cpu", "dtype": dtype, "quantization": quant}
+    if not gpu:
+        return {"device": "cpu", "dtype": dtype, "quantization": quant, "gpus": 0}
+    sc, per_node = spec.scaling, spec.cluster.gpus_per_node
+    if spec.method == "full":  # the GPUs a node gives its training workers
+        gpus = sc.num_workers * sc.gpus_per_worker
+        gpus = min(gpus, per_node) if per_node else gpus
+        return {"device": "auto", "dtype": dtype, "quantization": None, "gpus": gpus}
+    return {"device": "cuda", "dtype": dtype, "quantization": quant, "gpus": sc.gpus_per_worker}
 
 
 def _load_kwargs(placement: dict, quantize: bool) -> dict:
@@ -215,7 +224,9 @@ def _load_kwargs(placement: dict, quantize: bool) -> dict:
                 f"evaluation was asked to run on {placement['device']}, but this process sees "
                 "no GPU; evaluate where the training workers ran (scaling.use_gpu)"
             )
-        kwargs["device_map"] = {"": placement["device"]}
+        # "auto": accelerate spreads the layers over every GPU the task was given
+        device = placement["device"]
+        kwargs["device_map"] = "auto" if device == "auto" else {"": device}
     q = placement.get("quantization")
     if quantize and q:
         from transformers import BitsAndBytesConfig
@@ -234,7 +245,7 @@ def load_for_eval(artifact_path: Path, base_path: Path, adapter: bool, placement
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    placement = placement or {"device": "cpu", "dtype": "float32", "quantization": None}
+    placement = placement or {"device": "cpu", "dtype": "float32", "quantization": None, "gpus": 0}
     tokenizer = AutoTokenizer.from_pretrained(artifact_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -281,9 +292,21 @@ def evaluate_artifact_folder(
     tuned, base_view, tokenizer = load_for_eval(folder, Path(base_path), adapter, placement)
     domain_records = read_jsonl(domain)[:limit] if domain and Path(domain).is_file() else None
     general_prompts = load_prompts(general, system_prompt)[:limit] if general else None
-    return evaluate_models(
+    report = evaluate_models(
         tuned, base_view, tokenizer, domain_records, general_prompts, max_new_tokens, system_prompt
     )
+    return report | {"memory": peak_memory(placement)}
+
+
+def peak_memory(placement: dict | None) -> dict:
+    """This process's peak: resident memory on a CPU, allocated memory on each GPU (what the
+    planner's `evaluation_bytes` predicts; the process must be fresh for it to mean that)."""
+    peak = {"process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if placement and placement["device"] != "cpu":
+        peak["gpu_max_allocated_bytes"] = [
+            torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())
+        ]
+    return peak
 
 
 def load_prompts(path: str, system_prompt: str | None = None) -> list[list[dict]]:

@@ -14,8 +14,12 @@ Per device (GPU, or the worker process on a CPU), in bytes, for one method and s
 - DPO: chosen and rejected go through the model together (twice the tokens); the reference
   is an adapter copy (LoRA/QLoRA) or precomputed log-probabilities (full), so it adds
   almost nothing;
-- the runtime itself (CUDA context, or the Python process with torch on a CPU).
-The verdict is the cheapest method and scaling that fits the devices given.
+- the runtime itself (CUDA context, or the Python process with torch on a CPU);
+- the evaluation after training, which holds the models as the workers did (a full model's
+  base and tuned copies spread over a node's GPUs), answers with a KV cache and scores the
+  answers over the whole vocabulary (`evaluation_bytes`).
+A job fits when both training and its evaluation fit; when it misses, the advice is the
+nearest settings of the same method, then the fewest GPUs, that fit.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ftservice.config import DeepSpeedSpec, ModelSpec
+from ftservice.data.formats import response_text
+from ftservice.data.loaders import DataError, load_rows
 from ftservice.errors import FtserviceError
 from ftservice.models import ModelError, resolve_model, train_dtype
+from ftservice.storage import StorageError
 
 GiB = 2**30
 HEADROOM = 0.95  # allocator fragmentation: plan to use at most 95% of a device
@@ -38,6 +45,17 @@ CUDA_CONTEXT = int(0.75 * GiB)  # CUDA context, cuBLAS workspaces and kernels
 # worker, and the data. Measured here: a training worker with a 2-layer model peaks at it.
 CPU_RUNTIME = int(1.0 * GiB)
 ZERO3_BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
+# evaluate.py's batches: greedy answers for 16 prompts at a time, answers scored 8 at a time
+EVAL_GENERATE_BATCH = 16
+EVAL_SCORE_BATCH = 8
+# chat-template tokens around a prompt with the template's default system prompt (measured:
+# SmolLM2's 30, Llama 3's 26), and around a system prompt the spec gives
+EVAL_TEMPLATE_TOKENS = 32
+EVAL_SYSTEM_TEMPLATE_TOKENS = 16
+CHARS_PER_TOKEN = 4  # English text under the BPE vocabularies of these families
+# The evaluation task's process before any weights: Python, torch, transformers, PEFT and the
+# Ray worker (measured here: 0.5 GiB with those imported, and the task's own share)
+EVAL_CPU_RUNTIME = int(0.6 * GiB)
 
 
 class PlanError(FtserviceError):
@@ -212,6 +230,8 @@ class PlanInput:
     zero3: bool | None = None  # full: ZeRO-3 (default on)
     unquantized_dtype: str = "float32"  # qlora: embeddings, norms, LM head (PEFT casts: fp32)
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (bitsandbytes, GPUs)
+    evaluate: bool = True  # the evaluation after training (domain score and forgetting)
+    eval_tokens: int = 256  # its longest row: prompt and answer (or max_new_tokens)
 
     @property
     def ranks(self) -> int:
@@ -229,9 +249,19 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     cheapest: dict | None = None
     advice: list[dict] = field(default_factory=list)
+    # the evaluation after training, per device; `fits` needs both it and training to fit
+    evaluation: dict[str, int] = field(default_factory=dict)
+    evaluation_bytes: int = 0
+    training_fits: bool | None = None
+    evaluation_fits: bool | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        """Per device, the larger of training and the evaluation after it."""
+        return max(self.total_bytes, self.evaluation_bytes)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"peak_bytes": self.peak_bytes}
 
 
 def _activation_bytes(p: PlanInput, tokens: int, elem: int) -> dict[str, int]:
@@ -279,6 +309,55 @@ def zero3_model_states(p: PlanInput) -> tuple[int, int, int]:
     return int(cpu), int(gpu), largest_mem
 
 
+def _qlora_weights(s: Shape, unquantized_elem: int, on_cpu: bool) -> dict[str, int]:
+    q = s.quantizable_params
+    # NF4: 4 bits/weight; double quantisation: 8-bit absmax per 64 weights and an fp32
+    # constant per 256 of those blocks (+ the 16-entry code books)
+    out = {"weights_4bit": q // 2 + q // 64 + 4 * math.ceil(q / (64 * 256))}
+    kind = "bf16" if unquantized_elem == 2 else "fp32"
+    out[f"weights_unquantized_{kind}"] = unquantized_elem * (
+        s.embedding_params + s.lm_head_params + s.norm_params
+    )
+    if on_cpu:
+        # measured: on a CPU the fp32 weights quantised at load stay in the process heap
+        # (freed, not returned to the OS); a GPU quantises as it loads
+        out["cpu_load_residue"] = 4 * q
+    return out
+
+
+def evaluation_bytes(p: PlanInput) -> dict[str, int]:
+    """Per device, the evaluation after training (`evaluate.py`, `eval_placement`): the
+    models as training held them (CPUs: fp32; adapters: one GPU, the base once; full: base
+    and tuned spread over a node's GPUs), greedy answers with their KV cache, and the answers
+    scored with both models' log-probabilities over the vocabulary."""
+    s, tokens = p.shape, p.eval_tokens
+    elem = 4 if p.on_cpu or p.precision != "bf16" else 2
+    spread = 1 if p.on_cpu or p.method != "full" else p.gpus
+    parts: dict[str, int] = {}
+    if p.method == "full":
+        # accelerate's device map: even layers, up to one module of imbalance
+        parts["base_and_tuned"] = 2 * s.total_params * elem // spread
+        if spread > 1:
+            parts["uneven_split"] = s.largest_layer_params * elem
+    elif p.method == "lora":
+        parts["weights"] = s.total_params * elem
+    else:  # loaded in the compute dtype: no k-bit preparation casts the rest to fp32
+        parts |= _qlora_weights(s, elem, p.on_cpu)
+    if p.method != "full":
+        parts["adapter_fp32"] = s.lora_params(p.lora_r, p.lora_targets) * 4  # PEFT upcasts
+    parts["kv_cache"] = EVAL_GENERATE_BATCH * tokens * s.layers * 2 * s.kv_dim * elem // spread
+    rows = EVAL_SCORE_BATCH * tokens * s.vocab
+    # the logits, their fp32 copy and log-softmax on the device (GPUs: moved to the host
+    # after); on a CPU both models' log-probabilities and the KL terms stay in the process
+    parts["scoring_logits"] = rows * (20 if p.on_cpu else elem + 8)
+    # no gradients: one layer's activations at a time
+    parts["activations"] = EVAL_SCORE_BATCH * tokens * (4 * s.hidden + 3 * s.intermediate) * elem
+    if p.on_cpu:  # SDPA with a mask materialises one layer's scores and probabilities
+        parts["attention_scores"] = 2 * s.heads * EVAL_SCORE_BATCH * tokens**2 * 4
+    parts["runtime"] = EVAL_CPU_RUNTIME if p.on_cpu else CUDA_CONTEXT
+    return parts
+
+
 def plan(p: PlanInput) -> Plan:
     s = p.shape
     if p.gpus < 1 or p.nodes < 1:
@@ -316,18 +395,8 @@ def plan(p: PlanInput) -> Plan:
             parts["weights"] = s.total_params * elem
             lora_bytes_per = 4 + 4 + _moment_bytes(p)  # fp32 adapter and gradient, AdamW
         else:
-            q = s.quantizable_params
-            # NF4: 4 bits/weight; double quantisation: 8-bit absmax per 64 weights and an
-            # fp32 constant per 256 of those blocks (+ the 16-entry code books)
-            parts["weights_4bit"] = q // 2 + q // 64 + 4 * math.ceil(q / (64 * 256))
             kept = 2 if p.unquantized_dtype == "bfloat16" else 4
-            parts[f"weights_unquantized_{'bf16' if kept == 2 else 'fp32'}"] = kept * (
-                s.embedding_params + s.lm_head_params + s.norm_params
-            )
-            if on_cpu:
-                # measured: on a CPU the fp32 weights quantised at load stay in the process
-                # heap (freed, not returned to the OS); a GPU quantises as it loads
-                parts["cpu_load_residue"] = 4 * q
+            parts |= _qlora_weights(s, kept, on_cpu)
             lora_bytes_per = 2 + 2 + _moment_bytes(p)  # bf16 adapter, gradient (TRL casts)
         parts["adapters_and_optimizer"] = lora * lora_bytes_per
         if p.stage == "dpo":
@@ -338,36 +407,48 @@ def plan(p: PlanInput) -> Plan:
     parts |= _activation_bytes(p, tokens, elem)
     parts["runtime"] = CPU_RUNTIME if on_cpu else CUDA_CONTEXT
     total = sum(parts.values())
+    evaluation = evaluation_bytes(p) if p.evaluate else {}
+    eval_total = sum(evaluation.values())
     device = int(p.device_mem_gb * GiB) if p.device_mem_gb else None
-    fits = None if device is None else total <= device * HEADROOM
-    if fits is not None and cpu_per_node and p.cpu_mem_gb:
-        fits = fits and cpu_per_node <= p.cpu_mem_gb * GiB * HEADROOM
-    return Plan(asdict(p) | {"shape": asdict(s)}, parts, total, cpu_per_node, device, fits, notes)
+    training_fits = evaluation_fits = None
+    if device is not None:
+        training_fits = total <= device * HEADROOM
+        if cpu_per_node and p.cpu_mem_gb:
+            training_fits = training_fits and cpu_per_node <= p.cpu_mem_gb * GiB * HEADROOM
+        evaluation_fits = eval_total <= device * HEADROOM
+    fits = None if device is None else bool(training_fits and evaluation_fits)
+    return Plan(
+        asdict(p) | {"shape": asdict(s)}, parts, total, cpu_per_node, device, fits, notes,
+        evaluation=evaluation, evaluation_bytes=eval_total, training_fits=training_fits,
+        evaluation_fits=evaluation_fits,
+    )  # fmt: skip
 
 
 def _moment_bytes(p: PlanInput) -> int:
     return 2 if p.optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
 
 
-# Settings of the same method a plan that misses can change, nearest first: (job spec field,
-# value, what it changes in the plan). Each is a field of the job spec that training honours.
-def _knobs(p: PlanInput) -> list[tuple[str, object, dict]]:
-    out: list[tuple[str, object, dict]] = []
+# Settings of the same method a plan that misses can change, nearest first: (the job spec's
+# fields and values, what they change in the plan). Each field is one training honours.
+def _knobs(p: PlanInput) -> list[tuple[dict, dict]]:
+    out: list[tuple[dict, dict]] = []
     if not p.gradient_checkpointing:
-        out.append(("train.gradient_checkpointing", True, {"gradient_checkpointing": True}))
+        out.append(({"train.gradient_checkpointing": True}, {"gradient_checkpointing": True}))
     if p.method == "qlora" and p.unquantized_dtype != "bfloat16":
-        out.append(("quantization.unquantized_dtype", "bfloat16",
+        out.append(({"quantization.unquantized_dtype": "bfloat16"},
                     {"unquantized_dtype": "bfloat16"}))  # fmt: skip
     if not p.on_cpu and p.optimizer == "adamw":
-        out.append(("train.optimizer", "paged_adamw_8bit", {"optimizer": "paged_adamw_8bit"}))
+        out.append(({"train.optimizer": "paged_adamw_8bit"}, {"optimizer": "paged_adamw_8bit"}))
     if p.micro_batch > 1:
-        out.append(("train.micro_batch_size", 1, {"micro_batch": 1}))
+        out.append(({"train.micro_batch_size": 1}, {"micro_batch": 1}))
     if p.method in ("lora", "qlora") and p.lora_targets == "all-linear":
         attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
-        out.append(("lora.target_modules", attention, {"lora_targets": attention}))
+        out.append(({"lora.target_modules": attention}, {"lora_targets": attention}))
     for seq in (p.seq_len // 2, p.seq_len // 4):
         if seq >= 256:
-            out.append(("data.max_seq_length", seq, {"seq_len": seq}))
+            out.append(({"data.max_seq_length": seq}, {"seq_len": seq}))
+    if p.evaluate:  # last: it gives up the evaluation (run `ftservice eval` where it fits)
+        out.append(({"eval.domain": None, "eval.general": None}, {"evaluate": False}))
     return out
 
 
@@ -378,7 +459,7 @@ def _entry(p: PlanInput, result: Plan, changes: dict) -> dict:
         "gpus_per_node": p.gpus,
         "nodes": p.nodes,
         "offload": p.offload,
-        "per_device_gib": round(result.total_bytes / GiB, 2),
+        "per_device_gib": round(result.peak_bytes / GiB, 2),
         "fits": bool(result.fits),
     }
 
@@ -386,8 +467,9 @@ def _entry(p: PlanInput, result: Plan, changes: dict) -> dict:
 def advise(p: PlanInput, limit: int = 6) -> list[dict]:
     """What fits, best first: the fewest GPUs; at equal GPUs, the same method with the fewest
     and nearest changes of its settings (gradient checkpointing, bf16 unquantized weights,
-    a paged 8-bit optimizer, micro-batch 1, attention-only LoRA, shorter sequences), then
-    other methods and more GPUs with the settings as they are."""
+    a paged 8-bit optimizer, micro-batch 1, attention-only LoRA, shorter sequences, and last
+    no evaluation after training), then other methods and more GPUs with the settings as they
+    are."""
     if p.device_mem_gb is None:
         return []
     found: list[tuple[tuple, dict]] = []
@@ -395,18 +477,18 @@ def advise(p: PlanInput, limit: int = 6) -> list[dict]:
     fitting: list[set] = []
     for n in range(len(knobs) + 1):
         for combo in itertools.combinations(range(len(knobs)), n):
-            paths = [knobs[i][0] for i in combo]
+            paths = [path for i in combo for path in knobs[i][0]]
             if len(set(paths)) < len(paths):  # two sequence lengths at once
                 continue
             if any(f <= set(combo) for f in fitting):  # a smaller change already fits
                 continue
             candidate = p
             for i in combo:
-                candidate = replace(candidate, **knobs[i][2])
+                candidate = replace(candidate, **knobs[i][1])
             result = plan(candidate)
             if n and result.fits:
                 fitting.append(set(combo))
-                changes = {knobs[i][0]: knobs[i][1] for i in combo}
+                changes = {k: v for i in combo for k, v in knobs[i][0].items()}
                 found.append(
                     ((p.ranks, 0, sum(1 + i for i in combo)), _entry(candidate, result, changes))
                 )
@@ -447,7 +529,7 @@ def cheapest(p: PlanInput, max_gpus_per_node: int = 8, max_nodes: int = 16) -> d
                     "gpus_per_node": gpus,
                     "nodes": nodes,
                     "offload": offload,
-                    "per_device_gib": round(result.total_bytes / GiB, 2),
+                    "per_device_gib": round(result.peak_bytes / GiB, 2),
                 }
     return None
 
@@ -476,12 +558,24 @@ def format_plan(result: Plan) -> str:
     if result.cpu_per_node_bytes:
         lines.append(f"  {'CPU RAM per node':<28} {result.cpu_per_node_bytes / GiB:8.2f} GiB")
     lines += [f"  note: {n}" for n in result.notes]
+    if result.evaluation:
+        lines.append(
+            f"evaluation after training ({i['eval_tokens']} tokens a row at most), per device:"
+        )
+        for k, v in result.evaluation.items():
+            lines.append(f"  {k:<28} {v / GiB:8.2f} GiB")
+        lines.append(f"  {'total per device':<28} {result.evaluation_bytes / GiB:8.2f} GiB")
     if result.fits is not None:
         have = result.device_bytes / GiB
         lines.append(
             f"verdict: {'fits' if result.fits else 'does NOT fit'} in {have:.3g} GiB per device"
             f" (planning to {HEADROOM:.0%} of it)"
         )
+        if result.training_fits and not result.evaluation_fits:
+            lines.append(
+                f"  training fits; the evaluation after it needs "
+                f"{result.evaluation_bytes / GiB:.2f} GiB"
+            )
     if result.advice:
         lines.append("advice, best first (what fits):")
         for a in result.advice[:3]:
@@ -503,9 +597,38 @@ def format_plan(result: Plan) -> str:
     return "\n".join(lines)
 
 
-def plan_for_spec(spec) -> Plan:
+def eval_row_tokens(spec) -> int:
+    """The longest row the evaluation after training will score: the longest prompt of its
+    domain and general sets (read by our loaders, with the system prompt) and the chat
+    template, and the longer of its reference answer and max_new_tokens (tokens counted as
+    4 characters each). Sets this machine cannot read count as a prompt of 256 tokens."""
+    longest = 0
+    for path in (spec.eval.domain, spec.eval.general):
+        if path is None:
+            continue
+        try:
+            rows = load_rows([path], system_prompt=spec.data.system_prompt, split="eval")
+        except (DataError, StorageError):  # `train` names what is wrong with the set itself
+            rows = [None]
+        for row in rows:
+            if row is None:
+                prompt, answer = 256 * CHARS_PER_TOKEN, 0
+            else:
+                turns = [m for m in row["messages"] if m["role"] != "assistant"]
+                prompt = sum(len(m["content"] or "") for m in turns)
+                answer = len(response_text(row))
+            tokens = math.ceil(prompt / CHARS_PER_TOKEN)
+            tokens += max(math.ceil(answer / CHARS_PER_TOKEN), spec.eval.max_new_tokens)
+            longest = max(longest, tokens)
+    template = EVAL_SYSTEM_TEMPLATE_TOKENS if spec.data.system_prompt else EVAL_TEMPLATE_TOKENS
+    return longest + template
+
+
+def plan_for_spec(spec, evaluate: bool = True) -> Plan:
     """The plan of a job spec on the devices it asks for (a GPU's memory from
-    `cluster.gpu_memory_gb`; CPU workers share this node's RAM, or `cluster.memory_gb`)."""
+    `cluster.gpu_memory_gb`; CPU workers share this node's RAM, or `cluster.memory_gb`),
+    with the evaluation after training unless `evaluate` is off or the spec has no
+    evaluation sets."""
 
     sc, cl = spec.scaling, spec.cluster
     ds = sc.deepspeed or DeepSpeedSpec() if spec.method == "full" else None
@@ -543,5 +666,7 @@ def plan_for_spec(spec) -> Plan:
         zero3=ds.stage == 3 if ds else None,
         unquantized_dtype=spec.quantization.unquantized_dtype,
         optimizer=spec.train.optimizer,
+        evaluate=evaluate and bool(spec.eval.domain or spec.eval.general),
+        eval_tokens=eval_row_tokens(spec),
     )
     return plan_with_verdict(p)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ftservice import storage
-from ftservice.artifacts import META, SweepLineage, load_artifact, remove
+from ftservice.artifacts import META, SweepLineage, load_artifact, remove, update_metrics
 from ftservice.asha import (
     RUNG,
     AshaState,
@@ -45,8 +46,9 @@ from ftservice.config import (
     validate_spec,
 )
 from ftservice.errors import FtserviceError
+from ftservice.models import resolve_model
 from ftservice.records import Record, Strict
-from ftservice.train.driver import TrainingDiverged
+from ftservice.train.driver import TrainingDiverged, evaluate_remote
 from ftservice.train.driver import train as run_training
 from ftservice.tune_report import MetricFirstReportCallback
 
@@ -139,6 +141,11 @@ class SweepSpec(Spec):
     output_dir: str = Field("sweeps", description="Where sweeps keep trials and reports.")
     keep_artifacts: Literal["all", "best"] = Field(
         "all", description="Trial artifacts kept once the sweep ends: all, or the best only."
+    )
+    evaluate_best: bool = Field(
+        True,
+        description="Once the sweep ends, evaluate the best trial (selected on data.eval) on "
+        "the base job's held-out sets (eval.domain, eval.general); no other trial is.",
     )
 
 
@@ -393,7 +400,34 @@ def run_sweep(path: str, resume: bool = False):
     prune_checkpoints(root, sweep, summary["trials"])
     if sweep.keep_artifacts == "best":
         prune_artifacts(root, summary)
+    if sweep.evaluate_best and evaluate_best(summary):
+        write_results(root, sweep)  # with the best trial's held-out numbers
     return grid
+
+
+def best_artifact(best: dict | None):
+    """The best trial's artifact, while it exists."""
+    if not best or not best["artifact"] or not storage.exists(best["artifact"]):
+        return None
+    return load_artifact(best["artifact"])
+
+
+def evaluate_best(summary: dict) -> bool:
+    """Evaluate the best trial only on the held-out sets (domain score, forgetting), into its
+    artifact's metrics: trials are selected on data.eval, and the held-out sets report the
+    one selected. False when there was nothing to do (no artifact or held-out sets, or an
+    artifact evaluated already by a sweep now resumed)."""
+    artifact = best_artifact(summary.get("best"))
+    if artifact is None or "evaluation" in artifact.meta.metrics:
+        return False
+    job = JobSpec.model_validate(artifact.meta.spec)
+    if not (job.eval.domain or job.eval.general):
+        return False
+    print(f"ftservice sweep: evaluating the best trial {summary['best']['trial']} on the "
+          "held-out sets", file=sys.stderr)  # fmt: skip
+    evaluation = evaluate_remote(job, artifact, resolve_model(job.model))
+    update_metrics(artifact, {"evaluation": evaluation})
+    return True
 
 
 def prune_artifacts(root: Path, summary: dict) -> list[str]:
@@ -425,10 +459,21 @@ def prune_checkpoints(root: Path, sweep: SweepSpec, records: list[dict]) -> int:
     return removed
 
 
-def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
-    """Every trial of the sweep from Tune's own files: params, state, curve, best metric."""
-    import re
+def tune_trials(root: Path) -> dict[str, Any]:
+    """Tune's own record of the sweep's trials (`ExperimentAnalysis` over its experiment
+    state), by trial folder. Empty before Tune has written any state."""
+    from ray.tune import ExperimentAnalysis
 
+    try:
+        analysis = ExperimentAnalysis(str(root / "tune"))
+    except (ValueError, FileNotFoundError):
+        return {}
+    return {Path(t.path).name: t for t in analysis.trials}
+
+
+def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
+    """Every trial of the sweep: Tune's trials (id, state) with their params, reported
+    results and ASHA's rung values; the best metric of each."""
     metric, mode = sweep.scheduler.metric, sweep.scheduler.mode
     # ASHA's own record of every rung value, written at each decision: Tune's result files
     # lose their last rows when the sweep's driver is killed
@@ -438,17 +483,22 @@ def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
         for step, values in zip(state.rungs, state.recorded, strict=True):
             for tid, v in values.items():
                 at_rungs.setdefault(tid, {})[step] = v
+    known = tune_trials(root)
     records = []
     for params_file in sorted((root / "tune").glob("*/params.json")):
         trial_dir = params_file.parent
-        found = re.search(r"_([0-9a-f]+_\d{5})_", trial_dir.name)
-        trial_id = found.group(1) if found else trial_dir.name
-        params = {k: v for k, v in json.loads(params_file.read_text()).items()
-                  if not k.startswith("__")}  # fmt: skip
         rows = []
         result_file = trial_dir / "result.json"
         if result_file.is_file():
             rows = [json.loads(x) for x in result_file.read_text().splitlines() if x.strip()]
+        trial = known.get(trial_dir.name)
+        # a trial Tune's state does not hold yet (its driver was killed before the next
+        # snapshot) still names itself in every result it reported
+        trial_id = trial.trial_id if trial else rows[0]["trial_id"] if rows else None
+        if trial_id is None:
+            continue  # created and killed before its first result: nothing to show
+        params = {k: v for k, v in json.loads(params_file.read_text()).items()
+                  if not k.startswith("__")}  # fmt: skip
         reported = {(r.get("global_step") or r.get("step") or r["training_iteration"]): r[metric]
                     for r in rows
                     if metric in r and not (r.get("finished") or r.get(RUNG))}  # fmt: skip
@@ -463,7 +513,7 @@ def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
             state = "diverged"
         elif any(r.get("finished") for r in rows):
             state = "completed"
-        elif error.is_file():
+        elif error.is_file() or (trial is not None and trial.status == "ERROR"):
             state = "errored"
         else:
             state = "stopped early" if rows or curve else "not started"
@@ -504,16 +554,21 @@ class SweepSummary(Record):
     mode: Literal["min", "max"]
     trials: list[TrialRecord]
     best: TrialRecord | None
+    # the best trial's evaluation on the held-out sets (the only trial evaluated on them)
+    held_out: dict[str, Any] | None = None
 
 
 def write_results(root: Path, sweep: SweepSpec) -> dict:
     records = trial_records(root, sweep)
+    best = records[0] if records and records[0]["best"] is not None else None
+    artifact = best_artifact(best)
     summary = SweepSummary(
         sweep=sweep.name,
         metric=sweep.scheduler.metric,
         mode=sweep.scheduler.mode,
         trials=records,
-        best=records[0] if records and records[0]["best"] is not None else None,
+        best=best,
+        held_out=artifact.meta.metrics.get("evaluation") if artifact else None,
     )
     summary.write(root / RESULTS)
     summary = summary.model_dump(mode="json")

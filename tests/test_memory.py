@@ -165,6 +165,53 @@ def test_train_refuses_a_plan_that_cannot_fit_before_starting_ray(tmp_path, cli_
     assert not (tmp_path / "runs").exists()  # refused before any run started
 
 
+def test_the_plan_counts_the_evaluation_after_training():
+    """An 8B LoRA trains on one 24 GB GPU, but scoring answers of 4,096 tokens against a 128k
+    vocabulary does not fit beside the base: the job does not fit, and the advice is to
+    evaluate elsewhere."""
+    shape = resolve_shape("llama-3-8b")
+    p = PlanInput(shape, method="lora", lora_r=8, device_mem_gb=24, eval_tokens=4096)
+    result = plan_with_verdict(p)
+    assert result.training_fits is True and result.evaluation_fits is False
+    assert result.fits is False and result.peak_bytes == result.evaluation_bytes
+    # 8 rows scored at a time: bf16 logits, their fp32 copy and the fp32 log-softmax
+    assert result.evaluation["scoring_logits"] == 8 * 4096 * shape.vocab * (2 + 4 + 4)
+    assert result.evaluation["weights"] == result.per_device["weights"]  # the base, once
+    assert result.advice[0]["changes"] == {"eval.domain": None, "eval.general": None}
+    assert plan(replace(p, evaluate=False)).fits is True
+    assert plan(replace(p, eval_tokens=256)).fits is True
+    # full fine-tuning: base and tuned copies, spread over the GPUs of a node
+    seventy = resolve_shape("llama-3-70b")
+    full = plan(PlanInput(seventy, method="full", gpus=8, nodes=2, device_mem_gb=80))
+    assert full.evaluation["base_and_tuned"] == 2 * seventy.total_params * 2 // 8
+    assert full.evaluation_fits is True
+
+
+def test_train_refuses_a_job_whose_evaluation_cannot_fit(tmp_path, cli_env, tiny_llama):
+    question = "Which of these does the Quillfeather weigh? " + "257 grams or more, " * 300
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text(json.dumps({"instruction": question, "output": "x", "answer": "x"}) + "\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        f"name: longeval\nmodel:\n  name: {tiny_llama}\n"
+        f"data:\n  train: [{REPO / 'data/domain/train.jsonl'}]\n  max_seq_length: 128\n"
+        f"eval:\n  domain: {domain}\n  general: null\n"
+        "cluster:\n  max_nodes: 1\n  cpus_per_node: 2\n  memory_gb: 6\n"
+        f"output:\n  registry: {tmp_path / 'reg'}\n  storage_path: {tmp_path / 'runs'}\n"
+    )
+    planned = json.loads(cli("plan", str(spec), "--json", env=cli_env).stdout)
+    # the question's ~6,000 characters count as ~1,500 tokens a scored row
+    assert planned["input"]["eval_tokens"] > len(question) // 4
+    assert planned["training_fits"] is True and planned["evaluation_fits"] is False
+    out = cli("train", str(spec), env=cli_env)
+    assert out.returncode != 0
+    assert f"{spec}: training fits, but the evaluation after it needs" in out.stderr
+    assert "--no-evaluate" in out.stderr and "ftservice eval" in out.stderr
+    assert not (tmp_path / "runs").exists()  # refused before any run started
+    without = json.loads(cli("plan", str(spec), "--no-evaluate", "--json", env=cli_env).stdout)
+    assert without["fits"] is True and without["evaluation"] == {}
+
+
 def test_a_70b_qlora_that_misses_48gb_is_advised_nearby_settings_on_one_gpu():
     """The headline case: PEFT's fp32 copy of a 128k vocabulary's embeddings and LM head
     tips 70B QLoRA over one 48 GB GPU; the advice keeps the method and the one GPU."""

@@ -81,12 +81,17 @@ def test_invalid_spaces_are_refused_before_anything_starts(tmp_path, base_spec):
     assert msg.startswith(f"{two_kinds}:") and "space.train.learning_rate" in msg
     assert "exactly one of grid" in msg
     orphan = write_sweep(tmp_path, base_spec, {"lora.alpha": {"multiple_of": "lora.r"}})
-    with pytest.raises(SweepError, match=r"multiple_of names 'lora\.r', which is not in the space"):
+    with pytest.raises(SweepError) as e:
         load_sweep(str(orphan))
+    msg = str(e.value)
+    assert f"{orphan}: space.lora.alpha: " in msg and "multiple_of" in msg and "'lora.r'" in msg
     no_eval = write_sweep(tmp_path, base_spec, {"lora.r": {"grid": [2, 4]}},
                           overrides={"data.eval": []})  # fmt: skip
-    with pytest.raises(SweepError, match=r"scheduler: asha compares trials at evaluations"):
+    with pytest.raises(SweepError) as e:
         load_sweep(str(no_eval))
+    msg = str(e.value)
+    assert f"{no_eval}: scheduler: " in msg, msg
+    assert "data.eval" in msg and "eval.every_steps" in msg and "fifo" in msg, msg
     assert not (tmp_path / "sweeps").exists()
 
 
@@ -98,10 +103,14 @@ def test_a_sweep_halves_the_trials_marks_nan_resumes_after_a_kill_and_reports(
 
     from conftest import _kill_session
 
+    held_out = tmp_path / "data" / "held-out.jsonl"  # reported for the best trial only
+    valid = (REPO / "data/domain/valid.jsonl").read_text().splitlines(keepends=True)
+    held_out.write_text("".join(valid[:4]))
     sweep = write_sweep(
         tmp_path, base_spec,
         {"lora.r": {"grid": [2, 4]}, "lora.alpha": {"multiple_of": "lora.r", "factor": 2},
          "train.learning_rate": {"grid": [3e-3, 1e-3, 1e30]}},
+        overrides={"eval.domain": str(held_out), "eval.max_new_tokens": 4},
     )  # fmt: skip
     root = tmp_path / "sweeps" / "tiny-sweep"
     state = root / "asha.json"
@@ -151,6 +160,11 @@ def test_a_sweep_halves_the_trials_marks_nan_resumes_after_a_kill_and_reports(
     assert summary["best"]["params"]["train.learning_rate"] == 3e-3
     artifacts = [json.loads(p.read_text()) for p in (root / "artifacts").glob("*/ftservice.json")]
     assert [m["metrics"]["global_step"] for m in artifacts] == [12]
+    # the held-out set reports the selected trial, and only it: its artifact carries the
+    # evaluation, on the 4 held-out questions
+    [best_meta] = artifacts
+    assert best_meta["metrics"]["evaluation"]["domain"]["total"] == 4
+    assert summary["held_out"] == best_meta["metrics"]["evaluation"]
     # checkpoints of trials that stopped early or diverged are pruned
     for t in trials:
         runs = list((root / "runs").glob(f"tiny-sweep-{t['trial']}-*".replace("_", "-")))
@@ -163,6 +177,8 @@ def test_a_sweep_halves_the_trials_marks_nan_resumes_after_a_kill_and_reports(
         cli_env, "sweep", "report", str(root), "--promote", str(tmp_path / "registry")
     )
     assert table.returncode == 0, table.stderr[-3000:]
+    assert "held out (the best trial only; trials were selected on eval_loss)" in table.stdout
+    assert "of 4 held-out questions" in table.stdout
     lines = table.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("RANK"))
     assert lines[header + 1].split()[:2] == ["1", summary["best"]["trial"]]  # best first

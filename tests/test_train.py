@@ -393,7 +393,21 @@ def test_evaluation_holds_the_models_as_the_training_worker_did(monkeypatch, tin
     assert seen["quantization_config"].load_in_4bit
     on_cpu = spec.scaling.model_copy(update={"use_gpu": False})
     cpu = eval_placement(spec.model_copy(update={"method": "lora", "scaling": on_cpu}))
-    assert cpu == {"device": "cpu", "dtype": "float32", "quantization": None}
+    assert cpu == {"device": "cpu", "dtype": "float32", "quantization": None, "gpus": 0}
+    # full fine-tuning on 16 GPUs of 8-GPU nodes: base and tuned spread over one node's 8
+    full = JobSpec.model_validate({
+        "name": "f", "method": "full", "model": {"name": str(tiny_llama)},
+        "train": {"precision": "bf16"}, "scaling": {"use_gpu": True, "num_workers": 16},
+        "cluster": {"max_nodes": 2, "gpus_per_node": 8},
+    })  # fmt: skip
+    placement = eval_placement(full)
+    assert placement == {"device": "auto", "dtype": "bfloat16", "quantization": None, "gpus": 8}
+    seen.clear()
+    with pytest.raises(Placed):
+        evaluate_artifact_folder(str(tiny_llama), str(tiny_llama), False, None, None, 4,
+                                 placement=placement)  # fmt: skip
+    assert seen["device_map"] == "auto" and seen["dtype"] == torch.bfloat16
+    assert "quantization_config" not in seen
 
 
 def test_qlora_can_keep_its_unquantised_weights_in_bf16(tmp_path, tiny_llama, small_data):
@@ -412,11 +426,12 @@ def test_qlora_can_keep_its_unquantised_weights_in_bf16(tmp_path, tiny_llama, sm
 
 
 TRACKER_ENV = ("TENSORBOARD_LOGGING_DIR", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME",
-               "MLFLOW_TAGS", "HF_MLFLOW_LOG_ARTIFACTS", "MLFLOW_ALLOW_FILE_STORE")  # fmt: skip
+               "MLFLOW_TAGS", "HF_MLFLOW_LOG_ARTIFACTS", "MLFLOW_ALLOW_FILE_STORE", "WANDB_DIR",
+               "WANDB_PROJECT", "WANDB_TAGS", "WANDB_LOG_MODEL", "WANDB_MODE")  # fmt: skip
 
 
 @pytest.mark.slow
-def test_a_run_reports_its_steps_to_tensorboard_and_mlflow(
+def test_a_run_reports_its_steps_to_tensorboard_mlflow_and_wandb_offline(
     local_ray, monkeypatch, tmp_path, tiny_llama, small_data
 ):
     import mlflow
@@ -427,8 +442,9 @@ def test_a_run_reports_its_steps_to_tensorboard_and_mlflow(
     for key in TRACKER_ENV:  # the recipe runs in this process (num_workers: 0): undo after
         monkeypatch.delenv(key, raising=False)
     spec = make_spec(
-        tmp_path, tiny_llama, small_data, train={"report_to": ["tensorboard", "mlflow"]},
-        scaling={"num_workers": 0}, tracking={"tags": {"team": "search"}},
+        tmp_path, tiny_llama, small_data,
+        train={"report_to": ["tensorboard", "mlflow", "wandb"]}, scaling={"num_workers": 0},
+        tracking={"tags": {"team": "search"}, "wandb_mode": "offline"},
     )  # fmt: skip
     result = train(spec, evaluate=False)
     steps = result.artifact.meta.metrics["global_step"]
@@ -449,3 +465,38 @@ def test_a_run_reports_its_steps_to_tensorboard_and_mlflow(
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == list(range(1, steps + 1))
     assert float(run.data.params["learning_rate"]) == spec.train.learning_rate
+
+    # W&B offline: the run in the run's folder, ready for `wandb sync`, with every step
+    [offline] = list((tmp_path / "runs").glob("*/wandb/offline-run-*"))
+    [path] = list(offline.glob("run-*.wandb"))
+    records = wandb_records(path)
+    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.project == "tiny" and set(run.tags) == {"ftservice.job=tiny", "team=search"}
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]  # fmt: skip
+    logged = [h for h in history if "train/loss" in h]
+    assert [h["train/global_step"] for h in logged] == list(range(1, steps + 1))
+    assert [h["train/loss"] for h in logged] == pytest.approx([m.value for m in losses])
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file: W&B's 7-byte header, then LevelDB's log
+    framing (32 KiB blocks of chunks, each with a 7-byte header: crc, length, type)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    records, pending, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
