@@ -825,8 +825,15 @@ def test_a_paused_job_keeps_its_checkpoints_and_resumes_from_the_last(app):
                                   "scaling.cpus_per_worker": 1}},
     )  # fmt: skip
     deadline = time.monotonic() + 300
+    run = Path(acme.fine_tuning.jobs.retrieve(job.id).model_extra["ftservice"]["run"])
+    # a checkpoint is listed once Ray Train holds it (its snapshot names it): the one a
+    # paused job resumes from
     while not list(acme.fine_tuning.jobs.checkpoints.list(job.id)):
-        assert time.monotonic() < deadline, "no checkpoint was kept"
+        assert time.monotonic() < deadline, (
+            "no checkpoint was kept", sorted(p.name for p in run.glob("*")),
+            (run / "checkpoint_manager_snapshot.json").read_text()[:2000]
+            if (run / "checkpoint_manager_snapshot.json").is_file() else None,
+        )  # fmt: skip
         time.sleep(1)
     paused = acme.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused", paused

@@ -210,3 +210,24 @@ def test_training_reads_data_from_s3_and_publishes_there_through_ray_workers(
     assert not (Path(os.getcwd()) / "s3:").exists()  # no local folder named after the scheme
     # the same spec again finds the published artifact in the bucket
     assert train(spec, evaluate=False).artifact.location == artifact.location
+
+
+def test_a_checkpoint_counts_once_ray_train_holds_it(tmp_path):
+    """A worker writes a checkpoint's folder before reporting it: until Ray Train's snapshot
+    names it, a paused run cannot resume from it, so it is not listed (and a finished run
+    drops it)."""
+    from ftservice.serve.finetune import checkpoint_states
+    from ftservice.train.driver import CHECKPOINT_SNAPSHOT, drop_stray_checkpoints
+
+    run = tmp_path / "run"
+    for name, step in (("checkpoint_a", 2), ("checkpoint_b", 4)):
+        (run / name / "checkpoint").mkdir(parents=True)
+        (run / name / "checkpoint" / "trainer_state.json").write_text(
+            json.dumps({"global_step": step, "log_history": []})
+        )
+    assert checkpoint_states(str(run)) == []  # no snapshot yet: Ray holds none
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a", "metrics": {}}]}
+    (run / CHECKPOINT_SNAPSHOT).write_text(json.dumps(snapshot))
+    assert [c.state["global_step"] for c in checkpoint_states(str(run))] == [2]
+    assert drop_stray_checkpoints(str(run)) == ["checkpoint_b"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_a", CHECKPOINT_SNAPSHOT]
