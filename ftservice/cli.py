@@ -403,17 +403,23 @@ def sweep(
             {"rank": i + 1, "trial": r["trial"], "state": r["state"],
              spec.scheduler.metric: "-" if r["best"] is None else f"{r['best']:.4f}",
              "reports": r["reports"],
+             **{k: f"{v:.4f}" for k, v in (r["validation"] or {}).items()
+                if k != spec.scheduler.metric},
              **{k: sweeps._short(v) for k, v in r["params"].items()}}
             for i, r in enumerate(summary["trials"])
         ]  # fmt: skip
-        _table(rows, list(rows[0]) if rows else ["rank"])
+        columns = list(dict.fromkeys(k for row in rows for k in row)) or ["rank"]
+        _table([{c: row.get(c, "-") for c in columns} for row in rows], columns)
+        if summary["selection"]:
+            print(f"chosen: {summary['selection']}")
         if summary["held_out"]:
             from ftservice.evaluate import format_report
 
             print(f"held out (the best trial only; trials were selected on "
                   f"{spec.scheduler.metric}):")  # fmt: skip
             print(format_report(summary["held_out"]))
-        print(f"plots: {root / 'heatmap.png'}, {root / 'curves.png'}")
+        plots = ["heatmap.png", "curves.png"] + (["pareto.png"] * (root / "pareto.png").exists())
+        print(f"plots: {', '.join(str(root / p) for p in plots)}")
         return
     from ftservice.raycluster import init_ray
 
@@ -453,6 +459,7 @@ def eval_(
     report = evaluate_artifact_folder(
         art.location, str(base.path), art.is_adapter, job.eval.domain, job.eval.general,
         job.eval.max_new_tokens, limit, job.data.system_prompt, None, placement,
+        base.fingerprint,
     )  # fmt: skip
     if limit is None:
         update_metrics(art, {"evaluation": report})

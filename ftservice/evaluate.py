@@ -13,6 +13,7 @@ For adapters the base is the same model with the adapter disabled: no second cop
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import resource
@@ -27,6 +28,7 @@ from ftservice.data.loaders import DataError, load_rows
 from ftservice.models import train_dtype
 
 _NON_WORD = re.compile(r"[^0-9a-z]+")
+CPU_PLACEMENT = {"device": "cpu", "dtype": "float32", "quantization": None, "gpus": 0}
 
 
 @contextlib.contextmanager
@@ -170,21 +172,32 @@ def evaluate_models(
     general_prompts: list[list[dict]] | None,
     max_new_tokens: int,
     system_prompt: str | None = None,
+    base_numbers: dict | None = None,
 ) -> dict:
-    """Base and tuned numbers side by side. `base_view()` yields the base model."""
+    """Base and tuned numbers side by side. `base_view()` yields the base model.
+    `base_numbers`: what depends on the base alone (its domain score, its answers to the
+    general prompts and their statistics), reused where it holds them and filled in where
+    not, so a cache can keep them for the next model tuned from the same base."""
+    base_numbers = {} if base_numbers is None else base_numbers
     report: dict = {}
     if domain_records:
         args = (tokenizer, domain_records, max_new_tokens, system_prompt)
         n = len(domain_records)
-        with base_view() as base, _phase(f"domain score of the base, {n} questions"):
-            report["domain_base"] = domain_score(base, *args)
+        if "domain_base" not in base_numbers:
+            with base_view() as base, _phase(f"domain score of the base, {n} questions"):
+                base_numbers["domain_base"] = domain_score(base, *args)
+        report["domain_base"] = base_numbers["domain_base"]
         with _phase(f"domain score of the tuned model, {n} questions"):
             report["domain"] = domain_score(tuned, *args)
     if general_prompts:
         prompts = general_prompts
-        with base_view() as base, _phase(f"base answers to {len(prompts)} general prompts"):
-            base_answers = generate(base, tokenizer, prompts, max_new_tokens)
-            base_stats = answer_stats(base, tokenizer, prompts, base_answers, base=base_view)
+        if "general" not in base_numbers:
+            with base_view() as base, _phase(f"base answers to {len(prompts)} general prompts"):
+                answers = generate(base, tokenizer, prompts, max_new_tokens)
+                stats = answer_stats(base, tokenizer, prompts, answers, base=base_view)
+            base_numbers["general"] = {"answers": answers, "stats": stats}
+        base_answers = base_numbers["general"]["answers"]
+        base_stats = base_numbers["general"]["stats"]
         with _phase("drift of the tuned model on those answers"):
             tuned_stats = answer_stats(tuned, tokenizer, prompts, base_answers, base=base_view)
         report["forgetting"] = {
@@ -196,6 +209,22 @@ def evaluate_models(
             "perplexity_tuned": tuned_stats["perplexity"],
         }
     return report
+
+
+def base_numbers_file(
+    base_fingerprint: str, domain_records, general_prompts, max_new_tokens, system_prompt,
+    placement: dict,
+) -> Path:  # fmt: skip
+    """Where the base's own numbers for these evaluation sets and settings are cached (on
+    this node): one file per fingerprint of all that they depend on."""
+    body = {
+        "base": base_fingerprint, "domain": domain_records, "general": general_prompts,
+        "max_new_tokens": max_new_tokens, "system_prompt": system_prompt,
+        "dtype": placement["dtype"], "quantization": placement["quantization"],
+        "device": placement["device"], "format_version": 1,
+    }  # fmt: skip
+    key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return storage.cache_dir() / "eval-base" / f"{key[:32]}.json"
 
 
 def eval_placement(spec) -> dict:
@@ -216,7 +245,7 @@ def eval_placement(spec) -> dict:
     return {"device": "cuda", "dtype": dtype, "quantization": quant, "gpus": sc.gpus_per_worker}
 
 
-def _load_kwargs(placement: dict, quantize: bool) -> dict:
+def model_load_kwargs(placement: dict, quantize: bool) -> dict:
     kwargs = {"dtype": getattr(torch, placement["dtype"])}
     if placement["device"] != "cpu":
         if not torch.cuda.is_available():
@@ -245,11 +274,11 @@ def load_for_eval(artifact_path: Path, base_path: Path, adapter: bool, placement
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    placement = placement or {"device": "cpu", "dtype": "float32", "quantization": None, "gpus": 0}
+    placement = placement or CPU_PLACEMENT
     tokenizer = AutoTokenizer.from_pretrained(artifact_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(base_path, **_load_kwargs(placement, adapter))
+    base = AutoModelForCausalLM.from_pretrained(base_path, **model_load_kwargs(placement, adapter))
     base.eval()
     if adapter:
         tuned = PeftModel.from_pretrained(base, artifact_path).eval()
@@ -260,7 +289,9 @@ def load_for_eval(artifact_path: Path, base_path: Path, adapter: bool, placement
                 yield tuned
 
         return tuned, base_view, tokenizer
-    tuned = AutoModelForCausalLM.from_pretrained(artifact_path, **_load_kwargs(placement, False))
+    tuned = AutoModelForCausalLM.from_pretrained(
+        artifact_path, **model_load_kwargs(placement, False)
+    )
     tuned.eval()
 
     @contextlib.contextmanager
@@ -281,21 +312,38 @@ def evaluate_artifact_folder(
     system_prompt: str | None = None,
     threads: int | None = None,
     placement: dict | None = None,
+    base_fingerprint: str | None = None,
 ) -> dict:
     """Everything `ftservice eval` reports, for one artifact folder (runs anywhere: the
     driver calls it as a Ray task so it gets the workers' resources; `placement`: the
-    device, dtype and quantisation of `eval_placement`)."""
+    device, dtype and quantisation of `eval_placement`). With `base_fingerprint`, the
+    base's own numbers are cached on this node and reused for the next model of that base
+    (`base_numbers_cached` in the report says whether they were)."""
     if threads:
         torch.set_num_threads(threads)  # Ray tasks start with one intra-op thread
     torch.manual_seed(0)
+    placement = placement or CPU_PLACEMENT
     folder = storage.localize(artifact_path)  # a stored artifact: this node's copy
     tuned, base_view, tokenizer = load_for_eval(folder, Path(base_path), adapter, placement)
     domain_records = read_jsonl(domain)[:limit] if domain and Path(domain).is_file() else None
     general_prompts = load_prompts(general, system_prompt)[:limit] if general else None
+    cache, base_numbers = None, {}
+    if base_fingerprint:
+        cache = base_numbers_file(base_fingerprint, domain_records, general_prompts,
+                                  max_new_tokens, system_prompt, placement)  # fmt: skip
+        if cache.is_file():
+            base_numbers = json.loads(cache.read_text())
+    cached = set(base_numbers)
     report = evaluate_models(
-        tuned, base_view, tokenizer, domain_records, general_prompts, max_new_tokens, system_prompt
-    )
-    return report | {"memory": peak_memory(placement)}
+        tuned, base_view, tokenizer, domain_records, general_prompts, max_new_tokens,
+        system_prompt, base_numbers,
+    )  # fmt: skip
+    if cache is not None and set(base_numbers) != cached:
+        storage.write_text(str(cache), json.dumps(base_numbers))
+    return report | {
+        "memory": peak_memory(placement),
+        "base_numbers_cached": bool(cached) and cached == set(base_numbers),
+    }
 
 
 def peak_memory(placement: dict | None) -> dict:

@@ -22,3 +22,18 @@ def init_ray(address: str | None = None) -> None:
             # throughput on 2 CPUs here, behind Ray's own busier-than-idle processes.)
             os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address=address, logging_level="warning")
+
+
+def own_task(fn, num_cpus: float, num_gpus: float):
+    """`fn` as a Ray task that asks the cluster for its own CPUs and GPUs and exits after one
+    call (its memory goes back at once), also when called from inside a sweep trial, whose
+    placement group holds no CPUs: tasks would join it by default and never fit."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return ray.remote(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_calls=1,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )(fn)

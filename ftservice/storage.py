@@ -113,9 +113,10 @@ def read_text(location: str) -> str:
 
 
 def write_text(location: str, text: str) -> None:
-    """One object (or a local file, replaced atomically)."""
+    """One object (or a local file, replaced atomically; its folder made if missing)."""
     local = local_path(location)
     if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, local)
