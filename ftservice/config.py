@@ -106,6 +106,23 @@ class CurateSpec(Spec):
     )
 
 
+class ReplaySpec(Spec):
+    prompts: str = Field(
+        "data/general/replay.jsonl",
+        description="General prompts the base model answers once; its answers are mixed into "
+        "training so the tuned model keeps answering as the base did.",
+    )
+    ratio: float = Field(
+        0.2, gt=0, lt=1, description="Share of the training examples that are replay examples."
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Longest base answer to a replay prompt.")
+    cache: str | None = Field(
+        None,
+        description="Folder (or URI) of the cached base answers, one file per fingerprint of "
+        "base model, prompts and settings; default: <output.storage_path>/replay.",
+    )
+
+
 class DataSpec(Spec):
     train: list[str] = Field(
         default_factory=lambda: ["data/domain/train.jsonl"],
@@ -135,6 +152,11 @@ class DataSpec(Spec):
     )
     curate: CurateSpec = Field(
         default_factory=CurateSpec, description="Curation steps of `ftservice data curate`."
+    )
+    replay: ReplaySpec | None = Field(
+        None,
+        description="Replay of the base model's own answers to general prompts, against "
+        "forgetting (SFT).",
     )
 
 
@@ -199,6 +221,13 @@ class TrainSpec(Spec):
         description="SFT with adapters: run the LM head only on tokens that have a label, in "
         "the training dtype, with its input gradient made in the same pass (TRL's head "
         "otherwise, and always when the head is trained).",
+    )
+    kl_to_base: float = Field(
+        0.0,
+        ge=0,
+        description="SFT with adapters and data.replay: weight of KL(base || tuned) on the "
+        "replay answers' tokens, added to the loss; the base is the same model with its "
+        "adapter disabled, run in the same step. 0: off.",
     )
     logging_steps: int = Field(1, ge=1, description="Report metrics every this many steps.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
@@ -483,6 +512,32 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
                 "data.packing: true, or train.attention: auto.",
             )
         )
+    if spec.data.replay is not None and spec.stage != "sft":
+        problems.append(
+            Problem(
+                "data.replay",
+                f"replay mixes the base's answers into SFT data, and stage is '{spec.stage}'; "
+                "remove data.replay (or replay in the SFT run this one starts from).",
+            )
+        )
+    if spec.train.kl_to_base > 0:
+        if spec.method not in ("lora", "qlora") or spec.stage != "sft":
+            problems.append(
+                Problem(
+                    "train.kl_to_base",
+                    f"the KL term's base is the adapter-disabled model, and this is "
+                    f"{spec.method} {spec.stage}; use it with method: lora or qlora and "
+                    "stage: sft, or set train.kl_to_base: 0.",
+                )
+            )
+        if spec.data.replay is None:
+            problems.append(
+                Problem(
+                    "train.kl_to_base",
+                    "the KL term is taken on replay tokens and data.replay is not set; add "
+                    "data.replay: {ratio: 0.2}, or set train.kl_to_base: 0.",
+                )
+            )
     if spec.train.warmup_ratio >= 1:
         problems.append(
             Problem(

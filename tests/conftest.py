@@ -42,10 +42,16 @@ def builtin_model():
 
 
 def make_tiny_llama(
-    folder: Path, tokenizer_from: Path, seed: int = 0, head_dim: int | None = None
+    folder: Path,
+    tokenizer_from: Path,
+    seed: int = 0,
+    head_dim: int | None = None,
+    initializer_range: float = 0.02,
 ) -> Path:
     """A 2-layer random-init Llama with the SmolLM2 tokenizer, saved as safetensors.
-    `head_dim`: wider heads than hidden/heads (vLLM's CPU attention wants 64 or more)."""
+    `head_dim`: wider heads than hidden/heads (vLLM's CPU attention wants 64 or more);
+    `initializer_range`: 0.1 gives a model whose greedy answers are words (at 0.02 they are
+    newlines only)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -60,6 +66,7 @@ def make_tiny_llama(
         max_position_embeddings=512,
         **({"head_dim": head_dim} if head_dim else {}),
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -43,6 +43,9 @@ class WorkerConfig(Record):
     max_steps: int | None = None
     pause_at: list[int] | None = Field(None, description="A sweep's rungs to stop at.")
     parent: ParentRef | None = None
+    replay: str | None = Field(
+        None, description="The cached base answers to mix in (data.replay), folder or URI."
+    )
 
 
 class PeakMemory(Strict):

@@ -30,6 +30,7 @@ from ftservice.data.loaders import DataError, TrainingInputs, load_rows, trainin
 from ftservice.errors import FtserviceError
 from ftservice.evaluate import eval_placement, evaluate_artifact_folder
 from ftservice.models import ResolvedModel, portable_name, resolve_model
+from ftservice.raycluster import own_task
 from ftservice.train import worker
 from ftservice.train.common import (
     FINAL,
@@ -39,6 +40,7 @@ from ftservice.train.common import (
     WorkerConfig,
     cpu_threads,
 )
+from ftservice.train.replay import ensure_replay
 
 STAGE_KINDS = {"sft": {"chat", "text"}, "dpo": {"preference"}}
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # the checkpoints Ray Train holds
@@ -158,6 +160,7 @@ def _trainer(
     max_steps,
     callbacks: list | None = None,
     pause_at: list[int] | None = None,
+    replay: str | None = None,
 ):
     # Workers stay in the job's working directory (the project folder, or the working_dir
     # that `ftservice submit` uploaded), so the spec's relative data paths mean the same
@@ -179,6 +182,7 @@ def _trainer(
             staging=storage.join(runs, name, "staging"),
             max_steps=max_steps,
             pause_at=pause_at,
+            replay=replay,
             parent=ParentRef(name=parent.name, location=_absolute(parent.location))
             if parent
             else None,
@@ -215,11 +219,9 @@ def evaluate_remote(spec: JobSpec, artifact: Artifact, base: ResolvedModel, limi
     import ray
 
     placement = eval_placement(spec)
-    task = ray.remote(
-        num_cpus=spec.scaling.cpus_per_worker, num_gpus=placement["gpus"], max_calls=1
-    )
+    task = own_task(evaluate_artifact_folder, spec.scaling.cpus_per_worker, placement["gpus"])
     return ray.get(
-        task(evaluate_artifact_folder).remote(
+        task.remote(
             _absolute(artifact.location),
             str(base.path),
             spec.method in ("lora", "qlora"),
@@ -230,6 +232,7 @@ def evaluate_remote(spec: JobSpec, artifact: Artifact, base: ResolvedModel, limi
             spec.data.system_prompt,
             cpu_threads(spec),
             placement,
+            base.fingerprint,
         )
     )
 
@@ -314,12 +317,18 @@ def train(
     storage.remove_tree(staged_at)
     if storage.local_path(runs) is not None:
         Path(staged_at).mkdir(parents=True)
+    replay = ensure_replay(spec, base) if spec.data.replay else None
     print(
         f"ftservice: training {name}: {spec.method} {spec.stage} of {spec.model.name} on "
-        f"{len(inputs.rows)} examples, {spec.scaling.num_workers} worker(s)",
+        f"{len(inputs.rows)} examples"
+        + (f" and replay of {replay.examples} base answers" if replay else "")
+        + f", {spec.scaling.num_workers} worker(s)",
         file=sys.stderr,
     )
-    result = _trainer(spec, base, parent, name, runs, max_steps, callbacks, pause_at).fit()
+    result = _trainer(
+        spec, base, parent, name, runs, max_steps, callbacks, pause_at,
+        replay=_absolute(replay.location) if replay else None,
+    ).fit()  # fmt: skip
     if result.error is not None:
         raise result.error
     staging = _fetch_staging(staged_at)
@@ -340,6 +349,13 @@ def train(
         "preference": preference_metrics(logs),
         "best_eval_loss": min((h["eval_loss"] for h in logs if "eval_loss" in h), default=None),
         "peak_memory_rank0": history.peak_memory.model_dump(),
+        "replay": {
+            "fingerprint": replay.fingerprint,
+            "location": replay.location,
+            "examples": replay.examples,
+        }
+        if replay
+        else None,
         "partition": history.model_dump(
             include={"parameters_local", "parameters_total", "world_size"}
         ),

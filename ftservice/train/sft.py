@@ -1,8 +1,9 @@
 """Supervised fine-tuning recipe: TRL's SFTTrainer, run by the Ray Train worker (`worker.py`).
 
-Reads top to bottom: rows from the data files; tokenised with the chat template (loss on
-assistant tokens); SFTConfig from the spec (packing where asked); the trainer on the model
-the method asks for.
+Reads top to bottom: rows from the data files, with the base's replayed answers mixed in
+where the spec asks (`replay.py`); tokenised with the chat template (loss on assistant
+tokens); SFTConfig from the spec (packing where asked); the trainer on the model the method
+asks for, with the KL to the base on replay tokens where asked (`kl_to_base.py`).
 """
 
 from __future__ import annotations
@@ -13,66 +14,87 @@ from ftservice.data.tokenize import tokenize_chat
 from ftservice.models import build_model, device_map
 from ftservice.train.attention import use_document_attention
 from ftservice.train.common import training_arguments
+from ftservice.train.kl_to_base import REPLAY, KLToBaseTrainer, ReplayMarks, pack_with_marks
 from ftservice.train.lm_head import label_only_head
+from ftservice.train.replay import mix_replay, replay_rows
 
 
-def tokenized(rows: list[dict], tokenizer, max_length: int, completion_only: bool):
-    """A datasets.Dataset of input_ids and labels (-100 where no loss)."""
+def tokenized(
+    rows: list[dict], tokenizer, max_length: int, completion_only: bool, marks: bool = False
+):
+    """A datasets.Dataset of input_ids and labels (-100 where no loss); with `marks`, a
+    `replay` column too (1 on every token of a replay example)."""
     from datasets import Dataset
 
     records = []
     for row in rows:
         if row["kind"] == "text":
             ids = tokenizer(row["text"], add_special_tokens=True)["input_ids"][:max_length]
-            records.append({"input_ids": ids, "labels": list(ids)})
+            record = {"input_ids": ids, "labels": list(ids)}
         else:
             out = tokenize_chat(tokenizer, row["messages"], max_length, completion_only)
-            records.append({"input_ids": out["input_ids"], "labels": out["labels"]})
+            record = {"input_ids": out["input_ids"], "labels": out["labels"]}
+        if marks:
+            record[REPLAY] = [int(row.get("replay", False))] * len(record["input_ids"])
+        records.append(record)
     return Dataset.from_list(records)
 
 
-def sft_config(spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: bool):
+def sft_config(
+    spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: bool, packed: bool = False
+):
+    """`packed`: the rows are packed already (with their replay marks), padding-free."""
     from trl import SFTConfig
 
     return SFTConfig(
         **training_arguments(spec, output_dir, max_steps, has_eval),
-        max_length=spec.data.max_seq_length,
+        max_length=None if packed else spec.data.max_seq_length,
         # bfd packing is padding-free: examples are concatenated with restarting position_ids
         # and no attention mask, from which transformers builds a block-diagonal mask (sdpa,
         # eager) or varlen boundaries (flash attention); no example attends to another
-        packing=spec.data.packing,
+        packing=spec.data.packing and not packed,
+        padding_free=packed,
         packing_strategy="bfd",
         remove_unused_columns=False,
     )
 
 
 def sft_trainer(
-    spec, model_ref, parent, tokenizer, work, max_steps, callbacks, shared_dir=None, device=None
-):
+    spec, model_ref, parent, tokenizer, work, max_steps, callbacks, shared_dir=None, device=None,
+    replay: str | None = None,
+):  # fmt: skip
     """SFTTrainer on already tokenised data (TRL uses input_ids + labels as they are);
     `device`: where the worker's model goes (the Trainer moves a plain model, but never a
-    4-bit one: it must be loaded there)."""
+    4-bit one: it must be loaded there); `replay`: the cached base answers to mix in."""
     from trl import SFTTrainer
 
-    d = spec.data
-    train_ds = tokenized(
-        load_rows(d.train, d.format, d.system_prompt), tokenizer, d.max_seq_length,
-        d.completion_only_loss,
-    )  # fmt: skip
+    d, kl = spec.data, spec.train.kl_to_base > 0
+    rows = load_rows(d.train, d.format, d.system_prompt)
+    if replay:
+        rows = mix_replay(rows, replay_rows(replay), d.replay.ratio, spec.train.seed)
+    train_ds = tokenized(rows, tokenizer, d.max_seq_length, d.completion_only_loss, marks=kl)
     eval_ds = None
     if d.eval:
         eval_ds = tokenized(
             load_rows(d.eval, d.format, d.system_prompt, "eval")[: d.max_eval_samples], tokenizer,
-            d.max_seq_length, d.completion_only_loss,
+            d.max_seq_length, d.completion_only_loss, marks=kl,
         )  # fmt: skip
-    trainer = SFTTrainer(
+    packed = kl and d.packing  # the marks must be packed with their tokens: packed here
+    if packed:
+        train_ds = pack_with_marks(train_ds, d.max_seq_length, spec.train.seed)
+        if eval_ds is not None:
+            eval_ds = pack_with_marks(eval_ds, d.max_seq_length, spec.train.seed)
+    trainer = (KLToBaseTrainer if kl else SFTTrainer)(
         model=build_model(spec, model_ref, device_map(device)),
-        args=sft_config(spec, work, max_steps, eval_ds is not None),
+        args=sft_config(spec, work, max_steps, eval_ds is not None, packed),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    if kl:
+        trainer.kl_to_base = spec.train.kl_to_base
+        trainer.data_collator = ReplayMarks(trainer.data_collator)
     model = trainer.model
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if spec.train.label_only_head:

@@ -8,6 +8,7 @@ driver publishes from.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -62,7 +63,10 @@ def train_loop(config: dict) -> None:
     pause_steps = cfg.pause_at or []
     pause = PauseAtRung(pause_steps, scored)
     callbacks = [guard, pause, RayTrainReportCallback()]
-    build = dpo.dpo_trainer if spec.stage == "dpo" else sft.sft_trainer
+    if spec.stage == "dpo":
+        build = dpo.dpo_trainer
+    else:
+        build = functools.partial(sft.sft_trainer, replay=cfg.replay)
     parent = cfg.parent.model_dump() if cfg.parent else None
     local_staging = storage.local_path(cfg.staging)
     # where every rank sees the same files (ZeRO-3 DPO's precomputed reference): the run's
