@@ -121,6 +121,28 @@ class SchedulerSpec(Spec):
     reduction_factor: float = Field(2, gt=1, description="η: a rung promotes its top 1/η.")
 
 
+class TrialEvalSpec(Spec):
+    domain: str | None = Field(
+        None, description="Validation questions: each trial's domain score (never eval.domain)."
+    )
+    general: str | None = Field(
+        None, description="Validation prompts: each trial's drift, KL(base || tuned)."
+    )
+    limit: int | None = Field(None, ge=1, description="Only the first N of each set.")
+
+
+class SelectionSpec(Spec):
+    rule: Literal["metric", "least_drift"] = Field(
+        "metric",
+        description="metric: the trial with the best scheduler.metric; least_drift: of the "
+        "trials whose validation domain score is within `tolerance` of the best one, the one "
+        "that drifts least from its base (needs trial_eval.domain and trial_eval.general).",
+    )
+    tolerance: float = Field(
+        0.02, ge=0, le=1, description="least_drift: domain score below the best still kept."
+    )
+
+
 class SweepSpec(Spec):
     name: str = Field("sweep", pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Sweep name.")
     base: str = Field(description="Job spec the trials start from (path, relative to cwd).")
@@ -141,6 +163,14 @@ class SweepSpec(Spec):
     output_dir: str = Field("sweeps", description="Where sweeps keep trials and reports.")
     keep_artifacts: Literal["all", "best"] = Field(
         "all", description="Trial artifacts kept once the sweep ends: all, or the best only."
+    )
+    trial_eval: TrialEvalSpec | None = Field(
+        None,
+        description="Evaluate every finished trial on validation sets (domain score, drift): "
+        "what selection.rule least_drift ranks on, and what pareto.png draws.",
+    )
+    selection: SelectionSpec = Field(
+        default_factory=SelectionSpec, description="How the best trial is chosen."
     )
     evaluate_best: bool = Field(
         True,
@@ -171,7 +201,25 @@ def _selection_problems(sweep: SweepSpec) -> list[Problem]:
     field = "overrides.data.eval" if "data.eval" in sweep.overrides else "base"
     found = selection_problem(field, [str(f) for f in selection], domain,
                               "the trials are ranked on data.eval, and ")  # fmt: skip
-    return [found] if found else []
+    problems = [found] if found else []
+    te = sweep.trial_eval
+    if te is not None and te.domain is not None:
+        found = selection_problem("trial_eval.domain", [te.domain], domain,
+                                  "the trials are ranked on trial_eval.domain, and ")  # fmt: skip
+        problems += [found] if found else []
+    return problems
+
+
+def _rule_problems(sweep: SweepSpec) -> list[Problem]:
+    te = sweep.trial_eval
+    if sweep.selection.rule == "least_drift" and (te is None or not (te.domain and te.general)):
+        return [Problem(
+            "selection.rule",
+            "least_drift ranks trials on their validation domain score and drift, and "
+            "trial_eval does not give both sets; add trial_eval: {domain: "
+            "data/domain/valid.jsonl, general: data/general/valid.jsonl}, or rule: metric.",
+        )]  # fmt: skip
+    return []
 
 
 def load_sweep(path: str) -> tuple[SweepSpec, dict]:
@@ -179,7 +227,9 @@ def load_sweep(path: str) -> tuple[SweepSpec, dict]:
     job spec's schema: a value of each dimension must make a valid job spec. A problem with
     the sweep file itself is a SpecError naming its field and line."""
     data, lines = read_yaml(path, "sweep spec")
-    sweep = validate_spec(SweepSpec, data, path, lines, None, _selection_problems)
+    sweep = validate_spec(
+        SweepSpec, data, path, lines, None, lambda s: _selection_problems(s) + _rule_problems(s)
+    )
     base_spec = load_spec(
         sweep.base, [_override(k, v) for k, v in sweep.overrides.items()], check_inputs=True
     )
@@ -291,11 +341,14 @@ def run_trial(config: dict) -> None:
     spec = trial_spec(base, sweep, config, trial_id, root)
     metric = sweep.scheduler.metric
     report = MetricFirstReportCallback([metric, "step"])  # the live table
+    # a metric of the validation after training is in no worker's report, and Tune refuses
+    # results without it: then only the trial's final result goes to Tune
+    forward = [] if metric in VALIDATION else [report]
     while True:
         done = promoted_from(root / ASHA_STATE, trial_id)
         wait_at = [step for step in rungs(sweep, spec) if step not in done]
         try:
-            result = run_training(spec, evaluate=False, callbacks=[report], pause_at=wait_at)
+            result = run_training(spec, evaluate=False, callbacks=forward, pause_at=wait_at)
         except TrainingDiverged as e:
             worst = math.inf if sweep.scheduler.mode == "min" else -math.inf
             tune.report({metric: worst, "diverged": True, "diverged_step": e.step})
@@ -311,14 +364,37 @@ def run_trial(config: dict) -> None:
         while result.paused_at not in promoted_from(root / ASHA_STATE, trial_id):
             time.sleep(0.5)
     m = result.artifact.meta.metrics
+    final = {metric: m.get("best_" + metric, math.nan)}
+    if sweep.trial_eval is not None:
+        final |= validate_trial(spec, sweep.trial_eval, result.artifact)
     tune.report(
-        {
-            sweep.scheduler.metric: m.get("best_" + sweep.scheduler.metric, math.nan),
+        final
+        | {
             "finished": True,  # not "done": Tune sets that on every trial's last result
             "artifact": result.artifact.location,
             "global_step": m["global_step"],
         }
     )
+
+
+VALIDATION = ("valid_domain_score", "valid_domain_loss", "valid_kl", "valid_perplexity")
+
+
+def validate_trial(spec: JobSpec, te: TrialEvalSpec, artifact) -> dict:
+    """A finished trial's numbers on the validation sets (as a Ray task, placed as its
+    workers were): its domain score and loss, and its drift from the base."""
+    eval_spec = spec.model_copy(
+        update={"eval": spec.eval.model_copy(update={"domain": te.domain, "general": te.general})}
+    )
+    ev = evaluate_remote(eval_spec, artifact, resolve_model(spec.model), te.limit)
+    out = {}
+    if "domain" in ev:
+        out |= {"valid_domain_score": ev["domain"]["accuracy"],
+                "valid_domain_loss": ev["domain"]["loss"]}  # fmt: skip
+    if "forgetting" in ev:
+        f = ev["forgetting"]
+        out |= {"valid_kl": f["kl_from_base"], "valid_perplexity": f["perplexity_tuned"]}
+    return out
 
 
 def concurrency(base: JobSpec, sweep: SweepSpec) -> int:
@@ -517,11 +593,14 @@ def trial_records(root: Path, sweep: SweepSpec) -> list[dict]:
             state = "errored"
         else:
             state = "stopped early" if rows or curve else "not started"
+        finished = next((r for r in rows if r.get("finished")), {})
+        validation = {k: finished[k] for k in VALIDATION if k in finished}
         records.append(
             {
                 "trial": trial_id,
                 "params": params,
                 "state": state,
+                "validation": validation or None,
                 "best": best,
                 "reports": len(curve),
                 "curve": curve,
@@ -543,6 +622,7 @@ class TrialRecord(Strict):
     curve: list[tuple[int, float | str | None]]
     artifact: str | None
     error: str | None
+    validation: dict[str, float] | None = None
 
 
 class SweepSummary(Record):
@@ -556,11 +636,50 @@ class SweepSummary(Record):
     best: TrialRecord | None
     # the best trial's evaluation on the held-out sets (the only trial evaluated on them)
     held_out: dict[str, Any] | None = None
+    selection: str | None = None
+    """How the best trial was chosen, in words."""
+
+
+def least_drift(records: list[dict], tolerance: float) -> tuple[dict | None, str]:
+    """Of the trials whose validation domain score is within `tolerance` of the best one,
+    the one with the least KL to its base (ties: the higher score)."""
+    done = [r for r in records if r["validation"] and "valid_kl" in r["validation"]
+            and "valid_domain_score" in r["validation"]]  # fmt: skip
+    if not done:
+        return None, "no trial has validation numbers"
+    top = max(r["validation"]["valid_domain_score"] for r in done)
+    near = [r for r in done if r["validation"]["valid_domain_score"] >= top - tolerance - 1e-9]
+    best = min(near, key=lambda r: (r["validation"]["valid_kl"],
+                                    -r["validation"]["valid_domain_score"]))  # fmt: skip
+    v = best["validation"]
+    return best, (
+        f"least drift within {tolerance * 100:g} points of the best validation domain score "
+        f"({top:.1%}): trial {best['trial']}, {v['valid_domain_score']:.1%} at KL "
+        f"{v['valid_kl']:.3f} ({len(near)} of {len(done)} trials within reach)"
+    )
+
+
+def pareto_front(records: list[dict]) -> list[dict]:
+    """The trials no other trial beats on both validation domain score (higher) and KL
+    (lower), by KL."""
+    done = [r for r in records if r["validation"] and "valid_kl" in r["validation"]
+            and "valid_domain_score" in r["validation"]]  # fmt: skip
+
+    def point(r):
+        return r["validation"]["valid_kl"], r["validation"]["valid_domain_score"]
+
+    front = [r for r in done if not any(
+        point(o)[0] <= point(r)[0] and point(o)[1] >= point(r)[1] and point(o) != point(r)
+        for o in done)]  # fmt: skip
+    return sorted(front, key=point)
 
 
 def write_results(root: Path, sweep: SweepSpec) -> dict:
     records = trial_records(root, sweep)
     best = records[0] if records and records[0]["best"] is not None else None
+    selection = f"best {sweep.scheduler.metric}" if best else None
+    if sweep.selection.rule == "least_drift":
+        best, selection = least_drift(records, sweep.selection.tolerance)
     artifact = best_artifact(best)
     summary = SweepSummary(
         sweep=sweep.name,
@@ -569,12 +688,50 @@ def write_results(root: Path, sweep: SweepSpec) -> dict:
         trials=records,
         best=best,
         held_out=artifact.meta.metrics.get("evaluation") if artifact else None,
+        selection=selection,
     )
     summary.write(root / RESULTS)
     summary = summary.model_dump(mode="json")
     plot_heatmap(records, sweep, root / "heatmap.png")
     plot_curves(records, sweep, root / "curves.png")
+    if any(r["validation"] for r in records):
+        plot_pareto(records, best, sweep, root / "pareto.png")
     return summary
+
+
+def plot_pareto(records: list[dict], best: dict | None, sweep: SweepSpec, path: Path) -> None:
+    """Validation domain score against drift (KL to the base), a point per trial, the
+    Pareto front joined, the chosen trial ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in records if r["validation"] and "valid_kl" in r["validation"]
+            and "valid_domain_score" in r["validation"]]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in done:
+        v = r["validation"]
+        ax.scatter(v["valid_kl"], 100 * v["valid_domain_score"], color="tab:blue", zorder=3)
+        label = ", ".join(f"{k.split('.')[-1]}={_short(x)}" for k, x in r["params"].items())
+        ax.annotate(label, (v["valid_kl"], 100 * v["valid_domain_score"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    front = pareto_front(records)
+    if front:
+        ax.plot([r["validation"]["valid_kl"] for r in front],
+                [100 * r["validation"]["valid_domain_score"] for r in front],
+                color="tab:orange", label="Pareto front", zorder=2)  # fmt: skip
+    if best is not None and best.get("validation"):
+        v = best["validation"]
+        ax.scatter(v["valid_kl"], 100 * v["valid_domain_score"], s=250, facecolors="none",
+                   edgecolors="tab:red", linewidths=2, label="chosen", zorder=4)  # fmt: skip
+    ax.set_xlabel("KL(base ‖ tuned), nats/token, validation prompts (lower: less drift)")
+    ax.set_ylabel("domain score on validation questions (%)")
+    ax.set_title(f"{sweep.name}: domain score against drift")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_heatmap(records: list[dict], sweep: SweepSpec, path: Path) -> None:
