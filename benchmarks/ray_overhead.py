@@ -39,6 +39,7 @@ def run(workers: int, steps: int, tmp: Path) -> dict:
         sys.executable, "-m", "ftservice", "train", str(SPEC), "--no-evaluate", "--json",
         "--max-steps", str(steps), f"scaling.num_workers={workers}", f"name=w{workers}",
         f"output.registry={tmp / 'artifacts'}", f"output.storage_path={tmp / 'runs'}",
+        "data.replay=null", "train.kl_to_base=0",  # the SFT alone, as measured before
     ]  # fmt: skip
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)

@@ -32,6 +32,9 @@ from _measure import json_output
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "cluster/jobs/quickstart.yaml"
+# the quickstart's SFT alone: its replay and KL-to-base term (benchmarks/forgetting.py) are
+# left out, so that the peers train on the same data with the same loss
+PLAIN_SFT = ["data.replay=null", "train.kl_to_base=0"]
 THREADS = 2
 
 
@@ -75,7 +78,7 @@ def peer(model_path: str, out: str, epochs: float, our_settings: bool) -> dict:
     from ftservice.data.loaders import load_rows
 
     torch.set_num_threads(THREADS)
-    spec = load_spec(SPEC)
+    spec = load_spec(SPEC, PLAIN_SFT)
     rows = load_rows(spec.data.train, system_prompt=spec.data.system_prompt)
     dataset = Dataset.from_list([{"messages": r["messages"]} for r in rows])
     ours = {
@@ -133,7 +136,8 @@ def ours(tmp: Path, epochs: float, overrides: list[str]) -> dict:
     cmd = [
         sys.executable, "-m", "ftservice", "train", str(SPEC), "--no-evaluate", "--json",
         f"train.epochs={epochs}", f"output.registry={registry}",
-        f"output.storage_path={tmp / 'runs'}", "checkpoint.every_steps=100000", *overrides,
+        f"output.storage_path={tmp / 'runs'}", "checkpoint.every_steps=100000", *PLAIN_SFT,
+        *overrides,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if done.returncode != 0:

@@ -73,6 +73,8 @@ def train(tmp: Path, steps: int, name: str, *overrides: str, full: bool = False)
     import yaml
 
     spec = yaml.safe_load(SPEC.read_text())
+    spec["data"].pop("replay", None)  # the SFT alone (replay and its KL term left out)
+    spec["train"].pop("kl_to_base", None)
     if full:
         spec.pop("lora")
         spec["method"] = "full"

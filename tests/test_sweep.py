@@ -316,3 +316,70 @@ def test_a_trial_is_tracked_in_the_sweeps_experiment_with_its_trial_tag(tmp_path
     spec = trial_spec(base, sweep, {"lora.r": 2}, "abc_00001", tmp_path / "sw")
     assert spec.lora.r == 2 and spec.tracking.experiment == "tiny-sweep"
     assert spec.tracking.tags == {"ftservice.sweep": "tiny-sweep", "ftservice.trial": "abc_00001"}
+
+
+def test_a_forgetting_sweep_picks_the_least_drift_near_the_best_score_and_draws_the_front(
+    tmp_path, base_spec, cli_env, builtin_model
+):
+    from conftest import make_tiny_llama
+
+    # a tiny model whose answers are words, so that its drift on the prompts is measurable
+    chatty = make_tiny_llama(tmp_path / "chatty", builtin_model.path, initializer_range=0.1)
+    spec = yaml.safe_load(base_spec.read_text())
+    spec["model"]["name"] = str(chatty)
+    base_spec.write_text(yaml.safe_dump(spec))
+    general = tmp_path / "data" / "general.jsonl"
+    lines = (REPO / "data/general/valid.jsonl").read_text().splitlines()[:6]
+    general.write_text("\n".join(lines) + "\n")
+    domain = REPO / "data/domain/valid.jsonl"
+    sweep = write_sweep(
+        tmp_path, base_spec, {"train.learning_rate": {"grid": [1e-4, 3e-3, 3e-2]}},
+        overrides={"data.eval": [], "eval.every_steps": None},
+        scheduler={"type": "fifo", "metric": "valid_domain_score", "mode": "max"},
+        trial_eval={"domain": str(domain), "general": str(general), "limit": 4},
+        selection={"rule": "least_drift", "tolerance": 0.5}, max_concurrent=1,
+    )  # fmt: skip
+    done = ftservice(cli_env, "sweep", str(sweep))
+    assert done.returncode == 0, done.stderr[-4000:]
+    root = tmp_path / "sweeps" / "tiny-sweep"
+    summary = json.loads((root / "sweep.json").read_text())
+    trials = summary["trials"]
+    assert [t["state"] for t in trials] == ["completed"] * 3
+    scores = {t["trial"]: t["validation"]["valid_domain_score"] for t in trials}
+    drift = {t["trial"]: t["validation"]["valid_kl"] for t in trials}
+    assert len(set(drift.values())) == 3 and min(drift.values()) > 0  # each drifted its own
+    near = [t for t in scores if scores[t] >= max(scores.values()) - 0.5]
+    assert summary["best"]["trial"] == min(near, key=drift.get)
+    assert "least drift within 50 points" in summary["selection"]
+    assert (root / "pareto.png").stat().st_size > 10_000
+    report = ftservice(cli_env, "sweep", "report", str(root))
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "chosen: least drift" in report.stdout and "valid_kl" in report.stdout
+
+
+def test_a_forgetting_sweep_is_refused_without_its_validation_sets(tmp_path, base_spec):
+    spec = yaml.safe_load(base_spec.read_text())
+    spec["eval"]["domain"] = str(REPO / "data/domain/eval.jsonl")  # the held-out questions
+    base_spec.write_text(yaml.safe_dump(spec))
+    bare = write_sweep(tmp_path, base_spec, {"lora.r": {"grid": [2, 4]}},
+                       selection={"rule": "least_drift"})  # fmt: skip
+    with pytest.raises(SpecError) as e:
+        load_sweep(str(bare))
+    assert "selection.rule" in str(e.value) and "trial_eval" in str(e.value)
+    held_out = write_sweep(
+        tmp_path, base_spec, {"lora.r": {"grid": [2, 4]}},
+        trial_eval={"domain": str(REPO / "data/domain/eval.jsonl"),
+                    "general": str(REPO / "data/general/valid.jsonl")},
+    )  # fmt: skip
+    with pytest.raises(SpecError) as e:
+        load_sweep(str(held_out))
+    assert "trial_eval.domain" in str(e.value) and "held-out domain set" in str(e.value)
+
+
+def test_the_shipped_forgetting_sweep_is_valid():
+    sweep, base = load_sweep(str(REPO / "tune/forgetting.yaml"))
+    assert sweep.scheduler.type == "fifo" and sweep.selection.rule == "least_drift"
+    assert sweep.trial_eval.domain == "data/domain/valid.jsonl"
+    assert sweep.trial_eval.general == "data/general/valid.jsonl"
+    assert set(sweep.space) == {"data.replay.ratio", "train.kl_to_base"}
+    assert base["data"]["replay"]["prompts"] == "data/general/replay.jsonl"
