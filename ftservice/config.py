@@ -227,7 +227,8 @@ class TrainSpec(Spec):
         ge=0,
         description="SFT with adapters and data.replay: weight of KL(base || tuned) on the "
         "replay answers' tokens, added to the loss; the base is the same model with its "
-        "adapter disabled, run in the same step. 0: off.",
+        "adapter disabled, run in the same step. Replay examples then teach through this "
+        "term alone (no cross-entropy on them). 0: off (replay examples are plain SFT data).",
     )
     logging_steps: int = Field(1, ge=1, description="Report metrics every this many steps.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(

@@ -17,7 +17,7 @@ from ftservice.evaluate import _prompt, answer_stats, generate, load_prompts, re
 from ftservice.models import load_causal_lm, load_tokenizer, resolve_model
 from ftservice.train import sft
 from ftservice.train.driver import train
-from ftservice.train.kl_to_base import KLToBase
+from ftservice.train.kl_to_base import ANSWER, KLToBase
 from ftservice.train.replay import base_answers, ensure_replay, mix_replay, replay_rows
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,10 +178,11 @@ def test_the_kl_term_is_exactly_zero_for_an_adapter_whose_b_is_zero(
     spec.data.packing = packing
     trainer = kl_trainer(spec, chatty, replay_file, tmp_path, 1)
     batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()]
-    replayed = [
-        b for b in batches if (b["replay"][:, 1:].bool() & (b["labels"][:, 1:] != -100)).any()
-    ]
+    replayed = [b for b in batches if (b["replay"][:, 1:] == ANSWER).any()]
     assert 0 < len(replayed) < len(batches), "some batches hold replay answers, some none"
+    for b in batches:  # replay tokens teach through the KL alone: no cross-entropy label
+        assert (b["labels"][b["replay"].bool()] == -100).all()
+    assert sum(int((b["labels"][b["replay"] == 0] != -100).sum()) for b in batches) > 0
 
     def kl_of(batch) -> float:
         with trainer.compute_loss_context_manager():

@@ -1,9 +1,13 @@
 """KL(base ‖ tuned) on the replay tokens, in the training step (`train.kl_to_base`).
 
 Reads top to bottom:
-- the replay examples carry a `replay` mark on each of their tokens; packing them (TRL's
-  best-fit-decreasing packing, done here so that the mark is packed with the tokens) and
-  collating keep the mark beside the labels;
+- the replay examples carry a `replay` mark on each of their tokens (ANSWER on the tokens of
+  the base's answer, PROMPT on the rest) and no cross-entropy label: they teach through the
+  KL term alone, since the cross-entropy on the base's greedy answer pulls towards a
+  sharpened copy of the base (the forgetting sweep's `kl_to_base: 0` trials), the KL
+  towards its whole distribution; packing them (TRL's best-fit-decreasing packing, done
+  here so that the mark is packed with the tokens) and collating keep the mark beside the
+  labels;
 - the step runs TRL's SFT loss as usual, and a hook on the model's body keeps its last
   hidden states;
 - the base is the same model with its adapter disabled (no second copy): it runs, without
@@ -25,7 +29,8 @@ from trl import SFTTrainer
 
 from ftservice.train.lm_head import CHUNK_TOKENS, compute_dtype
 
-REPLAY = "replay"  # the per-token mark column (1 on every token of a replay example)
+REPLAY = "replay"  # the per-token mark column: 0 off replay examples, else PROMPT or ANSWER
+PROMPT, ANSWER = 1, 2
 
 
 class KLToBase(torch.autograd.Function):
@@ -128,9 +133,8 @@ class KLToBaseTrainer(SFTTrainer):
     def replay_hidden(peft_model, body, inputs, marks, hidden):
         """(tuned, base) last hidden states at the positions that predict a replay answer
         token; the base runs on the replay examples alone, adapter disabled, no gradient."""
-        labels = inputs["labels"]
+        predicts = marks[:, 1:] == ANSWER  # position p predicts token p+1
         marks = marks.bool()
-        predicts = (labels[:, 1:] != -100) & marks[:, 1:]  # position p predicts token p+1
         if not predicts.any():
             empty = hidden.new_zeros((0, hidden.size(-1)))
             return empty, empty

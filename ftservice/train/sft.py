@@ -14,7 +14,14 @@ from ftservice.data.tokenize import tokenize_chat
 from ftservice.models import build_model, device_map
 from ftservice.train.attention import use_document_attention
 from ftservice.train.common import training_arguments
-from ftservice.train.kl_to_base import REPLAY, KLToBaseTrainer, ReplayMarks, pack_with_marks
+from ftservice.train.kl_to_base import (
+    ANSWER,
+    PROMPT,
+    REPLAY,
+    KLToBaseTrainer,
+    ReplayMarks,
+    pack_with_marks,
+)
 from ftservice.train.lm_head import label_only_head
 from ftservice.train.replay import mix_replay, replay_rows
 
@@ -23,7 +30,7 @@ def tokenized(
     rows: list[dict], tokenizer, max_length: int, completion_only: bool, marks: bool = False
 ):
     """A datasets.Dataset of input_ids and labels (-100 where no loss); with `marks`, a
-    `replay` column too (1 on every token of a replay example)."""
+    `replay` column too (on a replay example's tokens PROMPT or ANSWER, and no CE label)."""
     from datasets import Dataset
 
     records = []
@@ -34,21 +41,27 @@ def tokenized(
         else:
             out = tokenize_chat(tokenizer, row["messages"], max_length, completion_only)
             record = {"input_ids": out["input_ids"], "labels": out["labels"]}
-        if marks:
-            record[REPLAY] = [int(row.get("replay", False))] * len(record["input_ids"])
+        if marks and row.get("replay"):  # taught through the KL term alone, not the CE
+            record[REPLAY] = [ANSWER if t != -100 else PROMPT for t in record["labels"]]
+            record["labels"] = [-100] * len(record["labels"])
+        elif marks:
+            record[REPLAY] = [0] * len(record["input_ids"])
         records.append(record)
     return Dataset.from_list(records)
 
 
 def sft_config(
-    spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: bool, packed: bool = False
+    spec: JobSpec, output_dir: str, max_steps: int | None, has_eval: bool, marked: bool = False
 ):
-    """`packed`: the rows are packed already (with their replay marks), padding-free."""
+    """`marked`: the rows carry replay marks, so TRL must keep them as they are (they are
+    truncated already; TRL would drop replay examples, which have no CE label); they are
+    packed already where the spec packs, padding-free."""
     from trl import SFTConfig
 
+    packed = marked and spec.data.packing
     return SFTConfig(
         **training_arguments(spec, output_dir, max_steps, has_eval),
-        max_length=None if packed else spec.data.max_seq_length,
+        max_length=None if marked else spec.data.max_seq_length,
         # bfd packing is padding-free: examples are concatenated with restarting position_ids
         # and no attention mask, from which transformers builds a block-diagonal mask (sdpa,
         # eager) or varlen boundaries (flash attention); no example attends to another
@@ -86,7 +99,7 @@ def sft_trainer(
             eval_ds = pack_with_marks(eval_ds, d.max_seq_length, spec.train.seed)
     trainer = (KLToBaseTrainer if kl else SFTTrainer)(
         model=build_model(spec, model_ref, device_map(device)),
-        args=sft_config(spec, work, max_steps, eval_ds is not None, packed),
+        args=sft_config(spec, work, max_steps, eval_ds is not None, marked=kl),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
