@@ -360,6 +360,11 @@ def train(
     print(f"\n== {result.artifact.name}: {job.method} {job.stage} of {job.model.name}")
     first, last = m.get("first_loss") or float("nan"), m.get("last_loss") or float("nan")
     print(f"loss:          {first:.3f} → {last:.3f} over {m.get('global_step')} steps")
+    if replay := m.get("replay"):
+        kl = job.train.kl_to_base
+        how = f"taught by KL to the base × {kl:g}" if kl else "taught by cross-entropy"
+        share = job.data.replay.ratio
+        print(f"replay:        {replay['examples']} base answers, {share:.0%} of examples ({how})")
     if result.evaluation:
         print(format_report(result.evaluation))
     print(f"artifact:      {result.artifact.location}")
@@ -418,7 +423,7 @@ def sweep(
             print(f"held out (the best trial only; trials were selected on "
                   f"{spec.scheduler.metric}):")  # fmt: skip
             print(format_report(summary["held_out"]))
-        plots = ["heatmap.png", "curves.png"] + (["pareto.png"] * (root / "pareto.png").exists())
+        plots = [p for p in ("heatmap.png", "curves.png", "pareto.png") if (root / p).exists()]
         print(f"plots: {', '.join(str(root / p) for p in plots)}")
         return
     from ftservice.raycluster import init_ray

@@ -693,7 +693,8 @@ def write_results(root: Path, sweep: SweepSpec) -> dict:
     summary.write(root / RESULTS)
     summary = summary.model_dump(mode="json")
     plot_heatmap(records, sweep, root / "heatmap.png")
-    plot_curves(records, sweep, root / "curves.png")
+    if any(r["curve"] for r in records):  # none when trials report only their final validation
+        plot_curves(records, sweep, root / "curves.png")
     if any(r["validation"] for r in records):
         plot_pareto(records, best, sweep, root / "pareto.png")
     return summary

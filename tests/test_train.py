@@ -253,15 +253,18 @@ def test_quickstart_spec_runs_briefly_through_the_cli(tmp_path, cli_env):
     import sys
 
     env = cli_env
+    replay = tmp_path / "replay.jsonl"  # 4 of the replay prompts: the base answers them first
+    replay.write_text("".join((REPO / "data/general/replay.jsonl").open().readlines()[:4]))
     result = subprocess.run(
         [sys.executable, "-m", "ftservice", "train", "cluster/jobs/quickstart.yaml",
          f"output.registry={tmp_path / 'reg'}", f"output.storage_path={tmp_path / 'runs'}",
-         "--max-steps", "2", "--eval-limit", "3"],
+         f"data.replay.prompts={replay}", "--max-steps", "2", "--eval-limit", "3"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "over 2 steps" in out and "domain score:" in out and "forgetting:" in out
+    assert "replay:        4 base answers, " in out and "(taught by KL to the base × " in out, out
     assert f"artifact:      {tmp_path / 'reg' / 'quickstart'}" in out
 
 
