@@ -43,7 +43,8 @@ def run(recipe: str, seed: int, env: dict, work: Path) -> dict:
     wall = time.perf_counter() - start
     if out.returncode != 0:
         sys.exit(f"{recipe} seed {seed}: ftservice train exited {out.returncode}")
-    meta = json.loads(out.stdout[out.stdout.index("{") :])
+    text = "\n" + out.stdout  # the JSON is last, after whatever the workers printed
+    meta = json.loads(text[text.rindex("\n{\n") :])
     m = meta["metrics"]
     ev = m["evaluation"]
     runtime = next(h["train_runtime"] for h in reversed(m_history(meta)) if "train_runtime" in h)
