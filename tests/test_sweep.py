@@ -354,7 +354,7 @@ def test_a_forgetting_sweep_picks_the_least_drift_near_the_best_score_and_draws_
     assert (root / "pareto.png").stat().st_size > 10_000
     report = ftservice(cli_env, "sweep", "report", str(root))
     assert report.returncode == 0, report.stderr[-2000:]
-    assert "chosen: least drift" in report.stdout and "valid_kl" in report.stdout
+    assert "chosen: least drift" in report.stdout and "VALID_KL" in report.stdout
 
 
 def test_a_forgetting_sweep_is_refused_without_its_validation_sets(tmp_path, base_spec):
