@@ -16,6 +16,7 @@ from ftservice.config import ModelSpec, SpecError, spec_from_dict
 from ftservice.evaluate import _prompt, answer_stats, generate, load_prompts, read_jsonl
 from ftservice.models import load_causal_lm, load_tokenizer, resolve_model
 from ftservice.train import sft
+from ftservice.train.attention import DOCUMENT_ATTENTION
 from ftservice.train.driver import train
 from ftservice.train.kl_to_base import ANSWER, KLToBase
 from ftservice.train.replay import base_answers, ensure_replay, mix_replay, replay_rows
@@ -177,7 +178,14 @@ def test_the_kl_term_is_exactly_zero_for_an_adapter_whose_b_is_zero(
     spec = spec_for(chatty, domain_file, tmp_path, kl_to_base=1.0)
     spec.data.packing = packing
     trainer = kl_trainer(spec, chatty, replay_file, tmp_path, 1)
+    # the base's states on the replay answers were computed before training, in the
+    # attention training runs (per document where packed)
+    attention = DOCUMENT_ATTENTION if packing else "sdpa"
+    assert trainer.model.config._attn_implementation == attention
+    assert trainer.base_hidden.shape[1] == trainer.model.config.hidden_size
     batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()]
+    at = torch.cat([b["base_at"][b["base_at"] >= 0] for b in batches])
+    assert set(at.tolist()) == set(range(len(trainer.base_hidden))), "each row read, none past"
     replayed = [b for b in batches if (b["replay"][:, 1:] == ANSWER).any()]
     assert 0 < len(replayed) < len(batches), "some batches hold replay answers, some none"
     for b in batches:  # replay tokens teach through the KL alone: no cross-entropy label

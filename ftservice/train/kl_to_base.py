@@ -8,12 +8,17 @@ Reads top to bottom:
   towards its whole distribution; packing them (TRL's best-fit-decreasing packing, done
   here so that the mark is packed with the tokens) and collating keep the mark beside the
   labels;
+- the base is the same model with its adapter disabled (no second copy), and its head is
+  frozen, so its next-token distribution at a position is softmax(h_b W^T) with h_b its last
+  hidden state there: before training, the base runs once, without gradients, on each
+  distinct replay example alone (`base_hidden_states`), and keeps h_b at the positions that
+  predict a replay answer token; a `base_at` column gives each such position its row in that
+  table (-1 elsewhere), and is packed and collated with the tokens. This is exact, since no
+  example attends to another (packed rows restart positions and attend per document), and
+  it spares every step the base's forward pass (each replay example comes back every epoch);
 - the step runs TRL's SFT loss as usual, and a hook on the model's body keeps its last
   hidden states;
-- the base is the same model with its adapter disabled (no second copy): it runs, without
-  gradients, on the replay examples only (their documents of a packed row, or their rows
-  of a padded batch), which is exact since no example attends to another;
-- on each position that predicts a replay answer token, KL(p_base ‖ p_tuned) over the whole
+- on each position that has a `base_at` row, KL(p_base ‖ p_tuned) over the whole
   vocabulary, through the frozen LM head, in chunks of tokens (`KLToBase`, below): TRL's
   GKD `generalized_jsd_loss` with beta=0 is this divergence, but it takes both models'
   `[tokens, vocab]` logits and keeps them for the backward, and the tuned model's exist
@@ -31,6 +36,7 @@ from ftservice.train.lm_head import CHUNK_TOKENS, compute_dtype
 
 REPLAY = "replay"  # the per-token mark column: 0 off replay examples, else PROMPT or ANSWER
 PROMPT, ANSWER = 1, 2
+BASE_AT = "base_at"  # per token: the row of the base's hidden state there, or -1
 
 
 class KLToBase(torch.autograd.Function):
@@ -68,17 +74,76 @@ def kl_per_position(tuned_hidden, base_hidden, weight) -> torch.Tensor:
     )
 
 
+def base_hidden_states(model, dataset, packed: bool):
+    """The base's last hidden states at every position that predicts a replay answer token
+    ([positions, hidden], on the CPU), and `dataset` with its `base_at` column (each such
+    position's row; -1 elsewhere). `model` is the PEFT model: its adapter is disabled; each
+    distinct replay example runs alone (no padding; with `packed`, as a packed row of one
+    document, the attention training runs), so its states are the ones the base has in any
+    packed row or padded batch."""
+    body = model.get_base_model().base_model
+    device = next(model.parameters()).device
+    rows, states, base_at = {}, [], []
+    training = model.training
+    model.eval()  # the base as it answers: no dropout
+    with torch.no_grad(), model.disable_adapter():
+        for record in dataset:
+            ids, marks = record["input_ids"], record[REPLAY]
+            predicts = [p for p in range(len(ids) - 1) if marks[p + 1] == ANSWER]
+            if not predicts:
+                base_at.append([-1] * len(ids))
+                continue
+            key = tuple(ids)
+            if key not in rows:
+                hidden = body(**one_example(ids, device, packed), use_cache=False)
+                hidden = hidden.last_hidden_state[0]
+                rows[key] = sum(len(s) for s in states)
+                states.append(hidden[predicts].cpu())
+            first, at = rows[key], [-1] * len(ids)
+            for i, p in enumerate(predicts):
+                at[p] = first + i
+            base_at.append(at)
+    model.train(training)
+    table = torch.cat(states) if states else torch.zeros((0, body.config.hidden_size))
+    return table, with_base_at(dataset, base_at)
+
+
+def with_base_at(dataset, base_at: list[list[int]] | None = None):
+    """`dataset` with its `base_at` column (None: -1 everywhere, for data that computes no
+    KL). A fresh fingerprint: hashing the table would go through dill, which prints the
+    bytecode it inspects in a Ray worker."""
+    import uuid
+
+    if base_at is None:
+        base_at = [[-1] * len(ids) for ids in dataset["input_ids"]]
+    return dataset.add_column(BASE_AT, base_at, new_fingerprint=uuid.uuid4().hex)
+
+
+def one_example(ids: list[int], device, packed: bool) -> dict:
+    """The model's inputs for one example alone: a padding-free packed row of one document
+    when training packs (TRL's collator's keys), else a batch of one."""
+    inputs = {"input_ids": torch.tensor([ids], device=device)}
+    if packed:
+        n = len(ids)
+        cu = torch.tensor([0, n], dtype=torch.int32, device=device)
+        inputs |= {
+            "position_ids": torch.arange(n, device=device)[None], "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu, "max_length_q": n, "max_length_k": n,
+        }  # fmt: skip
+    return inputs
+
+
 def pack_with_marks(dataset, max_length: int, seed: int):
-    """TRL's bfd packing of input_ids, labels and the replay mark together (TRL's own
-    packing keeps input_ids and labels only)."""
+    """TRL's bfd packing of input_ids, labels, the replay marks and the base's rows together
+    (TRL's own packing keeps input_ids and labels only)."""
     from trl.data_utils import pack_dataset
 
     return pack_dataset(dataset.shuffle(seed=seed), max_length, "bfd")
 
 
 class ReplayMarks:
-    """Wraps TRL's collator: the marks collated as the labels are (one row when
-    padding-free, else padded with 0)."""
+    """Wraps TRL's collator: the marks (padded with 0) and the base's rows (padded with -1)
+    collated as the labels are (one row when padding-free)."""
 
     def __init__(self, collator):
         self.collator = collator
@@ -86,24 +151,29 @@ class ReplayMarks:
     def __call__(self, examples: list[dict]) -> dict:
         from trl.trainer.sft_trainer import pad
 
-        marks = [torch.tensor(e.pop(REPLAY)) for e in examples]
+        columns = {c: [torch.tensor(e.pop(c)) for e in examples] for c in (REPLAY, BASE_AT)}
         batch = self.collator(examples)
-        if self.collator.padding_free:
-            marks = [torch.cat(marks)]
-        batch[REPLAY] = pad(
-            marks, padding_value=0, padding_side="right",
-            pad_to_multiple_of=self.collator.pad_to_multiple_of,
-        )  # fmt: skip
+        for column, fill in ((REPLAY, 0), (BASE_AT, -1)):
+            values = columns[column]
+            if self.collator.padding_free:
+                values = [torch.cat(values)]
+            batch[column] = pad(
+                values, padding_value=fill, padding_side="right",
+                pad_to_multiple_of=self.collator.pad_to_multiple_of,
+            )  # fmt: skip
         return batch
 
 
 class KLToBaseTrainer(SFTTrainer):
-    """SFTTrainer whose loss adds kl_to_base × KL(base ‖ tuned) on the replay tokens."""
+    """SFTTrainer whose loss adds kl_to_base × KL(base ‖ tuned) on the replay tokens, the
+    base's hidden states there read from `base_hidden` (rows named by `base_at`)."""
 
     kl_to_base: float = 0.0
+    base_hidden: torch.Tensor | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        marks = inputs.pop(REPLAY)
+        inputs.pop(REPLAY)
+        base_at = inputs.pop(BASE_AT)
         peft_model = self.accelerator.unwrap_model(model)
         body = peft_model.get_base_model().base_model
         kept = {}
@@ -118,46 +188,15 @@ class KLToBaseTrainer(SFTTrainer):
             hook.remove()
         if not self.model.training:
             return loss
-        tuned, base = self.replay_hidden(peft_model, body, inputs, marks, kept["hidden"])
-        if tuned.size(0) == 0:
+        where = base_at >= 0
+        if not where.any():
             kl = loss.new_zeros(())
         else:
+            tuned = kept["hidden"][where]
+            base = self.base_hidden[base_at[where].cpu()].to(tuned.device)
             weight = peft_model.get_output_embeddings().weight
             kl = kl_per_position(tuned, base, weight).mean()
         self._metrics["train"]["kl_to_base"].append(kl.item())
         if num_items_in_batch is not None:  # TRL's loss is summed over accumulation steps
             kl = kl / self.current_gradient_accumulation_steps
         return loss + self.kl_to_base * kl
-
-    @staticmethod
-    def replay_hidden(peft_model, body, inputs, marks, hidden):
-        """(tuned, base) last hidden states at the positions that predict a replay answer
-        token; the base runs on the replay examples alone, adapter disabled, no gradient."""
-        predicts = marks[:, 1:] == ANSWER  # position p predicts token p+1
-        marks = marks.bool()
-        if not predicts.any():
-            empty = hidden.new_zeros((0, hidden.size(-1)))
-            return empty, empty
-        if "cu_seq_lens_q" in inputs:  # padding-free: one row of packed examples
-            keep = marks[0]
-            positions = inputs["position_ids"][:, keep]
-            starts = (positions[0] == 0).nonzero().flatten()
-            cu = torch.cat([starts, starts.new_tensor([positions.size(1)])]).to(torch.int32)
-            kwargs = {
-                "input_ids": inputs["input_ids"][:, keep], "position_ids": positions,
-                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                "max_length_q": int(cu.diff().max()), "max_length_k": int(cu.diff().max()),
-            }  # fmt: skip
-            where = predicts[0].nonzero().flatten()
-            within = keep.cumsum(0)[where] - 1  # the same positions in the replay-only row
-            with torch.no_grad(), peft_model.disable_adapter():
-                base = body(**kwargs, use_cache=False).last_hidden_state
-            return hidden[0, where], base[0, within]
-        rows = marks.any(1).nonzero().flatten()  # padded batch: the replay examples' rows
-        with torch.no_grad(), peft_model.disable_adapter():
-            base = body(
-                input_ids=inputs["input_ids"][rows],
-                attention_mask=inputs["attention_mask"][rows], use_cache=False,
-            ).last_hidden_state  # fmt: skip
-        mask = predicts[rows]
-        return hidden[rows, :-1][mask], base[:, :-1][mask]

@@ -20,7 +20,9 @@ from ftservice.train.kl_to_base import (
     REPLAY,
     KLToBaseTrainer,
     ReplayMarks,
+    base_hidden_states,
     pack_with_marks,
+    with_base_at,
 )
 from ftservice.train.lm_head import label_only_head
 from ftservice.train.replay import mix_replay, replay_rows
@@ -92,13 +94,20 @@ def sft_trainer(
             load_rows(d.eval, d.format, d.system_prompt, "eval")[: d.max_eval_samples], tokenizer,
             d.max_seq_length, d.completion_only_loss, marks=kl,
         )  # fmt: skip
+    model = build_model(spec, model_ref, device_map(device))
+    if d.packing and spec.train.attention != "sdpa":
+        use_document_attention(model)  # before the base runs on the replay examples
     packed = kl and d.packing  # the marks must be packed with their tokens: packed here
+    if kl:  # the base's hidden states on the replay answers, once, before training
+        base_hidden, train_ds = base_hidden_states(model, train_ds, packed)
+        if eval_ds is not None:  # evaluation computes no KL
+            eval_ds = with_base_at(eval_ds)
     if packed:
         train_ds = pack_with_marks(train_ds, d.max_seq_length, spec.train.seed)
         if eval_ds is not None:
             eval_ds = pack_with_marks(eval_ds, d.max_seq_length, spec.train.seed)
     trainer = (KLToBaseTrainer if kl else SFTTrainer)(
-        model=build_model(spec, model_ref, device_map(device)),
+        model=model,
         args=sft_config(spec, work, max_steps, eval_ds is not None, marked=kl),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
@@ -106,12 +115,10 @@ def sft_trainer(
         callbacks=callbacks,
     )
     if kl:
-        trainer.kl_to_base = spec.train.kl_to_base
+        trainer.kl_to_base, trainer.base_hidden = spec.train.kl_to_base, base_hidden
         trainer.data_collator = ReplayMarks(trainer.data_collator)
     model = trainer.model
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
     if spec.train.label_only_head:
         label_only_head(model)
-    if spec.data.packing and spec.train.attention != "sdpa":
-        use_document_attention(model)
     return trainer
