@@ -85,9 +85,10 @@ def plot(rows: list[dict], path: Path) -> None:
         mine = [r for r in rows if r["recipe"] == recipe]
         ax.scatter([r["kl_from_base"] for r in mine], [100 * r["domain_score"] for r in mine],
                    color=colors[recipe], s=60, label=f"{recipe} recipe")  # fmt: skip
-        for r in mine:
+        for i, r in enumerate(mine):  # labels alternately above and below: seeds lie close
             ax.annotate(f"seed {r['seed']}", (r["kl_from_base"], 100 * r["domain_score"]),
-                        fontsize=8, xytext=(5, 3), textcoords="offset points")  # fmt: skip
+                        fontsize=8, xytext=(5, 3 if i % 2 == 0 else -11),
+                        textcoords="offset points")  # fmt: skip
     ax.scatter([0], [100 * rows[0]["base"]["domain_score"]], color="black", marker="x", s=60,
                label="base")  # fmt: skip
     ax.set_xlabel("KL(base ‖ tuned), nats/token, held-out general prompts")
