@@ -29,6 +29,9 @@ Reads top to bottom:
 
 from __future__ import annotations
 
+import sys
+import time
+
 import torch
 from trl import SFTTrainer
 
@@ -83,7 +86,7 @@ def base_hidden_states(model, dataset, packed: bool):
     packed row or padded batch."""
     body = model.get_base_model().base_model
     device = next(model.parameters()).device
-    rows, states, base_at = {}, [], []
+    rows, states, base_at, start = {}, [], [], time.perf_counter()
     training = model.training
     model.eval()  # the base as it answers: no dropout
     with torch.no_grad(), model.disable_adapter():
@@ -105,6 +108,11 @@ def base_hidden_states(model, dataset, packed: bool):
             base_at.append(at)
     model.train(training)
     table = torch.cat(states) if states else torch.zeros((0, body.config.hidden_size))
+    print(
+        f"ftservice: kl_to_base: the base's states at {len(table)} replay answer tokens of "
+        f"{len(rows)} examples ({table.nbytes / 2**20:.1f} MiB, on the CPU) in "
+        f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True,
+    )  # fmt: skip
     return table, with_base_at(dataset, base_at)
 
 
