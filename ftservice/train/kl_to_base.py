@@ -86,7 +86,7 @@ def base_hidden_states(model, dataset, packed: bool):
     packed row or padded batch."""
     body = model.get_base_model().base_model
     device = next(model.parameters()).device
-    rows, states, base_at, start = {}, [], [], time.perf_counter()
+    rows, states, base_at, size, start = {}, [], [], 0, time.perf_counter()
     training = model.training
     model.eval()  # the base as it answers: no dropout
     with torch.no_grad(), model.disable_adapter():
@@ -100,7 +100,7 @@ def base_hidden_states(model, dataset, packed: bool):
             if key not in rows:
                 hidden = body(**one_example(ids, device, packed), use_cache=False)
                 hidden = hidden.last_hidden_state[0]
-                rows[key] = sum(len(s) for s in states)
+                rows[key], size = size, size + len(predicts)
                 states.append(hidden[predicts].cpu())
             first, at = rows[key], [-1] * len(ids)
             for i, p in enumerate(predicts):
