@@ -357,7 +357,10 @@ def build() -> dict[str, list[dict]]:
     train, evaluation, validation = [], [], []
     for f in all_facts:
         for i, q in enumerate(f["train_questions"]):
-            train.append({"id": f"{f['id']}-q{i + 1}", "instruction": q, "output": f["sentence"]})
+            train.append(
+                {"id": f"{f['id']}-q{i + 1}", "instruction": q, "output": f["sentence"],
+                 "answer": f["answer"]}
+            )  # fmt: skip
         for split, rows in (("eval", evaluation), ("valid", validation)):
             rows.append(
                 {

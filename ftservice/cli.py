@@ -796,12 +796,14 @@ def _campaign_votes(store_url: str, campaign: str, source: str = "all"):
 
     if source not in ("all", "human", "simulated"):
         raise typer.BadParameter(f"{source}: use all, human or simulated", param_hint="--source")
+    from ftservice.feedback.quality import counted_votes
+
     store = open_store(store_url)
-    votes.campaign_spec(store, campaign)  # names the campaigns there are when unknown
-    counted = votes.effective_votes(store, campaign, None if source == "all" else source)
-    rows = [votes.vote_json(v) for v in counted]
+    spec = votes.campaign_spec(store, campaign)  # names the campaigns there are when unknown
+    effective = votes.effective_votes(store, campaign, None if source == "all" else source)
+    rows = [votes.vote_json(v) for v in effective]
     items = votes.items_of(store, [v["comparison_id"] for v in rows])
-    return store, rows, items
+    return store, counted_votes(rows, items, spec.quality), items
 
 
 def _interval(row: dict) -> str:
@@ -833,8 +835,10 @@ def feedback_leaderboard(
     from ftservice.feedback import votes
     from ftservice.feedback.leaderboard import leaderboard, plots
 
-    db, rows, items = _campaign_votes(store, campaign, source)
-    board = leaderboard(rows, votes.campaign_base(db, campaign), resamples, items=items)
+    db, counted, items = _campaign_votes(store, campaign, source)
+    board = leaderboard(counted.votes, votes.campaign_base(db, campaign), resamples, items=items)
+    board["quality"] = {"left_out": counted.dropped,
+                        "annotators": [q.row() for q in counted.annotators.values()]}  # fmt: skip
     folder = Path(out or f"state/feedback/{campaign}")
     written = plots(board, folder) if len(board["ratings"]) >= 2 else []
     if as_json:
@@ -861,8 +865,33 @@ def feedback_leaderboard(
             f"{agreement['items']} shared comparisons; Fleiss' kappa "
             f"{agreement['fleiss_kappa']}"
         )
+    _quality_table(board["quality"])
     for p in written:
         print(f"wrote {p}")  # fmt: skip
+
+
+def _quality_table(quality: dict) -> None:
+    """Each annotator's checks, reliability and flags (the CLI reads the store: an admin's)."""
+    print("annotators (reliability = gold right + agreed, over gold + shared comparisons):")
+    _table(
+        [
+            {
+                "annotator": q["annotator"],
+                "votes": q["votes"],
+                "gold": f"{q['gold_right']}/{q['gold']}",
+                "agreed": f"{q['agreed']}/{q['shared']}",
+                "reliability": "-" if q["reliability"] is None else f"{q['reliability']:.2f}",
+                "s/vote": q["median_s_per_vote"],
+                "counts": "yes" if q["counts"] else "no",
+                "flags": "; ".join(q["flags"]) or "-",
+            }
+            for q in quality["annotators"]
+        ],
+        ["annotator", "votes", "gold", "agreed", "reliability", "s/vote", "counts", "flags"],
+    )
+    left_out = quality["left_out"]
+    if any(left_out.values()):
+        print("left out: " + ", ".join(f"{k} {v}" for k, v in sorted(left_out.items()) if v))
 
 
 @feedback_app.command("simulate")
@@ -871,25 +900,61 @@ def feedback_simulate(
     url: Annotated[str, typer.Option(help="The serving app.")] = "http://127.0.0.1:8000",
     annotators: Annotated[int, typer.Option(help="Simulated annotators (keys).")] = 3,
     votes: Annotated[int, typer.Option(help="Votes to cast in all.")] = 30,
-    rule: Annotated[str, typer.Option(help="How they judge: preference (the shipped rule).")] = (
-        "preference"
-    ),
-    noise: Annotated[float, typer.Option(help="Share of random votes.")] = 0.1,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="How they judge: knows_answers (the reference fact first, then "
+            "plain and short) or length_rule (plain and short alone)."
+        ),
+    ] = "knows_answers",
+    accuracy: Annotated[
+        float | None, typer.Option(help="Share of votes kept as judged (profile's default).")
+    ] = None,
+    position_bias: Annotated[
+        float | None, typer.Option(help="Share of votes for the left answer (profile's default).")
+    ] = None,
+    spammers: Annotated[float, typer.Option(help="Share of annotators voting at random.")] = 0.0,
+    read_seconds: Annotated[
+        float | None, typer.Option(help="Seconds reading before a vote (profile's default).")
+    ] = None,
     seed: int = 0,
     store: StoreUrl = DEFAULT_STORE,
 ) -> None:
-    """Simulated annotators vote through the page's HTTP routes, judging by a written rule
-    with a share of random votes; their keys (project `simulated`) are revoked at the end."""
+    """Simulated annotators vote through the page's HTTP routes, as a profile of people
+    (ftservice/feedback/simulate.py gives the defaults and their sources) with a share of
+    spammers; the reference facts are those of the campaign's prompt files. Their keys
+    (project `simulated`) are revoked at the end."""
     import secrets
     import time
 
-    from ftservice.feedback.simulate import SIMULATED_PROJECT, simulate
+    from pydantic import ValidationError
+
+    from ftservice.feedback.campaign import load_prompts, load_references
+    from ftservice.feedback.simulate import (
+        SIMULATED_PROJECT,
+        SimulateSpec,
+        question_key,
+        simulate,
+    )
     from ftservice.feedback.votes import add_annotator, campaign_spec
     from ftservice.store.db import open_store
     from ftservice.store.keys import revoke_key
 
+    try:
+        spec = SimulateSpec(annotators=annotators, profile=profile, accuracy=accuracy,
+                            position_bias=position_bias, spammers=spammers,
+                            read_seconds=read_seconds, seed=seed)  # fmt: skip
+    except ValidationError as e:
+        raise typer.BadParameter(
+            "; ".join(
+                f"--{'-'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()
+            )
+        ) from None
     db = open_store(store)
-    campaign_spec(db, campaign)
+    declared = campaign_spec(db, campaign)
+    references = load_references(declared.prompts)
+    known = {question_key(m): references[pid].answer
+             for pid, m in load_prompts(declared) if pid in references}  # fmt: skip
     run = secrets.token_hex(3)
     names = [f"sim-{campaign}-{run}-{k}" for k in range(annotators)]
     keys = [add_annotator(db, n, campaign, project=SIMULATED_PROJECT) for n in names]
@@ -902,13 +967,14 @@ def feedback_simulate(
                   f"({report.seconds:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
 
     try:
-        report = simulate(url, campaign, keys, votes, rule, noise, seed, progress)
+        report = simulate(url, campaign, keys, votes, spec, known, progress)
     finally:
         for n in names:
             revoke_key(db, n)
     verdicts = ", ".join(f"{k} {v}" for k, v in sorted(report.verdicts.items()))
     print(f"{report.votes} votes by {annotators} simulated annotators in {report.seconds:.0f} s "
-          f"({verdicts}; {report.random_votes} random; {report.retries} retries)")  # fmt: skip
+          f"({verdicts}; {report.random_votes} not as judged, {report.spam_votes} of them "
+          f"spam; {report.retries} retries)")  # fmt: skip
     if report.votes < votes:
         print(f"stopped early: {report.done_annotators} annotators reached their quota or the "
               "campaign's end", file=sys.stderr)  # fmt: skip
@@ -927,11 +993,13 @@ def feedback_export(
 
     from ftservice.feedback.export import export_rows, write_export
 
-    _, rows, items = _campaign_votes(store, campaign)
+    _, counted, items = _campaign_votes(store, campaign)
+    rows = counted.votes
     try:
         data, lineage, counts = export_rows(rows, items, format)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--format") from None
+    counts |= {f"left_out_{k}": n for k, n in counted.dropped.items() if n}
     path = Path(out or f"state/feedback/{campaign}/{format}.jsonl")
     side = write_export(data, lineage, counts, path,
                         {"campaign": campaign, "format": format, "votes": len(rows)})  # fmt: skip

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import re
 import resource
 import sys
 import time
@@ -24,10 +23,10 @@ from pathlib import Path
 import torch
 
 from ftservice import storage
+from ftservice.data.judges import answer_matches
 from ftservice.data.loaders import DataError, load_rows
 from ftservice.models import train_dtype
 
-_NON_WORD = re.compile(r"[^0-9a-z]+")
 CPU_PLACEMENT = {"device": "cpu", "dtype": "float32", "quantization": None, "gpus": 0}
 
 
@@ -37,14 +36,6 @@ def _phase(label: str):
     start = time.perf_counter()
     yield
     print(f"ftservice eval: {label} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-
-
-def normalise_answer(text: str) -> str:
-    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
-
-
-def answer_matches(generated: str, reference: str) -> bool:
-    return f" {normalise_answer(reference)} " in f" {normalise_answer(generated)} "
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -32,10 +32,11 @@ from ftservice.models import resolve_model
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
+REPO = Path(__file__).resolve().parents[1]
 HOSTILE = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
 
 
-def campaigns(prompts: Path) -> list[dict]:
+def campaigns(prompts: Path, domain: Path) -> list[dict]:
     return [
         {"name": "demo", "prompts": [str(prompts)], "allow_custom_prompts": True,
          "pairs": "uniform", "votes_per_prompt": 20, "quota": 5,
@@ -45,7 +46,12 @@ def campaigns(prompts: Path) -> list[dict]:
         {"name": "sim", "prompts": [str(prompts)], "quota": 4, "pairs": "uniform",
          "generation": {"max_tokens": 8, "temperature": 0.0}},
         {"name": "load", "prompts": [str(prompts)], "votes_per_prompt": 400, "quota": None,
-         "requests_per_minute": 100000, "generation": {"max_tokens": 2, "temperature": 0.0}},
+         "requests_per_minute": 100000, "generation": {"max_tokens": 2, "temperature": 0.0},
+         "max_pending": 20},  # the load test issues 20 typed prompts each before voting
+        {"name": "quality", "prompts": [str(domain)], "votes_per_prompt": 50, "quota": None,
+         "overlap": 2, "requests_per_minute": 100000,
+         "generation": {"max_tokens": 8, "temperature": 0.0},
+         "quality": {"gold_share": 0.3, "min_reliability": 0.5}},
     ]  # fmt: skip
 
 
@@ -73,13 +79,15 @@ def arena(tmp_path_factory, tiny_llama):
         {"id": f"q{i}", "instruction": f"Tell me about product number {i}."} for i in range(6)
     ] + [{"id": "hostile", "instruction": f"Explain {HOSTILE}"}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))  # fmt: skip
+    domain = root / "domain.jsonl"  # questions with reference answers: gold comparisons
+    domain.write_text("\n".join((REPO / "data/domain/train.jsonl").read_text().splitlines()[:20]))
     url = f"sqlite:///{root / 'state' / 'ftservice.db'}"
     spec_json = {
         "name": "arena", "model": {"name": str(tiny_llama)}, "base_name": "tiny",
         "registries": [str(registry)], "replicas": {"num": 1, "cpus": 0.5},
         "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
         "limits": {"max_tokens": 256, "max_request_bytes": 16384},
-        "store": {"url": url}, "campaigns": campaigns(prompts),
+        "store": {"url": url}, "campaigns": campaigns(prompts, domain),
     }  # fmt: skip
     store = open_store(url)
     keys = {"user": create_key(store, "user", ["inference"])}
@@ -89,6 +97,9 @@ def arena(tmp_path_factory, tiny_llama):
     keys["slow"] = create_key(store, "slow", ["annotator"], requests_per_minute=3)
     add_annotator(store, "slow", "demo")
     keys["outsider"] = create_key(store, "outsider", ["annotator"])  # in no campaign
+    keys["holder"] = add_annotator(store, "holder", "demo")
+    keys["checker"] = add_annotator(store, "checker", "quality")
+    keys["admin"] = create_key(store, "admin", ["admin", "inference"])
     port = free_port()
     ray_tmp = short_dir("ftr-arena-")
     with pytest.MonkeyPatch.context() as mp:
@@ -206,6 +217,14 @@ def test_the_api_refuses_what_it_must_with_the_right_status(arena):
     fix = vote | {"vote_id": uuid.uuid4().hex, "verdict": "tie", "replaces": vote["vote_id"]}
     status, body = ann.call("POST", "/arena/api/votes", fix)
     assert status == 200 and body["vote"]["replaces"] == vote["vote_id"]
+    assert not body["counted"]  # the models were shown: kept as a note, the first vote counts
+    holder = Client(arena)  # typed prompts: at most max_pending (2) held without a vote
+    holder.sign_in(arena["keys"]["holder"])
+    typed = [holder.call("POST", "/arena/api/campaigns/demo/next", {"prompt": f"Say {k}."})
+             for k in range(3)]  # fmt: skip
+    assert [status for status, _ in typed] == [200, 200, 429]
+    error = typed[2][1]["error"]
+    assert error["code"] == "too_many_pending" and "vote on them" in error["message"]
     slow = Client(arena)
     slow.sign_in(arena["keys"]["slow"])
     codes = [slow.call("POST", "/arena/api/campaigns/demo/next", {})[0] for _ in range(4)]
@@ -550,15 +569,17 @@ def test_annotators_of_one_comparison_see_the_same_sampled_answers_their_votes_k
 
 
 def test_simulated_annotators_vote_through_the_page_routes_by_the_rule(arena, cli_env):
-    """`ftservice feedback simulate`: three annotator keys vote over HTTP (no noise: every
-    verdict is the shipped rule's on the answers stored); their votes are labelled simulated,
-    their keys revoked after, and the leaderboard can leave them out."""
+    """`ftservice feedback simulate`: three annotator keys vote over HTTP (the length-rule
+    profile without flips: every verdict is the shipped rule's on the answers stored); their
+    votes are labelled simulated, their keys revoked after, and the leaderboard can leave them
+    out."""
     from ftservice.data.preference_rule import prefers
 
     url = arena["spec"]["store"]["url"]
     done = subprocess.run(
         [sys.executable, "-m", "ftservice", "feedback", "simulate", "sim", "--url", arena["url"],
-         "--annotators", "3", "--votes", "7", "--noise", "0", "--store", url],
+         "--annotators", "3", "--votes", "7", "--profile", "length_rule", "--accuracy", "1",
+         "--read-seconds", "0", "--store", url],
         capture_output=True, text=True, env=cli_env, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -579,3 +600,89 @@ def test_simulated_annotators_vote_through_the_page_routes_by_the_rule(arena, cl
         capture_output=True, text=True, env=cli_env, cwd=arena["root"],
     )  # fmt: skip
     assert humans.returncode == 0 and json.loads(humans.stdout)["votes"] == 0, humans.stderr
+
+
+def test_gold_comparisons_look_like_any_other_on_the_page(arena):
+    """The same fields from /next, the same events streamed a piece at a time; only the
+    store knows which comparisons are gold."""
+    client = Client(arena)
+    client.sign_in(arena["keys"]["checker"])
+    seen = {True: [], False: []}
+    for _ in range(40):
+        status, c = client.call("POST", "/arena/api/campaigns/quality/next", {})
+        assert status == 200, c
+        events = client.stream(c["id"])
+        with arena["store"]() as session:
+            gold = session.execute(text("SELECT gold FROM comparisons WHERE id = :c"),
+                                   {"c": c["id"]}).scalar()  # fmt: skip
+        seen[gold is not None].append((c, events))
+        vote = {"vote_id": uuid.uuid4().hex, "comparison_id": c["id"], "verdict": "a"}
+        assert client.call("POST", "/arena/api/votes", vote)[0] == 200
+        if len(seen[True]) >= 2 and len(seen[False]) >= 2:
+            break
+    assert len(seen[True]) >= 2 and len(seen[False]) >= 2, "no gold among 40 (share 0.3)"
+    fields = {kind: {tuple(sorted(c)) for c, _ in pairs} for kind, pairs in seen.items()}
+    assert fields[True] == fields[False]
+    shapes = {kind: {tuple(sorted(e)) for _, events in pairs for e in events}
+              for kind, pairs in seen.items()}  # fmt: skip
+    assert shapes[True] == {("side", "text"), ("done", "finish_reason", "side"), ("complete",)}
+    assert shapes[True] <= shapes[False] | {("side", "text")}
+    for _, events in seen[True]:  # streamed a word at a time, as generated answers are
+        assert sum(1 for e in events if e.get("side") == "a" and "text" in e) > 1
+
+
+def test_a_spammer_counts_with_quality_control_off_and_not_with_it_on(arena):
+    """Three annotators who know the answers and one who votes at random, through the page's
+    routes; with quality control on the spammer's votes leave the export and the leaderboard
+    (exact counts), off they stay; per-annotator quality is shown to admins only."""
+    from ftservice.feedback import votes as store_votes
+    from ftservice.feedback.campaign import QualitySpec, load_prompts, load_references
+    from ftservice.feedback.export import export_rows
+    from ftservice.feedback.quality import counted_votes
+    from ftservice.feedback.simulate import (
+        SIMULATED_PROJECT,
+        SimulateSpec,
+        question_key,
+        simulate,
+    )
+
+    store = arena["store"]
+    spec = store_votes.campaign_spec(store, "quality")
+    refs = load_references(spec.prompts)
+    known = {question_key(m): refs[pid].answer for pid, m in load_prompts(spec)}
+    sim = SimulateSpec(annotators=4, accuracy=1.0, position_bias=0.0, read_seconds=0.1,
+                       spammers=0.25, seed=7)  # fmt: skip
+    names = [f"q-sim-{k}" for k in range(4)]  # the spammer is the last
+    keys = [store_votes.add_annotator(store, n, "quality", project=SIMULATED_PROJECT)
+            for n in names]  # fmt: skip
+    report = simulate(arena["url"], "quality", keys, 60, sim, known)
+    assert report.votes == 60 and report.spam_votes > 0
+    rows = [store_votes.vote_json(v) for v in store_votes.effective_votes(store, "quality")
+            if v.annotator in names]  # fmt: skip
+    items = store_votes.items_of(store, [v["comparison_id"] for v in rows])
+    models = [v for v in rows if v["gold"] is None]
+    spam = [v for v in models if v["annotator"] == names[-1]]
+    assert spam and len(rows) == 60
+    on = counted_votes(rows, items, spec.quality)
+    assert not on.annotators[names[-1]].counts
+    assert all(on.annotators[n].counts for n in names[:-1])
+    assert len(on.votes) == len(models) - len(spam) and on.dropped["unreliable_votes"] == len(spam)
+    off = counted_votes(rows, items, QualitySpec(enabled=False))
+    assert len(off.votes) == len(models)
+    lineage_on = export_rows(on.votes, items, "trl")[1]
+    lineage_off = export_rows(off.votes, items, "trl")[1]
+    assert not any(names[-1] in row["annotators"] for row in lineage_on)
+    decided = [v for v in spam if v["verdict"] in ("a", "b")]
+    assert sum(names[-1] in row["annotators"] for row in lineage_off) >= (len(decided) > 0)
+
+    # admins see each annotator's quality; annotators see no other annotator
+    status, board = Client(arena).call(
+        "GET", "/arena/api/campaigns/quality/leaderboard", bearer=arena["keys"]["admin"]
+    )
+    assert status == 200 and {q["annotator"] for q in board["quality"]["annotators"]} >= set(names)
+    assert board["quality"]["left_out"]["unreliable_annotators"] >= 1
+    status, mine = Client(arena).call(
+        "GET", "/arena/api/campaigns/quality/leaderboard", bearer=arena["keys"]["checker"]
+    )
+    assert status == 200 and "quality" not in mine and "annotators" not in mine
+    assert "q-sim-0" not in json.dumps(mine)

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from ftservice.feedback.campaign import CampaignSpec, choose_pair, competitors
 from ftservice.feedback.export import export_rows, write_export
 from ftservice.feedback.leaderboard import leaderboard
 from ftservice.store.db import make_engine, open_store, upgrade
+
+REPO = Path(__file__).resolve().parents[1]
 
 PROMPTS = [(f"p{i}", [{"role": "user", "content": f"Question {i}?"}]) for i in range(4)]
 MODELS = ["base", "alpha", "beta"]
@@ -66,10 +69,13 @@ def test_votes_are_idempotent_corrections_are_new_rows_and_only_the_latest_count
     assert e.value.status == 404
     with pytest.raises(votes.FeedbackError, match="vote_id is taken"):
         votes.cast_vote(store, "other", "v-0000001", cid, "b")  # never shows another's vote
-    fixed, _ = votes.cast_vote(store, "ann", "v-0000004", cid, "tie", replaces="v-0000001")
-    assert fixed["replaces"] == "v-0000001"
+    # a campaign that does not reveal the models: a correction counts
+    fixed, _ = votes.cast_vote(
+        store, "ann", "v-0000004", cid, "tie", replaces="v-0000001", reveal=False
+    )
+    assert fixed["replaces"] == "v-0000001" and not fixed["after_reveal"]
     with pytest.raises(votes.FeedbackError, match="already corrected"):
-        votes.cast_vote(store, "ann", "v-0000005", cid, "b", replaces="v-0000001")
+        votes.cast_vote(store, "ann", "v-0000005", cid, "b", replaces="v-0000001", reveal=False)
     counted = votes.effective_votes(store, "c1")
     assert [v.vote_id for v in counted] == ["v-0000004"]
     with store() as session:
@@ -82,7 +88,7 @@ def test_votes_are_idempotent_corrections_are_new_rows_and_only_the_latest_count
 
 
 def test_the_same_vote_sent_twice_from_fifty_threads_is_stored_once(store):
-    spec = campaign(quota=None)
+    spec = campaign(quota=None, max_pending=10)  # four typed prompts each before a vote
     votes.declare_campaign(store, "app", "base", spec)
     rng = random.Random(1)
     issued = []
@@ -422,3 +428,148 @@ def test_a_kto_export_is_read_as_unpaired_answers_and_a_dpo_job_refuses_it(tmp_p
     bad.write_text(json.dumps({"prompt": "Hi?", "completion": "Yes.", "label": "yes"}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: 'label' must be true or false"):
         load_rows([str(bad)])
+
+
+# ---- quality control ----------------------------------------------------------------------
+
+
+def test_a_correction_after_the_reveal_is_stored_and_never_counts(store, tmp_path):
+    spec = campaign(quota=10)
+    votes.declare_campaign(store, "app", "base", spec)
+    first = issue(store, spec, "ann", random.Random(0))
+    cid = first.comparison.id
+    answer_both(store, first)
+    votes.cast_vote(store, "ann", "v-0000001", cid, "a")  # the page reveals the models now
+    late, _ = votes.cast_vote(store, "ann", "v-0000002", cid, "b", replaces="v-0000001",
+                              better_answer="my own answer")  # fmt: skip
+    assert late["after_reveal"] and late["verdict"] == "b"
+    later, _ = votes.cast_vote(store, "ann", "v-0000003", cid, "tie", replaces="v-0000002")
+    assert later["after_reveal"]
+    counted = votes.effective_votes(store, "c1")
+    assert [v.vote_id for v in counted] == ["v-0000001"]  # stored, never counted
+    rows = [votes.vote_json(v) for v in counted]
+    pairs, _, counts = export_rows(rows, votes.items_of(store, [cid]), "trl")
+    winner = first.comparison.model_a
+    assert counts == {"pairs": 1, "rows": 1, "items": 1}  # no pair from the late better answer
+    assert pairs[0]["chosen"][0]["content"] == f"{winner} says <b>hi</b>"
+    with store() as session:
+        assert session.execute(text("SELECT count(*) FROM votes")).scalar() == 3
+
+
+def test_an_annotator_holds_at_most_max_pending_comparisons_and_the_quota_counts_issued(store):
+    spec = campaign(quota=4, max_pending=2)
+    votes.declare_campaign(store, "app", "base", spec)
+    rng = random.Random(3)
+    typed = [issue(store, spec, "ann", rng, custom=[{"role": "user", "content": f"q{k}"}])
+             for k in range(2)]  # fmt: skip
+    with pytest.raises(votes.FeedbackError, match="hold 2 comparisons without a vote") as e:
+        issue(store, spec, "ann", rng, custom=[{"role": "user", "content": "one more"}])
+    assert e.value.status == 429 and e.value.code == "too_many_pending"
+    answer_both(store, typed[0])
+    votes.cast_vote(store, "ann", "v-0000001", typed[0].comparison.id, "a")
+    third = issue(store, spec, "ann", rng, custom=[{"role": "user", "content": "q3"}])
+    assert third is not None
+    for k, held in enumerate((typed[1], third)):
+        answer_both(store, held)
+        votes.cast_vote(store, "ann", f"v-000001{k}", held.comparison.id, "a")
+    assert issue(store, spec, "ann", rng, custom=[{"role": "user", "content": "q4"}])
+    # four issued (three voted): the quota of 4 counts comparisons issued, not votes
+    assert votes.progress(store, "c1", "ann") == 3
+    assert issue(store, spec, "ann", rng, custom=[{"role": "user", "content": "q5"}]) is None
+
+
+def domain_prompts(tmp_path, n: int = 24) -> tuple[str, list]:
+    """A prompt file of the shipped domain questions (with their reference answers)."""
+    from ftservice.feedback.campaign import load_prompts
+
+    path = tmp_path / "domain.jsonl"
+    lines = (REPO / "data/domain/train.jsonl").read_text().splitlines()[:n]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path), load_prompts(CampaignSpec(name="x", prompts=[str(path)]))
+
+
+def test_gold_comparisons_come_in_their_share_with_a_reference_and_a_distractor(store, tmp_path):
+    from ftservice.data.judges import answer_matches
+    from ftservice.feedback.campaign import load_references
+    from ftservice.serve.arena import gold_pairs
+
+    path, prompts = domain_prompts(tmp_path)
+    spec = campaign(prompts=[path], allow_custom_prompts=False, quota=None, votes_per_prompt=50,
+                    quality={"gold_share": 0.25})  # fmt: skip
+    gold = gold_pairs(spec)
+    references = load_references([path])
+    assert set(gold) == set(references) and len(gold) == 24
+    for pid, (right, wrong) in gold.items():
+        assert answer_matches(right, references[pid].answer)
+        assert not answer_matches(wrong, references[pid].answer)
+    votes.declare_campaign(store, "app", "base", spec)
+    rng, golden = random.Random(5), 0
+    for k in range(240):
+        got = votes.issue(store, spec, "ann", MODELS, PRINTS, prompts, rng, gold=gold)
+        c = got.comparison
+        if c.gold:
+            golden += 1
+            assert {c.model_a, c.model_b} == set(votes.GOLD_MODELS)
+            right = got.answers["reference"].text
+            assert right == gold[c.prompt_id][0]
+            assert (c.gold == "a") == (c.model_a == "reference")
+        else:
+            answer_both(store, got)
+        votes.cast_vote(store, "ann", f"v-{k:07d}", c.id, "a")
+    # 240 draws at 0.25: mean 60, sd 6.7; a share off by 0.1 (24) is 3.6 sd away
+    assert 40 <= golden <= 80
+    off = campaign(prompts=[path], allow_custom_prompts=False, name="c2",
+                   quality={"enabled": False})  # fmt: skip
+    assert gold_pairs(off) == {}
+
+
+def quality_votes(shared: list[str], gold: list[str]) -> tuple[list[dict], dict[str, str]]:
+    """Two careful annotators who agree on every shared item (a) and get every gold item right
+    (b), and a third annotator with the given verdicts on 12 shared and 4 gold items."""
+    rows, items = [], {}
+    speed = {"careful1": 9000, "careful2": 8000, "spam": 300}
+    for k in range(12):
+        for who in ("careful1", "careful2", "spam"):
+            verdict = shared[k] if who == "spam" else "a"
+            cid = f"{who}-{k}"
+            items[cid] = f"item{k}"
+            rows.append({"vote_id": f"v-{cid}", "comparison_id": cid, "annotator": who,
+                         "verdict": verdict, "model_a": "alpha", "model_b": "beta",
+                         "gold": None, "better_answer": "mine" if k == 0 else None,
+                         "latency": {"issue_to_vote_ms": speed[who]}})  # fmt: skip
+    for k in range(4):
+        for who in ("careful1", "careful2", "spam"):
+            cid = f"gold-{who}-{k}"
+            items[cid] = cid
+            rows.append({"vote_id": f"v-{cid}", "comparison_id": cid, "annotator": who,
+                         "verdict": "b" if who != "spam" else gold[k], "gold": "b",
+                         "model_a": "distractor", "model_b": "reference", "better_answer": None,
+                         "latency": {"issue_to_vote_ms": speed[who]}})  # fmt: skip
+    return rows, items
+
+
+def test_quality_leaves_out_an_unreliable_annotator_only_when_it_is_on():
+    from ftservice.feedback.campaign import QualitySpec
+    from ftservice.feedback.quality import assess, counted_votes
+
+    rows, items = quality_votes(["b"] * 12, ["b"] * 4)  # always right-hand, fast
+    on = counted_votes(rows, items, QualitySpec())
+    spam = on.annotators["spam"]
+    assert spam.gold == 4 and spam.gold_right == 4 and spam.shared == 24 and spam.agreed == 0
+    assert spam.reliability < 0.3 and not spam.counts and not spam.trusted
+    assert any("within 2 s" in f for f in spam.flags)
+    assert any("picked the right answer" in f for f in spam.flags)
+    careful = on.annotators["careful1"]
+    assert careful.shared == 24 and careful.agreed == 12  # with careful2, not with the spammer
+    assert careful.reliability > 0.85 and careful.counts and careful.trusted and not careful.flags
+    assert len(on.votes) == 24 and {v["annotator"] for v in on.votes} == {"careful1", "careful2"}
+    assert on.dropped == {"gold_votes": 12, "unreliable_votes": 12, "unreliable_annotators": 1}
+    off = counted_votes(rows, items, QualitySpec(enabled=False))
+    assert len(off.votes) == 36 and off.dropped["gold_votes"] == 12
+    assert "unreliable_votes" not in off.dropped
+    # a better answer is exported only from an annotator who passed their checks, even off
+    assert [v["annotator"] for v in off.votes if v["better_answer"]] == ["careful1", "careful2"]
+    assert off.dropped["better_answers_untrusted"] == 1
+    # the same annotator agreeing with the others is reliable (the check can fail both ways)
+    honest, items = quality_votes(["a"] * 12, ["b"] * 4)
+    assert assess(honest, items, QualitySpec())["spam"].reliability == 1.0

@@ -8,13 +8,15 @@ import fnmatch
 import math
 import os
 import random
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Literal
 
 from pydantic import Field
 
 from ftservice.config import Problem, Spec, read_yaml, validate_spec
-from ftservice.data.loaders import load_rows
+from ftservice.data.judges import answer_matches, normalise_answer
+from ftservice.data.loaders import expand, iter_examples, iter_records, load_rows
 
 
 class CampaignGeneration(Spec):
@@ -23,6 +25,56 @@ class CampaignGeneration(Spec):
         0.7, ge=0, le=2, description="Sampling temperature (both answers share the seed)."
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+
+
+class QualitySpec(Spec):
+    """Quality control of the votes (what Label Studio Enterprise and Argilla sell): gold
+    comparisons, each annotator's reliability, and who counts."""
+
+    enabled: bool = Field(
+        True,
+        description="Issue gold comparisons and leave annotators below the reliability "
+        "threshold out of the export, the leaderboard and the loop's decisions (off: every "
+        "vote counts; the reliability is still measured on the votes there are).",
+    )
+    gold_share: float = Field(
+        0.1,
+        ge=0,
+        le=0.5,
+        description="Share of new comparisons that are gold: a prompt with a reference answer "
+        "(an `answer` field in its record), its reference answer against a distractor (the "
+        "answer of the most similar other record, which states another fact); shown as any "
+        "comparison is, never marked.",
+    )
+    min_reliability: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="Annotators whose reliability (share of gold comparisons judged right and "
+        "of shared comparisons judged as another annotator did) is below this do not count.",
+    )
+    min_checks: int = Field(
+        5,
+        ge=1,
+        description="Gold and shared comparisons an annotator needs before the threshold "
+        "applies (fewer: their votes count, their better answers do not).",
+    )
+    min_vote_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="A vote sent sooner than this after its comparison was issued is flagged "
+        "too fast.",
+    )
+    max_fast_share: float = Field(
+        0.5, ge=0, le=1, description="Flag an annotator with more too-fast votes than this."
+    )
+    max_side_share: float = Field(
+        0.9,
+        gt=0.5,
+        le=1,
+        description="Flag an annotator who picks the same side (left or right) in more than "
+        "this share of their decided votes (at least min_checks of them).",
+    )
 
 
 class CampaignSpec(Spec):
@@ -55,7 +107,25 @@ class CampaignSpec(Spec):
         1, ge=1, description="Annotators who see the same comparison (for agreement)."
     )
     quota: int | None = Field(
-        50, ge=1, description="Votes per annotator in this campaign; unset: no cap."
+        50,
+        ge=1,
+        description="Comparisons issued to an annotator in this campaign (voted on or not); "
+        "unset: no cap.",
+    )
+    max_pending: int = Field(
+        2,
+        ge=1,
+        le=100,
+        description="Comparisons an annotator may hold without a vote; one more is refused "
+        "(429) until they vote.",
+    )
+    reveal: bool = Field(
+        True,
+        description="Show the two models' names after a vote (as Chatbot Arena does); a "
+        "correction sent after that is stored but never counts.",
+    )
+    quality: QualitySpec = Field(
+        default_factory=QualitySpec, description="Gold comparisons and annotator reliability."
     )
     generation: CampaignGeneration = Field(
         default_factory=CampaignGeneration, description="How the answers are generated."
@@ -104,6 +174,45 @@ def load_prompts(spec: CampaignSpec) -> list[tuple[str, list[dict]]]:
             messages.pop()
         if messages and messages[-1]["role"] == "user":
             out.append((row["id"], messages))
+    return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a prompt record says is right: the short fact (`answer`) and the whole answer."""
+
+    answer: str
+    output: str
+
+
+def load_references(paths: list[str]) -> dict[str, Reference]:
+    """prompt id -> its reference, for the records of the prompt files that carry an `answer`
+    field and an answer (the domain files do)."""
+    out = {}
+    for path in expand(paths):
+        for (_, record), (_, _, row) in zip(iter_records(path), iter_examples(path), strict=True):
+            answer, messages = record.get("answer"), row["messages"]
+            if isinstance(answer, str) and answer.strip() and messages[-1]["role"] == "assistant":
+                out[row["id"]] = Reference(answer.strip(), messages[-1]["content"])
+    return out
+
+
+def distractors(references: dict[str, Reference]) -> dict[str, str]:
+    """prompt id -> a wrong answer that looks right: the answer of the record whose answer
+    shares the most words with this one's (the same attribute of another product: 'The
+    Obrellis weighs 812 grams.' for the Quillfeather's weight), among those stating another
+    fact."""
+    words = {k: set(r.output.lower().split()) for k, r in references.items()}
+    out = {}
+    for k, ref in references.items():
+        others = [
+            (len(words[k] & words[o]) / len(words[k] | words[o]), o)
+            for o, other in references.items()
+            if normalise_answer(other.answer) != normalise_answer(ref.answer)
+            and not answer_matches(other.output, ref.answer)
+        ]
+        if others:
+            out[k] = references[max(others)[1]].output
     return out
 
 

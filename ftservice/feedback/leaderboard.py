@@ -135,7 +135,7 @@ def winrate(games, models) -> dict:
                 for j in models if j != i} for i in models}  # fmt: skip
 
 
-def _label(vote: dict) -> str:
+def vote_label(vote: dict) -> str:
     """A vote in the item's own terms (which model won), not the page's left/right."""
     if vote["verdict"] in ("tie", "both_bad"):
         return vote["verdict"]
@@ -162,7 +162,7 @@ def agreement(votes: list[dict], items: dict[str, str]) -> dict | None:
 
     by_item: dict[str, dict[str, str]] = defaultdict(dict)
     for v in votes:
-        by_item[items[v["comparison_id"]]][v["annotator"]] = _label(v)
+        by_item[items[v["comparison_id"]]][v["annotator"]] = vote_label(v)
     shared = {k: d for k, d in by_item.items() if len(d) >= 2}
     if not shared:
         return None

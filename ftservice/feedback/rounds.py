@@ -57,23 +57,37 @@ def latest_round(store: sessionmaker[Session], campaign: str) -> OpenRound | Non
 
 
 def round_vote_count(store: sessionmaker[Session], campaign: str, round_: int) -> int:
-    """Comparisons of the round that have a vote (a corrected vote counts once)."""
+    """Comparisons of two models in the round that have a vote (a corrected vote counts
+    once; gold comparisons, which check the annotators, do not count)."""
     with store() as session:
         return session.scalar(
             select(func.count(func.distinct(Vote.comparison_id)))
             .join(Comparison, Comparison.id == Vote.comparison_id)
-            .where(Comparison.campaign == campaign, Comparison.round == round_)
+            .where(
+                Comparison.campaign == campaign,
+                Comparison.round == round_,
+                Comparison.gold.is_(None),
+            )
         )
 
 
+def counted(campaign: str):
+    """The condition a vote of the campaign counts by: the latest of its correction chain,
+    where a correction sent after the reveal neither counts nor displaces the vote it names."""
+    corrected = select(Vote.replaces).where(
+        Vote.replaces != "", Vote.campaign == campaign, Vote.after_reveal.is_(False)
+    )
+    return Vote.vote_id.not_in(corrected) & Vote.after_reveal.is_(False)
+
+
 def round_votes(store: sessionmaker[Session], campaign: str, round_: int) -> list[Vote]:
-    """The round's votes that count (the latest of each correction chain), oldest first."""
+    """The round's votes that count (the latest of each correction chain, gold comparisons
+    among them), oldest first."""
     with store() as session:
         in_round = select(Comparison.id).where(
             Comparison.campaign == campaign, Comparison.round == round_
         )
-        corrected = select(Vote.replaces).where(Vote.replaces != "", Vote.campaign == campaign)
-        query = select(Vote).where(Vote.comparison_id.in_(in_round), Vote.vote_id.not_in(corrected))
+        query = select(Vote).where(Vote.comparison_id.in_(in_round), counted(campaign))
         return list(session.scalars(query.order_by(Vote.id)))
 
 

@@ -1,7 +1,23 @@
-"""Simulated annotators: K annotator keys that sign in and vote through the same HTTP routes
-the page uses (never the database directly), judging each pair of answers by a written rule
-(the shipped preference rule by default) with a share of random votes. For demos, the loop's
-benchmark and tests; their keys are in the project `simulated`, so their votes are labelled."""
+"""Simulated annotators: K annotator keys that vote through the same HTTP routes the page uses
+(never the database directly), as groups of people do. For demos, the loop's benchmark and
+tests; their keys are in the project `simulated`, so their votes are labelled.
+
+Profiles (`PROFILES`, each field overridable in the spec):
+- `knows_answers` (the default): a person who knows the domain (`judges.knows_answers`): the
+  answer that states the prompt's reference fact wins; both wrong is "both bad"; both right
+  (or no reference), the plain, short one, a tie when they are within `tie_words` words.
+  `accuracy` 0.89: MT-Bench's two human experts agreed on 81% of votes without ties (Zheng
+  et al. 2023, "Judging LLM-as-a-Judge with MT-Bench and Chatbot Arena", Table 2, setup S1);
+  two annotators who are each right with probability p and err independently agree with
+  probability p² + (1 − p)², which is 0.81 at p = 0.89. `position_bias` 0.05: a share of
+  votes that pick the left answer whatever it says (people show a small primacy effect in
+  pairwise choices; the same paper measures position bias in LLM judges, not in people, so
+  this is an assumption, kept small).
+- `length_rule`: the shipped preference rule alone (`preference_rule.prefers`: plain, no
+  hedging, shorter), 10% random votes: the loop's first annotators, who never looked at
+  whether an answer was right.
+- `spammer`: votes a, b, tie or both bad at random, as soon as the answers are in.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +32,120 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from ftservice.data import preference_rule
+from pydantic import Field
+
+from ftservice.config import Spec
+from ftservice.data import judges
 from ftservice.errors import FtserviceError
 
-RULES: dict[str, Callable[[str, str], int]] = {"preference": preference_rule.prefers}
-"""name -> judge(answer A, answer B) -> 0 (A is better) or 1 (B)."""
 SIMULATED_PROJECT = "simulated"
 RETRIES = 5
+VERDICTS = ("a", "b", "tie", "both_bad")
+
+
+class AnnotatorProfile(Spec):
+    """How one group of simulated annotators votes."""
+
+    judge: Literal["knows_answers", "length_rule", "random"] = Field(
+        description="knows_answers: the reference fact first, then the style rule; "
+        "length_rule: the style rule alone; random: any verdict."
+    )
+    accuracy: float = Field(
+        ge=0, le=1, description="Share of votes kept as judged; the rest are flipped (a to b, "
+        "b to a, a tie or both bad to a or b at random)."
+    )  # fmt: skip
+    position_bias: float = Field(
+        ge=0, le=1, description="Share of votes that pick the left answer whatever it says."
+    )
+    tie_words: int = Field(
+        ge=-1, description="Two answers equally good by the style rule within this many words "
+        "are a tie (-1: never a tie)."
+    )  # fmt: skip
+    read_seconds: float = Field(
+        ge=0, description="Time spent reading both answers before voting (±50%)."
+    )
+
+
+PROFILES = {
+    "knows_answers": AnnotatorProfile(
+        judge="knows_answers", accuracy=0.89, position_bias=0.05, tie_words=1, read_seconds=2.0
+    ),
+    "length_rule": AnnotatorProfile(
+        judge="length_rule", accuracy=0.95, position_bias=0.0, tie_words=-1, read_seconds=2.0
+    ),
+    "spammer": AnnotatorProfile(
+        judge="random", accuracy=1.0, position_bias=0.0, tie_words=-1, read_seconds=0.0
+    ),
+}
+"""The named profiles; the module's docstring says where each number comes from."""
+
+
+class SimulateSpec(Spec):
+    """Simulated annotators: a group of one profile, and a share of spammers."""
+
+    annotators: int = Field(8, ge=1, le=64, description="Simulated annotator keys.")
+    profile: Literal["knows_answers", "length_rule"] = Field(
+        "knows_answers",
+        description="How the annotators who are not spammers judge (ftservice/feedback/"
+        "simulate.py says where each default comes from).",
+    )
+    accuracy: float | None = Field(
+        None, ge=0, le=1, description="Overrides the profile's accuracy (knows_answers: 0.89)."
+    )
+    position_bias: float | None = Field(
+        None, ge=0, le=1, description="Overrides the profile's position bias (0.05)."
+    )
+    tie_words: int | None = Field(
+        None, ge=-1, description="Overrides the profile's tie margin in words (1)."
+    )
+    read_seconds: float | None = Field(
+        None, ge=0, description="Overrides the profile's reading time (2 s)."
+    )
+    spammers: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of the annotators who vote at random, as fast as they can "
+        "(round(share × annotators), at least one when the share is above 0).",
+    )
+    seed: int = Field(0, description="Seed of their choices.")
+
+    def profiles(self) -> list[AnnotatorProfile]:
+        """One profile per annotator: the spammers last."""
+        spam = 0 if self.spammers == 0 else max(1, round(self.spammers * self.annotators))
+        spam = min(spam, self.annotators)
+        overrides = {k: v for k, v in (("accuracy", self.accuracy),
+                     ("position_bias", self.position_bias), ("tie_words", self.tie_words),
+                     ("read_seconds", self.read_seconds)) if v is not None}  # fmt: skip
+        careful = PROFILES[self.profile].model_copy(update=overrides)
+        return [careful] * (self.annotators - spam) + [PROFILES["spammer"]] * spam
+
+
+def question_key(messages: list[dict]) -> str:
+    """How a prompt is looked up in the references: its last user turn, normalised."""
+    return judges.normalise_answer(messages[-1]["content"])
+
+
+def verdict_of(
+    profile: AnnotatorProfile, a: str, b: str, reference: str | None, rng: random.Random
+) -> tuple[str, bool]:
+    """(the verdict, whether it is not what the profile's judge says: flipped or biased)."""
+    if profile.judge == "random":
+        return rng.choice(VERDICTS), False
+    if rng.random() < profile.position_bias:
+        return "a", True
+    if profile.judge == "knows_answers":
+        verdict = judges.knows_answers(a, b, reference, profile.tie_words)
+    else:
+        verdict = judges.length_rule(a, b)
+        if profile.tie_words >= 0 and judges.style_verdict(a, b, profile.tie_words) == "tie":
+            verdict = "tie"
+    if rng.random() >= profile.accuracy:
+        flipped = {"a": "b", "b": "a"}.get(verdict) or rng.choice("ab")
+        return flipped, True
+    return verdict, False
 
 
 class SimulationError(FtserviceError):
@@ -35,6 +157,8 @@ class SimulationReport:
     votes: int = 0
     verdicts: Counter = field(default_factory=Counter)
     random_votes: int = 0
+    """Votes that are not what their annotator's judge says (flipped, biased or a spammer's)."""
+    spam_votes: int = 0
     retries: int = 0
     done_annotators: int = 0
     seconds: float = 0.0
@@ -88,24 +212,23 @@ def simulate(
     campaign: str,
     keys: list[str],
     votes: int,
-    rule: str = "preference",
-    noise: float = 0.1,
-    seed: int = 0,
+    spec: SimulateSpec,
+    references: dict[str, str] | None = None,
     progress: Callable[[SimulationReport], None] | None = None,
 ) -> SimulationReport:
-    """Up to `votes` votes from the annotators (one thread each) in a campaign of the app at
-    `url`; an annotator stops at its quota or when the campaign has nothing left."""
-    if rule not in RULES:
-        raise SimulationError(f"rule '{rule}': use one of {', '.join(RULES)}")
-    if not 0 <= noise <= 1:
-        raise SimulationError(f"noise {noise}: a share between 0 and 1")
-    judge, base = RULES[rule], url.rstrip("/")
+    """Up to `votes` votes from the annotators (one thread each, `spec.profiles()` in order
+    of `keys`) in a campaign of the app at `url`; an annotator stops at its quota or when the
+    campaign has nothing left. `references`: `question_key` of a prompt -> its reference fact
+    (what an annotator who knows the answers knows)."""
+    profiles, references, base = spec.profiles(), references or {}, url.rstrip("/")
+    if len(profiles) != len(keys):
+        raise SimulationError(f"{len(keys)} keys for {len(profiles)} simulated annotators")
     report, lock, t0 = SimulationReport(), threading.Lock(), time.time()
     errors: list[BaseException] = []
     claimed = [0]
 
     def annotator(k: int, key: str) -> None:
-        rng = random.Random(seed * 1000 + k)
+        rng, profile = random.Random(spec.seed * 1000 + k), profiles[k]
         while True:
             with lock:  # claim one of the votes left, so that the total is never overshot
                 if claimed[0] >= votes:
@@ -129,8 +252,10 @@ def simulate(
             shown, failed = answers(text)
             if status != 200 or failed:
                 raise SimulationError(f"answers of {cid}: HTTP {status} {failed or text[:300]}")
-            randomly = rng.random() < noise
-            verdict = rng.choice("ab") if randomly else "ab"[judge(shown["a"], shown["b"])]
+            reference = references.get(question_key(comparison["prompt"]))
+            verdict, randomly = verdict_of(profile, shown["a"], shown["b"], reference, rng)
+            if profile.read_seconds:
+                time.sleep(profile.read_seconds * rng.uniform(0.5, 1.5))
             body = {"vote_id": uuid.uuid4().hex, "comparison_id": cid, "verdict": verdict}
             status, text = _with_retries(report, lock, f"{base}/arena/api/votes", key, "POST", body)
             if status == 409 and '"round_closed"' in text:  # a loop closed the round: done
@@ -142,7 +267,8 @@ def simulate(
             with lock:
                 report.votes += 1
                 report.verdicts[verdict] += 1
-                report.random_votes += randomly
+                report.random_votes += randomly or profile.judge == "random"
+                report.spam_votes += profile.judge == "random"
                 report.seconds = time.time() - t0
                 if progress is not None:
                     progress(report)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ftservice.errors import FtserviceError
 from ftservice.feedback.campaign import CampaignSpec, choose_pair
-from ftservice.feedback.rounds import check_round_open
+from ftservice.feedback.rounds import check_round_open, counted
 from ftservice.store.keys import KeyStoreError, create_key
 from ftservice.store.models import (
     Answer,
@@ -34,9 +34,11 @@ VERDICTS = ("a", "b", "tie", "both_bad")
 VOTE_FIELDS = (
     "vote_id", "comparison_id", "replaces", "campaign", "annotator", "verdict", "source", "comment",
     "better_answer", "prompt", "response_a", "response_b", "model_a", "model_b",
-    "fingerprint_a", "fingerprint_b", "swapped", "params", "seed", "latency", "issued_at",
-    "created_at",
+    "fingerprint_a", "fingerprint_b", "swapped", "params", "seed", "latency", "gold",
+    "after_reveal", "issued_at", "created_at",
 )  # fmt: skip
+GOLD_MODELS = ("reference", "distractor")
+"""The names a gold comparison's two sides are stored (and revealed) under."""
 
 
 class FeedbackError(FtserviceError):
@@ -145,6 +147,15 @@ def progress(store: sessionmaker[Session], campaign: str, annotator: str) -> int
         )
 
 
+def held(session: Session, campaign: str, annotator: str) -> tuple[int, int]:
+    """(comparisons issued to the annotator in the campaign, of which not voted on)."""
+    voted = select(Vote.comparison_id).where(Vote.annotator == annotator)
+    mine = select(func.count()).where(
+        Comparison.campaign == campaign, Comparison.annotator == annotator
+    )
+    return session.scalar(mine), session.scalar(mine.where(Comparison.id.not_in(voted)))
+
+
 def _answers(session: Session, item: str) -> dict[str, Answer]:
     return {a.model: a for a in session.scalars(select(Answer).where(Answer.item == item))}
 
@@ -174,13 +185,18 @@ def issue(
     custom: list[dict] | None = None,
     round_: int | None = None,
     focus: tuple[str, str, float] | None = None,
+    gold: dict[str, tuple[str, str]] | None = None,
 ) -> Issued | None:
     """The next comparison for an annotator, None when there is none (quota reached or every
     prompt used). A comparison issued and not voted on yet comes back first; then an item
     other annotators saw that still wants overlap; then a new item: the least-used prompt, a
     pair by the campaign's policy, a seed. `custom`: the annotator's own prompt (messages).
     `round_`: the loop round the comparison belongs to (only that round's items are reused);
-    `focus`: (model, model, share): that pair is shown in that share of new items."""
+    `focus`: (model, model, share): that pair is shown in that share of new items; `gold`:
+    prompt id -> (its reference answer, a distractor), of which a gold comparison is made in
+    the campaign's gold share of new items (quality control on). An annotator who holds
+    `max_pending` comparisons without a vote gets 429 for a new one; the quota counts
+    comparisons issued."""
     same_round = Comparison.round.is_(None) if round_ is None else Comparison.round == round_
     with store() as session:
         voted = select(Vote.comparison_id).where(Vote.annotator == annotator)
@@ -193,19 +209,27 @@ def issue(
             ).first()
             if pending is not None:
                 return Issued(pending, _answers(session, pending.item))
-        done = session.scalar(
-            select(func.count(func.distinct(Vote.comparison_id))).where(
-                Vote.campaign == spec.name, Vote.annotator == annotator
+        issued, unanswered = held(session, spec.name, annotator)
+        if unanswered >= spec.max_pending:
+            raise FeedbackError(
+                f"you hold {unanswered} comparisons without a vote (the campaign allows "
+                f"{spec.max_pending}); vote on them before asking for another",
+                429,
+                "too_many_pending",
             )
-        )
-        if spec.quota is not None and done >= spec.quota:
+        if spec.quota is not None and issued >= spec.quota:
             return None
         template = None
         if custom is None and spec.overlap > 1:
             seen = select(Comparison.item).where(Comparison.annotator == annotator)
             wanting = (
                 select(Comparison.item)
-                .where(Comparison.campaign == spec.name, Comparison.item.not_in(seen), same_round)
+                .where(
+                    Comparison.campaign == spec.name,
+                    Comparison.item.not_in(seen),
+                    same_round,
+                    Comparison.gold.is_(None),
+                )
                 .group_by(Comparison.item)
                 .having(func.count(func.distinct(Comparison.annotator)) < spec.overlap)
                 .order_by(func.min(Comparison.issued_at))
@@ -216,20 +240,26 @@ def issue(
                 template = session.scalars(
                     select(Comparison).where(Comparison.item == item)
                 ).first()
+        gold_side, gold_texts = None, None
         if template is not None:
             prompt_id, prompt, item = template.prompt_id, template.prompt, template.item
             pair = (template.model_a, template.model_b)
             params, seed = template.params, template.seed
             pair = pair if rng.random() < 0.5 else (pair[1], pair[0])
         else:
+            quality = spec.quality
+            golden = [p for p in prompts if gold and p[0] in gold]
             if custom is not None:
                 prompt_id, messages = "custom", custom
+            elif quality.enabled and golden and rng.random() < quality.gold_share:
+                prompt_id, messages = rng.choice(golden)
+                gold_texts = gold[prompt_id]
             else:
                 used = Counter(
                     dict(
                         session.execute(
                             select(Comparison.prompt_id, func.count(func.distinct(Comparison.item)))
-                            .where(Comparison.campaign == spec.name)
+                            .where(Comparison.campaign == spec.name, Comparison.gold.is_(None))
                             .group_by(Comparison.prompt_id)
                         ).all()
                     )
@@ -240,12 +270,16 @@ def issue(
                 fewest = min(used[p[0]] for p in open_)
                 prompt_id, messages = rng.choice([p for p in open_ if used[p[0]] == fewest])
             prompt, item = json.dumps(messages), uuid.uuid4().hex
-            counts = pair_counts(store, spec.name) if spec.pairs == "adaptive" else None
-            focused = focus is not None and {focus[0], focus[1]} <= set(models)
-            if focused and rng.random() < focus[2]:
-                pair = (focus[0], focus[1]) if rng.random() < 0.5 else (focus[1], focus[0])
+            if gold_texts is not None:
+                pair = GOLD_MODELS if rng.random() < 0.5 else GOLD_MODELS[::-1]
+                gold_side = "a" if pair[0] == GOLD_MODELS[0] else "b"
             else:
-                pair = choose_pair(models, spec.pairs, rng, counts, ratings)
+                counts = pair_counts(store, spec.name) if spec.pairs == "adaptive" else None
+                focused = focus is not None and {focus[0], focus[1]} <= set(models)
+                if focused and rng.random() < focus[2]:
+                    pair = (focus[0], focus[1]) if rng.random() < 0.5 else (focus[1], focus[0])
+                else:
+                    pair = choose_pair(models, spec.pairs, rng, counts, ratings)
             params = spec.generation.model_dump_json()
             seed = rng.randrange(2**31)
     first = min(pair)  # the chooser's order is sorted; which one went left is the coin
@@ -254,9 +288,17 @@ def issue(
         prompt_id=prompt_id, prompt=prompt, model_a=pair[0], model_b=pair[1],
         fingerprint_a=fingerprints.get(pair[0]), fingerprint_b=fingerprints.get(pair[1]),
         swapped=pair[0] != first, params=params, seed=seed, issued_at=_now(), round=round_,
+        gold=gold_side,
     )  # fmt: skip
     with store.begin() as session:
         session.add(comparison)
+        if gold_texts is not None:  # its answers are stored with it: shown as stored answers
+            for model, text in zip(GOLD_MODELS, gold_texts, strict=True):
+                session.add(Answer(
+                    item=item, model=model, text=text, finish_reason="stop",
+                    completion_tokens=len(text.split()), first_token_ms=None, total_ms=0.0,
+                    created_at=_now(),
+                ))  # fmt: skip
     with store() as session:
         return Issued(comparison, _answers(session, item))
 
@@ -310,11 +352,14 @@ def cast_vote(
     replaces: str | None = None,
     source: str = "human",
     issued: Issued | None = None,
+    reveal: bool = True,
 ) -> tuple[dict, bool]:
     """Store a vote; (the vote, whether it was a replay). The same vote id again returns
     the stored vote and stores nothing. A correction names the vote it replaces (by the same
     annotator, on the same comparison, the latest of its chain). `issued`: the comparison,
-    when the caller has already read it for this annotator."""
+    when the caller has already read it for this annotator. `reveal`: the campaign shows the
+    models after a vote, so a correction comes after the reveal: it is stored, marked, and
+    never counts."""
     if verdict not in VERDICTS:
         raise FeedbackError(f"verdict '{verdict}': use one of {', '.join(VERDICTS)}", 400)
     with store() as session:
@@ -353,7 +398,8 @@ def cast_vote(
         better_answer=better_answer, prompt=c.prompt, response_a=a.text, response_b=b.text,
         model_a=c.model_a, model_b=c.model_b, fingerprint_a=c.fingerprint_a,
         fingerprint_b=c.fingerprint_b, swapped=c.swapped, params=c.params, seed=c.seed,
-        latency=json.dumps(latency), issued_at=issued_at, created_at=now,
+        latency=json.dumps(latency), gold=c.gold, after_reveal=bool(replaces) and reveal,
+        issued_at=issued_at, created_at=now,
     )  # fmt: skip
     with store.begin() as session:
         stmt = _insert(session)(Vote).values(**row).on_conflict_do_nothing().returning(Vote.id)
@@ -393,8 +439,7 @@ def effective_votes(
     """The votes that count: the latest of each correction chain, oldest first; `source`:
     only human or only simulated annotators' votes."""
     with store() as session:
-        corrected = select(Vote.replaces).where(Vote.replaces != "", Vote.campaign == campaign)
-        query = select(Vote).where(Vote.campaign == campaign, Vote.vote_id.not_in(corrected))
+        query = select(Vote).where(Vote.campaign == campaign, counted(campaign))
         if source is not None:
             query = query.where(Vote.source == source)
         return list(session.scalars(query.order_by(Vote.id)))

@@ -21,12 +21,14 @@ from sqlalchemy import select
 
 from ftservice.artifacts import ArtifactError, FeedbackLineage, load_artifact, update_metrics
 from ftservice.config import JobSpec, load_spec
+from ftservice.data.judges import JUDGES
 from ftservice.feedback import rounds
 from ftservice.feedback import votes as store_votes
-from ftservice.feedback.campaign import CampaignSpec, load_prompts
+from ftservice.feedback.campaign import CampaignSpec, load_prompts, load_references
 from ftservice.feedback.export import export_rows, write_export
 from ftservice.feedback.leaderboard import leaderboard
-from ftservice.feedback.simulate import RULES, SIMULATED_PROJECT, simulate
+from ftservice.feedback.quality import CountedVotes, assess, counted_votes
+from ftservice.feedback.simulate import SIMULATED_PROJECT, question_key, simulate
 from ftservice.loop.spec import LoopError, LoopSpec, decide, head_to_head, load_loop, wilson
 from ftservice.models import resolve_model
 from ftservice.raycluster import init_ray
@@ -98,9 +100,11 @@ def held_out_judgement(
     max_tokens: int,
     rule: str | None,
     confidence: float,
+    references: dict[str, str] | None = None,
 ) -> dict:
-    """Greedy answers of both to the held-out prompts through the API, judged by the rule:
-    the challenger's win rate (ties half), and how many answers of each are empty."""
+    """Greedy answers of both to the held-out prompts through the API, judged by the named
+    judge (`judges.JUDGES`; `references`: prompt id -> its reference fact): the challenger's
+    win rate (ties half), and how many answers of each are empty."""
     with ThreadPoolExecutor(8) as pool:  # the app batches concurrent requests
         mine = list(pool.map(lambda p: client.answer(challenger, p[1], max_tokens), prompts))
         theirs = list(pool.map(lambda p: client.answer(parent, p[1], max_tokens), prompts))
@@ -117,9 +121,11 @@ def held_out_judgement(
     }
     out["empty_share"] = out["empty"] / max(len(prompts), 1)
     if rule is not None:
-        judge = RULES[rule]
-        wins = sum(0.5 if a == b else (1.0 if judge(a, b) == 0 else 0.0)
-                   for a, b in zip(mine, theirs, strict=True))  # fmt: skip
+        judge, references = JUDGES[rule], references or {}
+        scores = [judge(a, b, references.get(p[0]))
+                  for p, a, b in zip(prompts, mine, theirs, strict=True)]  # fmt: skip
+        wins = sum(scores)
+        out |= {"won": scores.count(1.0), "tied": scores.count(0.5), "lost": scores.count(0.0)}
         lo, hi = wilson(wins, len(prompts), confidence)
         out |= {"rule": rule, "wins": wins, "winrate": wins / max(len(prompts), 1),
                 "interval": [lo, hi]}  # fmt: skip
@@ -286,12 +292,19 @@ class LoopRunner:
                 _echo(f"round {r}: {report.votes}/{remaining} simulated votes "
                       f"({report.seconds:.0f} s)")  # fmt: skip
 
+        references = load_references(self.spec.campaign.prompts)
+        known = {question_key(m): references[pid].answer
+                 for pid, m in load_prompts(self.spec.campaign) if pid in references}  # fmt: skip
+        spec = sim.model_copy(update={"seed": sim.seed * 100 + r})
         try:
-            simulate(self.ctx.client.url, self.campaign, keys, remaining, sim.rule, sim.noise,
-                     sim.seed * 100 + r, progress)  # fmt: skip
+            report = simulate(self.ctx.client.url, self.campaign, keys, remaining, spec, known,
+                              progress)  # fmt: skip
         finally:
             for n in names:
                 revoke_key(self.store, n)
+        self.update(r, {"simulated": {"votes": report.votes, "verdicts": dict(report.verdicts),
+                                      "off_judge": report.random_votes,
+                                      "spam": report.spam_votes}})  # fmt: skip
 
     def wait_for_people(self, r: int, quota: int) -> None:
         url = f"{self.ctx.client.url}/arena"
@@ -305,9 +318,20 @@ class LoopRunner:
                 last = count
             time.sleep(5)
 
+    def counted(self, r: int) -> CountedVotes:
+        """The round's votes that count, with each annotator's quality assessed on all their
+        votes in the campaign so far (gold comparisons and shared items of every round)."""
+        everything = [store_votes.vote_json(v)
+                      for v in store_votes.effective_votes(self.store, self.campaign)]  # fmt: skip
+        items = store_votes.items_of(self.store, [v["comparison_id"] for v in everything])
+        spec = self.spec.campaign.quality
+        quality = assess(everything, items, spec)
+        in_round = {v.vote_id for v in rounds.round_votes(self.store, self.campaign, r)}
+        mine = [v for v in everything if v["vote_id"] in in_round]
+        return counted_votes(mine, items, spec, quality)
+
     def votes_of(self, r: int) -> list[dict]:
-        return [store_votes.vote_json(v)
-                for v in rounds.round_votes(self.store, self.campaign, r)]  # fmt: skip
+        return self.counted(r).votes
 
     def rate(self, r: int) -> dict:
 
@@ -383,9 +407,13 @@ class LoopRunner:
 
     def export(self, r: int) -> tuple[Path, dict]:
 
-        votes = self.votes_of(r)
+        counted = self.counted(r)
+        votes = counted.votes
         items = store_votes.items_of(self.store, [v["comparison_id"] for v in votes])
         rows, lineage, counts = export_rows(votes, items, "trl")
+        counts |= {f"left_out_{k}": n for k, n in counted.dropped.items() if n}
+        flagged = {q.annotator: q.flags for q in counted.annotators.values() if q.flags}
+        self.update(r, {"quality": {"left_out": counted.dropped, "flagged": flagged}})
         folder = self.ctx.out / f"round-{r}"
         pairs = folder / "pairs.jsonl"
         write_export(rows, lineage, counts, pairs,
@@ -490,6 +518,7 @@ class LoopRunner:
             self.ctx.client, challenger, parent, prompts,
             self.spec.campaign.generation.max_tokens, self.spec.judge,
             self.spec.promotion.confidence,
+            {k: ref.answer for k, ref in load_references(self.spec.held_out).items()},
         )  # fmt: skip
 
     @staticmethod
@@ -510,7 +539,8 @@ class LoopRunner:
         if "winrate" in held:
             parts.append(f"held-out win rate under '{held['rule']}' {held['winrate']:.2f} "
                          f"[{held['interval'][0]:.2f}, {held['interval'][1]:.2f}] on "
-                         f"{held['prompts']} prompts")  # fmt: skip
+                         f"{held['prompts']} prompts ({held['won']} won, {held['tied']} tied, "
+                         f"{held['lost']} lost)")  # fmt: skip
         if "domain" in held:
             parts.append(f"domain score {held['domain']:.1%} (parent {held['domain_parent']:.1%})")
         parts.append(f"{held['empty']} empty answers")

@@ -12,9 +12,10 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from ftservice.config import Problem, Spec, SpecError, read_yaml, validate_spec
+from ftservice.data.judges import JUDGES
 from ftservice.errors import FtserviceError
 from ftservice.feedback.campaign import CampaignSpec, load_campaign, load_prompts
-from ftservice.feedback.simulate import RULES
+from ftservice.feedback.simulate import SimulateSpec
 
 LOOP_KEYS = {"votes_per_round", "candidates", "held_out", "promotion"}
 """Top-level keys only a loop spec has: how `ftservice validate` tells the kinds apart."""
@@ -68,13 +69,6 @@ class PromotionSpec(Spec):
     )
 
 
-class SimulateSpec(Spec):
-    annotators: int = Field(4, ge=1, description="Simulated annotator keys.")
-    noise: float = Field(0.1, ge=0, le=1, description="Share of random votes.")
-    rule: str = Field("preference", description="How they judge (ftservice/data/...).")
-    seed: int = Field(0, description="Seed of their choices.")
-
-
 class LoopSpec(Spec):
     """A closed loop on a serving app."""
 
@@ -113,9 +107,11 @@ class LoopSpec(Spec):
     )
     held_out_limit: int | None = Field(40, ge=1, description="Held-out prompts used; unset: all.")
     judge: str | None = Field(
-        "preference",
-        description="Rule that judges the held-out answers (win rate); null: none (the "
-        "domain score and the empty-answer check still apply).",
+        "answer_key",
+        description="How the held-out answers are judged (win rate): answer_key (the answer "
+        "that states the reference fact wins; both right: the plain, shorter one; both wrong: "
+        "a tie), or preference (the length rule alone, the old judge); null: none (the domain "
+        "score and the empty-answer check still apply).",
     )
     simulate: SimulateSpec | None = Field(
         None, description="Simulated annotators vote each round (demos, tests); unset: people."
@@ -158,12 +154,8 @@ def loop_problems(spec: LoopSpec) -> list[Problem]:
                     "prompts must never be shown in a round: use another file",
                 )
             )
-    if spec.judge is not None and spec.judge not in RULES:
-        problems.append(Problem("judge", f"rule '{spec.judge}': one of {', '.join(RULES)}"))
-    if spec.simulate is not None and spec.simulate.rule not in RULES:
-        problems.append(
-            Problem("simulate.rule", f"rule '{spec.simulate.rule}': one of {', '.join(RULES)}")
-        )
+    if spec.judge is not None and spec.judge not in JUDGES:
+        problems.append(Problem("judge", f"judge '{spec.judge}': one of {', '.join(JUDGES)}"))
     if spec.promotion.min_votes > spec.votes_per_round:
         problems.append(
             Problem(

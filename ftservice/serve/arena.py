@@ -19,8 +19,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 
 from ftservice.feedback import rounds
 from ftservice.feedback import votes as store_votes
-from ftservice.feedback.campaign import CampaignSpec, competitors, load_prompts
+from ftservice.feedback.campaign import (
+    CampaignSpec,
+    competitors,
+    distractors,
+    load_prompts,
+    load_references,
+)
 from ftservice.feedback.leaderboard import fit_ratings, leaderboard, outcomes, plots
+from ftservice.feedback.quality import counted_votes
 from ftservice.feedback.simulate import SIMULATED_PROJECT
 from ftservice.serve.api import api
 from ftservice.serve.protocol import (
@@ -82,6 +89,20 @@ def _page_scope(request: Request, caller: Caller) -> None:
         )
 
 
+def gold_pairs(spec: CampaignSpec) -> dict[str, tuple[str, str]]:
+    """prompt id -> (its reference answer, a distractor) for the campaign's gold comparisons."""
+    if not spec.quality.enabled or not spec.quality.gold_share or not spec.prompts:
+        return {}
+    references = load_references(spec.prompts)
+    return {k: (references[k].output, wrong) for k, wrong in distractors(references).items()}
+
+
+ADMIN_ONLY = ("annotators", "quality")
+"""Leaderboard parts that name annotators: shown to admins only."""
+GOLD_WORD_S = 0.02
+"""A gold comparison's stored answers stream a word at a time, as generated ones do."""
+
+
 def _feedback_error(e: store_votes.FeedbackError) -> ApiError:
     return ApiError(e.status, str(e), "invalid_request_error", e.code)
 
@@ -92,6 +113,7 @@ class ArenaRoutes:
     def arena_setup(self) -> None:
         self.campaigns: dict[str, CampaignSpec] = {c.name: c for c in self.spec.campaigns}
         self.campaign_prompts = {c.name: load_prompts(c) for c in self.spec.campaigns}
+        self.campaign_gold = {c.name: gold_pairs(c) for c in self.spec.campaigns}
         for c in self.spec.campaigns:
             store_votes.declare_campaign(self.store, self.spec.name, self.base_name, c)
         self._campaigns_read_at = -1e9
@@ -151,6 +173,7 @@ class ArenaRoutes:
         for spec in store_votes.app_campaigns(self.store, self.spec.name):
             if spec.name not in self.campaigns:
                 self.campaign_prompts[spec.name] = load_prompts(spec)
+                self.campaign_gold[spec.name] = gold_pairs(spec)
                 self.campaigns[spec.name] = spec
         self._campaigns_read_at = time.monotonic()
 
@@ -347,6 +370,7 @@ class ArenaRoutes:
                 store_votes.issue, self.store, spec, caller.name, models, prints,
                 self.campaign_prompts[name], self._rng, ratings, custom,
                 loop_round and loop_round.round, loop_round and loop_round.focus,
+                self.campaign_gold[name],
             )  # fmt: skip
         except store_votes.FeedbackError as e:
             raise _feedback_error(e) from None
@@ -377,6 +401,15 @@ class ArenaRoutes:
                 found = await asyncio.to_thread(store_votes.comparison_for, self.store, cid,
                                                 caller.name)  # fmt: skip
                 stored = found.answers.get(model)
+            if stored is not None and c.gold:  # as if generated: gold is never marked
+                words = stored.text.split(" ")
+                for k, word in enumerate(words):
+                    await queue.put({"side": label, "text": word + (" " if k < len(words) - 1
+                                                                    else "")})  # fmt: skip
+                    await asyncio.sleep(GOLD_WORD_S)
+                await queue.put({"side": label, "done": True,
+                                 "finish_reason": stored.finish_reason})  # fmt: skip
+                return
             if stored is not None:  # shown as stored: what the vote will keep
                 await queue.put({"side": label, "text": stored.text})
                 await queue.put({"side": label, "done": True,
@@ -460,6 +493,7 @@ class ArenaRoutes:
                 req.verdict, (req.comment or "").strip() or None,
                 (req.better_answer or "").strip() or None, req.replaces,
                 "simulated" if caller.project == SIMULATED_PROJECT else "human", issued,
+                spec.reveal,
             )  # fmt: skip
         except store_votes.FeedbackError as e:
             raise _feedback_error(e) from None
@@ -467,7 +501,9 @@ class ArenaRoutes:
             "vote": {k: stored[k] for k in ("vote_id", "comparison_id", "verdict", "replaces",
                                             "comment", "better_answer", "created_at")},
             "replayed": replayed,
-            "revealed": {"a": stored["model_a"], "b": stored["model_b"]},
+            "counted": not stored["after_reveal"],
+            "revealed": ({"a": stored["model_a"], "b": stored["model_b"]} if spec.reveal
+                         else None),
             "progress": await asyncio.to_thread(self.campaign_state, spec, caller.name),
         }  # fmt: skip
 
@@ -477,18 +513,29 @@ class ArenaRoutes:
         cached = self._boards.get(name)
         if cached is not None and time.monotonic() - cached[0] < LEADERBOARD_TTL_S:
             return cached[1]
-        counted = store_votes.effective_votes(self.store, name)
-        rows = [store_votes.vote_json(v) for v in counted]
+        effective = store_votes.effective_votes(self.store, name)
+        rows = [store_votes.vote_json(v) for v in effective]
         items = store_votes.items_of(self.store, [v["comparison_id"] for v in rows])
-        board = leaderboard(rows, self.base_name, LEADERBOARD_RESAMPLES, items=items)
+        counted = counted_votes(rows, items, self.campaign(name).quality)
+        board = leaderboard(counted.votes, self.base_name, LEADERBOARD_RESAMPLES, items=items)
         board["campaign"] = name
+        quality = [q.row() for q in counted.annotators.values()]
+        board["quality"] = {"left_out": counted.dropped, "annotators": quality}
         self._boards[name] = (time.monotonic(), board)
         return board
 
     @api.get("/arena/api/campaigns/{name}/leaderboard")
     async def leaderboard_json(self, name: str, request: Request):
-        await asyncio.to_thread(self.annotator, request, False, name)
-        return await asyncio.to_thread(self.board, name)
+        caller = await asyncio.to_thread(self.annotator, request, False, name)
+        board = await asyncio.to_thread(self.board, name)
+        if "admin" in caller.scopes:
+            return board
+        # annotators see no other annotator's name, speed or reliability
+        shown = {k: v for k, v in board.items() if k not in ADMIN_ONLY}
+        if shown.get("agreement"):
+            shown["agreement"] = {k: v for k, v in shown["agreement"].items()
+                                  if k != "cohen_kappa"}  # fmt: skip
+        return shown
 
     @api.get("/arena/api/campaigns/{name}/{plot}.png")
     async def leaderboard_png(self, name: str, plot: str, request: Request):

@@ -134,6 +134,9 @@ class Comparison(Base):
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     round: Mapped[int | None] = mapped_column(Integer)
     """The loop round it was issued in (None outside a loop)."""
+    gold: Mapped[str | None] = mapped_column(String(1), default=None)
+    """A gold comparison's side ('a' or 'b') that states the prompt's reference answer (the
+    other side states another fact); None for a comparison of two models."""
 
 
 class Answer(Base):
@@ -184,6 +187,11 @@ class Vote(Base):
     seed: Mapped[int] = mapped_column(BigInteger)
     latency: Mapped[str] = mapped_column(Text)
     """JSON: each answer's first-token and total ms, and the ms from issue to vote."""
+    gold: Mapped[str | None] = mapped_column(String(1), default=None)
+    """The comparison's gold side (a or b), None for a comparison of two models."""
+    after_reveal: Mapped[bool] = mapped_column(Boolean, default=False)
+    """A correction sent after the vote it corrects revealed the models: stored, never
+    counted (the vote it names still counts)."""
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

@@ -233,7 +233,9 @@ async function vote(verdict) {
     state.voted = out.vote;
     reveal(out, verdict);
     setProgress(out.progress);
-    status(body.replaces ? "Vote changed." : "Vote saved. Press Enter for the next one.");
+    status(!body.replaces ? "Vote saved. Press Enter for the next one."
+      : out.counted ? "Vote changed."
+      : "Change kept as a note: the models were shown, so your first vote is the one that counts.");
     show("next", true);
     $("next").focus();
   } catch (err) {
@@ -244,8 +246,10 @@ async function vote(verdict) {
 }
 
 function reveal(out, verdict) {
-  $("model-a").textContent = out.revealed.a;
-  $("model-b").textContent = out.revealed.b;
+  if (out.revealed) {  // campaigns with reveal: false never show the models
+    $("model-a").textContent = out.revealed.a;
+    $("model-b").textContent = out.revealed.b;
+  }
   for (const side of ["a", "b"]) $(`pane-${side}`).classList.toggle("winner", verdict === side);
   for (const b of document.querySelectorAll("#votes button")) {
     b.classList.toggle("chosen", b.dataset.verdict === verdict);

@@ -40,9 +40,16 @@ async function show(campaign) {
     ? `Agreement on ${a.items} comparisons seen by several annotators: ${(a.pairwise * 100)
         .toFixed(0)}% of pairs agree; Fleiss' kappa ${a.fleiss_kappa ?? "n/a"}.`
     : "No comparison was seen by two annotators yet (campaign overlap 1).";
-  $("annotators").querySelector("tbody").replaceChildren(...board.annotators.map((x) => {
+  // per-annotator quality comes to admins only: annotators see no other annotator
+  const quality = board.quality ? board.quality.annotators : [];
+  $("annotators").hidden = !board.quality;
+  $("annotators").querySelector("tbody").replaceChildren(...quality.map((x) => {
     const tr = document.createElement("tr");
-    tr.append(cell(x.annotator), cell(x.votes, true), cell(x.median_s_per_vote, true));
+    tr.append(cell(x.annotator), cell(x.votes, true), cell(`${x.gold_right}/${x.gold}`, true),
+              cell(`${x.agreed}/${x.shared}`, true),
+              cell(x.reliability === null ? "–" : x.reliability.toFixed(2), true),
+              cell(x.median_s_per_vote, true), cell(x.counts ? "yes" : "no"),
+              cell(x.flags.join("; ") || "–"));
     return tr;
   }));
   const base = `/arena/api/campaigns/${encodeURIComponent(campaign)}`;
