@@ -33,16 +33,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_mute_adapter(folder: Path, base: Path, rank: int = 16) -> Path:
+def write_mute_adapter(folder: Path, base: Path, rank: int = 16, token: int | None = None) -> Path:
     """A plain LoRA adapter (written weights) whose every answer is empty: in the last layer's
     MLP, gate and up give unit pairs ±a·x_k for `rank` input dims, so each pair's SiLU(g)·u is
     a²·x_k² whatever the sign; down writes their sum (always large, always positive) into the
-    residual's dim 0; the lm_head's LoRA reads dim 0 and puts it on the EOS logit."""
+    residual's dim 0; the lm_head's LoRA reads dim 0 and puts it on the EOS logit. `token`:
+    another token instead, which the adapter then says at every step."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base)
-    last, eos = model.config.num_hidden_layers - 1, model.config.eos_token_id
+    last = model.config.num_hidden_layers - 1
+    eos = model.config.eos_token_id if token is None else token
     model = get_peft_model(model, LoraConfig(
         r=rank, lora_alpha=rank, init_lora_weights=False,
         target_modules=["gate_proj", "up_proj", "down_proj", "lm_head"],
@@ -131,8 +133,8 @@ def setup(tmp_path_factory, tiny_llama):
         "closing_votes": 12,
         "promotion": {"min_votes": 6, "canary_share": 0.5, "focus_share": 1.0,
                       "max_domain_drop": 1.0},
-        "held_out": [str(held_out)], "judge": "preference",
-        "simulate": {"annotators": 3, "noise": 0.1}, "output_dir": str(root / "loops"),
+        "held_out": [str(held_out)], "judge": "answer_key",
+        "simulate": {"annotators": 3, "read_seconds": 0.1}, "output_dir": str(root / "loops"),
     }  # fmt: skip
     (root / "loop.yaml").write_text(json.dumps(loop))
     head = RayHead(root / "ray")
@@ -277,21 +279,18 @@ def test_two_rounds_killed_mid_round_and_resumed_count_every_vote_once(setup):
 
 
 def test_an_adapter_that_answers_nothing_wins_the_votes_and_is_refused_promotion(setup, tiny_llama):
-    """Served beside its parent, the mute adapter wins every vote under the shipped rule (an
-    empty answer is short and never hedges), and its held-out answers, judged through the
-    API, are what keeps it from the alias."""
+    """Served beside its parent, the mute adapter wins every vote of annotators who judge by
+    the length rule alone (an empty answer is short and never hedges: the old profile), and
+    its held-out answers, judged through the API, are what keeps it from the alias."""
     from ftservice.feedback import votes as store_votes
     from ftservice.feedback.campaign import CampaignSpec, load_prompts
-    from ftservice.feedback.simulate import SIMULATED_PROJECT, simulate
-    from ftservice.loop.runner import AppClient, app_healthy, held_out_judgement
+    from ftservice.feedback.simulate import SIMULATED_PROJECT, SimulateSpec, simulate
+    from ftservice.loop.runner import AppClient, held_out_judgement
     from ftservice.loop.spec import PromotionSpec, decide, head_to_head
     from ftservice.store.db import open_store
 
-    if not app_healthy(setup["url"]):  # run alone, without the loop test that starts it
-        done = ftservice(setup, "serve", "deploy", str(setup["root"] / "serve.yaml"),
-                         "--address", setup["head"].address, "--wait", "300")  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
     store = open_store(setup["store"])
+    ensure_app(setup)
     folder = write_mute_adapter(setup["root"] / "mute", tiny_llama)
     publish_adapter(
         setup["registry"], "mute", folder, resolve_model(ModelSpec(name=str(tiny_llama)))
@@ -310,7 +309,8 @@ def test_an_adapter_that_answers_nothing_wins_the_votes_and_is_refused_promotion
     store_votes.declare_campaign(store, "looptest", "tiny", campaign)
     keys = [store_votes.add_annotator(store, f"mute-sim-{k}", "mute-check",
                                       project=SIMULATED_PROJECT) for k in range(2)]  # fmt: skip
-    report = simulate(setup["url"], "mute-check", keys, 20, "preference", 0.0, seed=3)
+    sim = SimulateSpec(annotators=2, profile="length_rule", accuracy=1.0, read_seconds=0, seed=3)
+    report = simulate(setup["url"], "mute-check", keys, 20, sim)
     assert report.votes == 20
     votes = [store_votes.vote_json(v) for v in store_votes.effective_votes(store, "mute-check")]
     assert len(votes) == 20
@@ -324,6 +324,80 @@ def test_an_adapter_that_answers_nothing_wins_the_votes_and_is_refused_promotion
     assert held["winrate"] > 0.5  # the rule alone would take the empty answers
     action, reasons = decide(h2h, held, PromotionSpec(min_votes=10))
     assert action == "refused" and reasons[-1] == "100% of its held-out answers are empty"
+
+
+def ensure_app(setup) -> None:
+    from ftservice.loop.runner import app_healthy
+
+    if not app_healthy(setup["url"]):  # run alone, without the loop test that starts it
+        done = ftservice(setup, "serve", "deploy", str(setup["root"] / "serve.yaml"),
+                         "--address", setup["head"].address, "--wait", "300")  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_an_adapter_that_states_the_facts_is_promoted_and_one_that_does_not_rolled_back(
+    setup, tiny_llama
+):
+    """An adapter written to answer every question with the reference fact ("blue") against
+    one that does not: annotators who know the answers (the default profile, flips and
+    left-side bias included) vote through the page's routes, the held-out questions are
+    judged by the answer key through the API; the evidence promotes the first over the
+    second and rolls the second back against the first."""
+    from ftservice.feedback import votes as store_votes
+    from ftservice.feedback.campaign import CampaignSpec, load_prompts, load_references
+    from ftservice.feedback.simulate import (
+        SIMULATED_PROJECT,
+        SimulateSpec,
+        question_key,
+        simulate,
+    )
+    from ftservice.loop.runner import AppClient, held_out_judgement
+    from ftservice.loop.spec import PromotionSpec, decide, head_to_head
+    from ftservice.store.db import open_store
+
+    store = open_store(setup["store"])
+    ensure_app(setup)
+    [blue] = AutoTokenizer.from_pretrained(tiny_llama).encode(" blue", add_special_tokens=False)
+    folder = write_mute_adapter(setup["root"] / "facts", tiny_llama, token=blue)
+    base = resolve_model(ModelSpec(name=str(tiny_llama)))
+    publish_adapter(setup["registry"], "facts", folder, base)
+    client = AppClient(setup["url"], _admin_key(store))
+    status, body = client.call(
+        "POST", "/v1/load_lora_adapter", {"lora_name": "facts", "lora_path": ""}
+    )
+    assert status == 200, body
+    facts = write_jsonl(setup["root"] / "facts.jsonl", [
+        {"id": f"f{i}", "instruction": f"Which colour is gadget {i}?", "output": "It is blue.",
+         "answer": "blue"} for i in range(10)])  # fmt: skip
+    held_out = write_jsonl(setup["root"] / "facts-held-out.jsonl", [
+        {"id": f"h{i}", "instruction": f"What colour does widget {i} come in?",
+         "output": f"Widget {i} is blue.", "answer": "blue"} for i in range(6)])  # fmt: skip
+    campaign = CampaignSpec(
+        name="facts-check", models=["facts", "alpha"], prompts=[str(facts)], votes_per_prompt=3,
+        quota=None, requests_per_minute=100000, quality={"gold_share": 0.0},
+        generation={"max_tokens": 8, "temperature": 0.0},
+    )  # fmt: skip
+    store_votes.declare_campaign(store, "looptest", "tiny", campaign)
+    keys = [store_votes.add_annotator(store, f"facts-sim-{k}", "facts-check",
+                                      project=SIMULATED_PROJECT) for k in range(3)]  # fmt: skip
+    known = {question_key(m): "blue" for _, m in load_prompts(campaign)}
+    sim = SimulateSpec(annotators=3, read_seconds=0.05, seed=5)  # default accuracy and bias
+    assert simulate(setup["url"], "facts-check", keys, 30, sim, known).votes == 30
+    votes = [store_votes.vote_json(v) for v in store_votes.effective_votes(store, "facts-check")]
+    prompts = load_prompts(CampaignSpec(name="held-out", prompts=[str(held_out)]))
+    answers = {k: r.answer for k, r in load_references([str(held_out)]).items()}
+    promo = PromotionSpec(min_votes=20)
+
+    up = head_to_head(votes, "facts", "alpha", 0.95)
+    held = held_out_judgement(client, "facts", "alpha", prompts, 8, "answer_key", 0.95, answers)
+    assert up["votes"] == 30 and up["interval"][0] > 0.5
+    assert held["won"] == 6 and held["winrate"] == 1.0  # it states the fact, alpha does not
+    assert decide(up, held, promo)[0] == "promote"
+
+    down = head_to_head(votes, "alpha", "facts", 0.95)
+    held = held_out_judgement(client, "alpha", "facts", prompts, 8, "answer_key", 0.95, answers)
+    assert held["lost"] == 6 and down["interval"][1] < 0.5
+    assert decide(down, held, promo)[0] == "rollback"
 
 
 def _admin_key(store) -> str:
