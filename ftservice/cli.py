@@ -364,7 +364,8 @@ def train(
         kl = job.train.kl_to_base
         how = f"taught by KL to the base × {kl:g}" if kl else "taught by cross-entropy"
         share = job.data.replay.ratio
-        print(f"replay:        {replay['examples']} base answers, {share:.0%} of examples ({how})")
+        of = "of each step's examples, beside its pairs" if job.stage == "dpo" else "of examples"
+        print(f"replay:        {replay['examples']} base answers, {share:.0%} {of} ({how})")
     if result.evaluation:
         print(format_report(result.evaluation))
     print(f"artifact:      {result.artifact.location}")

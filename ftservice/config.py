@@ -113,7 +113,11 @@ class ReplaySpec(Spec):
         "training so the tuned model keeps answering as the base did.",
     )
     ratio: float = Field(
-        0.2, gt=0, lt=1, description="Share of the training examples that are replay examples."
+        0.2,
+        gt=0,
+        lt=1,
+        description="Share of the training examples that are replay examples (DPO: of the "
+        "examples each step sees, beside its preference pairs).",
     )
     max_new_tokens: int = Field(64, ge=1, description="Longest base answer to a replay prompt.")
     cache: str | None = Field(
@@ -156,7 +160,7 @@ class DataSpec(Spec):
     replay: ReplaySpec | None = Field(
         None,
         description="Replay of the base model's own answers to general prompts, against "
-        "forgetting (SFT).",
+        "forgetting (SFT; DPO with train.kl_to_base).",
     )
 
 
@@ -225,10 +229,12 @@ class TrainSpec(Spec):
     kl_to_base: float = Field(
         0.0,
         ge=0,
-        description="SFT with adapters and data.replay: weight of KL(base || tuned) on the "
-        "replay answers' tokens, added to the loss; the base is the same model with its "
-        "adapter disabled, run in the same step. Replay examples then teach through this "
-        "term alone (no cross-entropy on them). 0: off (replay examples are plain SFT data).",
+        description="SFT or DPO with adapters and data.replay: weight of KL(base || tuned) on "
+        "the replay answers' tokens, added to the loss; the base is the same model with every "
+        "adapter disabled (the original base, not a DPO parent), its states computed once "
+        "before training. Replay examples then teach through this term alone (no "
+        "cross-entropy, no pairs). 0: off (SFT: replay examples are plain SFT data; DPO "
+        "refuses data.replay then).",
     )
     logging_steps: int = Field(1, ge=1, description="Report metrics every this many steps.")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
@@ -513,22 +519,24 @@ def cross_field_problems(spec: JobSpec) -> list[Problem]:
                 "data.packing: true, or train.attention: auto.",
             )
         )
-    if spec.data.replay is not None and spec.stage != "sft":
+    if spec.data.replay is not None and spec.stage == "dpo" and spec.train.kl_to_base == 0:
         problems.append(
             Problem(
                 "data.replay",
-                f"replay mixes the base's answers into SFT data, and stage is '{spec.stage}'; "
-                "remove data.replay (or replay in the SFT run this one starts from).",
+                "replay examples are the base's answers, not preference pairs, so where "
+                "stage is 'dpo' they teach through the KL term alone, and train.kl_to_base is "
+                "0; set train.kl_to_base (e.g. 1.0), or remove data.replay (or replay in the "
+                "SFT run this one starts from).",
             )
         )
     if spec.train.kl_to_base > 0:
-        if spec.method not in ("lora", "qlora") or spec.stage != "sft":
+        if spec.method not in ("lora", "qlora"):
             problems.append(
                 Problem(
                     "train.kl_to_base",
                     f"the KL term's base is the adapter-disabled model, and this is "
-                    f"{spec.method} {spec.stage}; use it with method: lora or qlora and "
-                    "stage: sft, or set train.kl_to_base: 0.",
+                    f"{spec.method} {spec.stage}; use it with method: lora or qlora, or set "
+                    "train.kl_to_base: 0.",
                 )
             )
         if spec.data.replay is None:

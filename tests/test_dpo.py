@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import make_tiny_llama
 from safetensors.torch import load_file
 
 from ftservice.artifacts import load_artifact
-from ftservice.config import spec_from_dict
+from ftservice.config import ModelSpec, SpecError, load_spec, spec_from_dict
+from ftservice.evaluate import answer_stats, generate, load_prompts
+from ftservice.models import build_model, load_tokenizer, resolve_model
+from ftservice.train.replay import base_answers
 
 REPO = Path(__file__).resolve().parents[1]
+CPU = {"device": "cpu", "dtype": "float32", "quantization": None, "gpus": 0}
 pytestmark = pytest.mark.slow
 
 
@@ -184,3 +191,175 @@ def test_an_sft_weight_adds_trls_sft_term_on_the_chosen_answers(tmp_path, tiny_l
     assert plain.loss_type == ["sigmoid"]
     rpo = dpo_config(spec_from_dict(base | {"dpo": {"sft_weight": 0.5}}), str(tmp_path), 2, False)
     assert rpo.loss_type == ["sigmoid", "sft"] and rpo.loss_weights == [1.0, 0.5]
+
+
+# Forgetting-aware DPO: the base's own answers replayed beside the pairs, through the KL term.
+
+
+@pytest.fixture(scope="module")
+def chatty(builtin_model, tmp_path_factory) -> Path:
+    """A tiny random Llama whose greedy answers are words (the default init answers with
+    newlines only, which leaves no replay tokens)."""
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("chatty"), builtin_model.path, initializer_range=0.1
+    )
+
+
+@pytest.fixture(scope="module")
+def replay_file(chatty, tmp_path_factory) -> Path:
+    """The chatty base's answers to the first 48 replay prompts, as the replay cache holds
+    them (the prompts after those are held out)."""
+    prompts = load_prompts(str(REPO / "data/general/replay.jsonl"))[:48]
+    answers = base_answers(resolve_model(ModelSpec(name=str(chatty))), prompts, 16, CPU, 2)
+    path = tmp_path_factory.mktemp("replay") / "replay.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"messages": [*p, {"role": "assistant", "content": a}]}) + "\n"
+            for p, a in zip(prompts, answers, strict=True)
+            if a.strip()
+        )
+    )
+    return path
+
+
+def sft_like_parent(spec, model_ref, folder: Path) -> Path:
+    """An adapter folder as an SFT artifact holds one (written, not trained): B ~ N(0, 0.02),
+    so the parent is not the base; A initialised from a fixed seed too."""
+    torch.manual_seed(1)
+    adapter = build_model(spec, model_ref)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    adapter.save_pretrained(folder)
+    return folder
+
+
+def kl_dpo(data, model: Path, replay: Path | None, tmp_path: Path, steps: int,
+           kl_to_base: float = 1.0):  # fmt: skip
+    """The DPO trainer as a worker builds it (in-process), from an SFT-like parent adapter,
+    with the replay and the KL term where `replay` is given."""
+    from ftservice.train.dpo import dpo_trainer
+
+    replay_data = {"replay": {"ratio": 0.5, "cache": str(tmp_path / "cache")}} if replay else {}
+    spec = spec_for(
+        tmp_path, model, name="dpo-kl", stage="dpo",
+        data={"train": [data["prefs"]], **replay_data},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0},
+        train={"max_steps": steps, "learning_rate": 2e-3, "micro_batch_size": 4,
+               "kl_to_base": kl_to_base if replay else 0.0},
+    )  # fmt: skip
+    model_ref = resolve_model(spec.model)
+    parent = sft_like_parent(spec, model_ref, tmp_path / "parent")
+    return dpo_trainer(
+        spec, model_ref, {"name": "parent", "location": str(parent)}, load_tokenizer(model_ref),
+        str(tmp_path / "work"), steps, [], replay=str(replay) if replay else None,
+    )  # fmt: skip
+
+
+def test_the_dpo_kl_term_is_the_bases_and_exactly_zero_for_an_adapter_whose_b_is_zero(
+    chatty, replay_file, data, tmp_path
+):
+    trainer = kl_dpo(data, chatty, replay_file, tmp_path, steps=1)
+    model = trainer.model
+    assert set(model.peft_config) == {"default", "ref"} and model.active_adapter == "default"
+    # 32 pairs at ratio 0.5: 32 replay examples, 4 beside each micro-batch of 4 pairs; the
+    # base's states on their answers, computed before training, each read once in 8 batches
+    replay = trainer.replay
+    assert len(replay.records) == 32 and replay.size == 4
+    assert trainer.base_hidden.shape[1] == model.config.hidden_size
+    read = [at for k in range(8) for at in replay(k)["base_at"].flatten().tolist()]
+    assert sorted(at for at in read if at >= 0) == list(range(len(trainer.base_hidden)))
+
+    pairs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+    def kl_of() -> float:
+        model.zero_grad()
+        with trainer.compute_loss_context_manager():
+            trainer.compute_loss(model, dict(pairs)).backward()
+        return trainer._metrics["train"]["kl_to_base"][-1]
+
+    # the parent (policy and TRL's "ref" copy alike) is not the base: the KL is not 0
+    assert kl_of() > 1e-4
+    # its gradient reaches the trained adapter only, never the reference copy
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".default." in n)
+    assert all(g is None for n, g in grads.items() if ".ref." in n)
+    # B = 0 in the trained adapter: the policy is the base (not the parent the "ref" copy
+    # still holds), and the KL is exactly 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                p.zero_()
+    assert kl_of() == 0.0
+
+
+def held_out_kl_to_base(model, tokenizer, prompts) -> float:
+    """Mean KL(base ‖ model) on the base's greedy answers to `prompts` (as evaluation's
+    forgetting report measures it), the base being the model with every adapter disabled."""
+
+    @contextlib.contextmanager
+    def base_view():
+        with model.disable_adapter():
+            yield model
+
+    model.eval()
+    with base_view() as base:
+        answers = generate(base, tokenizer, prompts, 16)
+    return answer_stats(model, tokenizer, prompts, answers, base=base_view)["kl_from_base"]
+
+
+def test_the_kl_term_keeps_dpo_near_the_base_while_the_preference_is_learned(
+    chatty, replay_file, data, tmp_path
+):
+    held_out = load_prompts(str(REPO / "data/general/replay.jsonl"))[48:64]
+    results = {}
+    for kl_to_base in (0.0, 20.0):
+        trainer = kl_dpo(
+            data, chatty, replay_file if kl_to_base else None, tmp_path / str(kl_to_base),
+            steps=6, kl_to_base=kl_to_base,
+        )  # fmt: skip
+        trainer.train()
+        logged = [h for h in trainer.state.log_history if "rewards/margins" in h]
+        kl = held_out_kl_to_base(trainer.model, trainer.processing_class, held_out)
+        results[kl_to_base] = {"kl": kl, "logged": logged}
+    plain, kept = results[0.0], results[20.0]
+    # the same steps, seed and pairs: the term keeps the held-out prompts' KL far lower
+    assert kept["kl"] < 0.5 * plain["kl"], results
+    # while the preference is still learned
+    first, last = kept["logged"][0], kept["logged"][-1]
+    assert last["rewards/margins"] > first["rewards/margins"]
+    assert last["rewards/accuracies"] >= 0.75
+    assert kept["logged"][-1]["kl_to_base"] < kept["logged"][0]["kl_to_base"]
+    assert not any("kl_to_base" in h for h in plain["logged"])  # off: not computed
+
+
+def test_forgetting_aware_dpo_needs_adapters_and_the_kl_term(data, tmp_path):
+    def spec_file(**sections) -> Path:
+        body = {"name": "x", "stage": "dpo", "model": {"name": "smollm2-135m-instruct"},
+                "data": {"train": [data["prefs"]]}, **sections}  # fmt: skip
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(body, sort_keys=False))
+        return path
+
+    replay = {"train": [data["prefs"]], "replay": {"ratio": 0.2}}
+    spec = load_spec(spec_file(data=replay, train={"kl_to_base": 1.0}))
+    assert spec.stage == "dpo" and spec.train.kl_to_base == 1.0 and spec.data.replay.ratio == 0.2
+
+    def refused(**sections) -> str:
+        path = spec_file(**sections)
+        with pytest.raises(SpecError) as e:
+            load_spec(path)
+        return str(e.value)
+
+    # replay without the KL term: the base's answers would have nothing to teach through
+    message = refused(data=replay)
+    line = (tmp_path / "spec.yaml").read_text().splitlines().index("  replay:") + 1
+    assert message.startswith(f"{tmp_path / 'spec.yaml'}:{line}: data.replay: ")
+    assert "stage is 'dpo'" in message and "set train.kl_to_base" in message
+    # full fine-tuning has no adapter to disable for the base
+    message = refused(method="full", data=replay, train={"kl_to_base": 1.0})
+    assert "train.kl_to_base: " in message and "method: lora or qlora" in message
+    # the KL term without replay: no tokens to take it on
+    message = refused(train={"kl_to_base": 1.0})
+    assert "train.kl_to_base: " in message and "data.replay is not set" in message

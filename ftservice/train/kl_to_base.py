@@ -25,6 +25,8 @@ Reads top to bottom:
   nowhere here (the label-only head never builds them);
 - loss = SFT loss + kl_to_base × mean KL over those positions. The KL is logged as
   `kl_to_base` beside the loss.
+DPO (`dpo.py`) takes the same term with the same pieces (`base_hidden_states`, `mean_kl`),
+on replay batches of its own drawn beside each step's preference pairs.
 """
 
 from __future__ import annotations
@@ -75,6 +77,18 @@ def kl_per_position(tuned_hidden, base_hidden, weight) -> torch.Tensor:
     return KLToBase.apply(
         tuned_hidden.to(dtype), base_hidden.to(dtype), weight.to(dtype), CHUNK_TOKENS
     )
+
+
+def mean_kl(peft_model, tuned_hidden, base_at, base_hidden) -> torch.Tensor:
+    """Mean KL(base ‖ tuned) over the positions that have a row in `base_hidden` (`base_at`
+    ≥ 0; tuned_hidden: [batch, tokens, hidden], base_at: [batch, tokens]); 0 without any."""
+    where = base_at >= 0
+    if not where.any():
+        return tuned_hidden.new_zeros(())
+    tuned = tuned_hidden[where]
+    base = base_hidden[base_at[where].cpu()].to(tuned.device)
+    weight = peft_model.get_output_embeddings().weight
+    return kl_per_position(tuned, base, weight).mean()
 
 
 def base_hidden_states(model, dataset, packed: bool):
@@ -196,14 +210,7 @@ class KLToBaseTrainer(SFTTrainer):
             hook.remove()
         if not self.model.training:
             return loss
-        where = base_at >= 0
-        if not where.any():
-            kl = loss.new_zeros(())
-        else:
-            tuned = kept["hidden"][where]
-            base = self.base_hidden[base_at[where].cpu()].to(tuned.device)
-            weight = peft_model.get_output_embeddings().weight
-            kl = kl_per_position(tuned, base, weight).mean()
+        kl = mean_kl(peft_model, kept["hidden"], base_at, self.base_hidden)
         self._metrics["train"]["kl_to_base"].append(kl.item())
         if num_items_in_batch is not None:  # TRL's loss is summed over accumulation steps
             kl = kl / self.current_gradient_accumulation_steps

@@ -4,7 +4,8 @@ Reads top to bottom: the replay prompts and the base model fingerprint the cache
 (another base, other prompts or other settings: another file); a missing file is made once
 by a Ray task that loads the base as evaluation would (the worker's GPU and dtype, a QLoRA
 base in 4 bits, fp32 on CPUs) and answers every prompt greedily; the worker mixes those
-answers into the training rows so that they are the spec's share of the examples.
+answers into the training rows so that they are the spec's share of the examples (SFT), or
+draws them beside each step's preference pairs in that share (DPO, `dpo.py`).
 """
 
 from __future__ import annotations
@@ -129,13 +130,17 @@ def replay_rows(location: str) -> list[dict]:
     return rows
 
 
-def mix_replay(rows: list[dict], replay: list[dict], ratio: float, seed: int) -> list[dict]:
-    """`rows` with replay rows added so that they are `ratio` of the whole: round(n·r/(1−r))
-    of them, in a seeded order, each replay row used once before any is used again."""
+def replay_share(n: int, replay: list[dict], ratio: float, seed: int) -> list[dict]:
+    """The replay rows that are `ratio` of the whole beside `n` rows: round(n·r/(1−r)) of
+    them, in a seeded order, each replay row used once before any is used again."""
     if not replay:
-        return rows
-    wanted = round(len(rows) * ratio / (1 - ratio))
+        return []
+    wanted = round(n * ratio / (1 - ratio))
     order = list(range(len(replay)))
     random.Random(seed).shuffle(order)
-    picked = [replay[order[i % len(order)]] for i in range(wanted)]
-    return [*rows, *picked]
+    return [replay[order[i % len(order)]] for i in range(wanted)]
+
+
+def mix_replay(rows: list[dict], replay: list[dict], ratio: float, seed: int) -> list[dict]:
+    """`rows` with their share of replay rows added (`replay_share`)."""
+    return [*rows, *replay_share(len(rows), replay, ratio, seed)]

@@ -63,10 +63,8 @@ def train_loop(config: dict) -> None:
     pause_steps = cfg.pause_at or []
     pause = PauseAtRung(pause_steps, scored)
     callbacks = [guard, pause, RayTrainReportCallback()]
-    if spec.stage == "dpo":
-        build = dpo.dpo_trainer
-    else:
-        build = functools.partial(sft.sft_trainer, replay=cfg.replay)
+    recipe = dpo.dpo_trainer if spec.stage == "dpo" else sft.sft_trainer
+    build = functools.partial(recipe, replay=cfg.replay)
     parent = cfg.parent.model_dump() if cfg.parent else None
     local_staging = storage.local_path(cfg.staging)
     # where every rank sees the same files (ZeRO-3 DPO's precomputed reference): the run's
