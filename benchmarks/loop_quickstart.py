@@ -1,14 +1,25 @@
-"""One round of the closed loop on the quickstart, timed per phase.
+"""The closed loop on the quickstart, end to end: rounds of simulated votes, DPO, and the
+closing rounds whose decisions the loop itself takes, timed per phase.
 
 From the quickstart's SFT adapter (`artifacts/quickstart`; trained first if it is missing, not
-timed): `ftservice loop run serve/loop-quickstart.yaml` with one round of N simulated votes
-(the shipped preference rule, 10% random), DPO from the round's leader, and the judgement on
-the held-out questions: the DPO adapter's win rate against its SFT parent under the rule (ties
-half) with its interval, and its domain score and forgetting (KL from the base) beside the
-parent's. The closing round of votes is skipped (closing_votes=0): the held-out judgement is
-what this measures. Prints JSON.
+timed), `ftservice loop run serve/loop-quickstart.yaml` with `--rounds` rounds of `--votes`
+votes each, every round followed by the votes that judge its adapter (the next round's, and a
+closing round after the last), under one of these setups:
 
-    .venv/bin/python benchmarks/loop_quickstart.py [--votes 300]
+- `shipped`: annotators who know the answers (the default profile), 10% spammers, quality
+  control on (gold comparisons, reliability), the answer-key judge, the shipped DPO template;
+- `qc-off`: the same with quality control off (the spammers' votes count);
+- `length-rule`: the old setup: annotators and judge both the length rule alone, no spammers,
+  no quality control.
+
+For each round: votes, pairs and what quality control left out; the DPO adapter's held-out
+win rate against its SFT parent under the judge (answer key: right fact first, then plain
+and short; ties half) with its interval; its held-out domain score and KL(base‖·) beside the
+parent's; the decision of the round that judged it (promote, rollback, inconclusive,
+refused) with its head-to-head votes; seconds per phase. Prints JSON, one object per setup.
+
+    .venv/bin/python benchmarks/loop_quickstart.py [--setups shipped qc-off length-rule]
+        [--votes 300] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -22,67 +33,79 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SETUPS = {
+    "shipped": [],
+    "qc-off": ["campaign.quality.enabled=false"],
+    "length-rule": [
+        "simulate.profile=length_rule",
+        "simulate.spammers=0",
+        "judge=preference",
+        "campaign.quality.enabled=false",
+    ],
+}
+HELD = ("rule", "prompts", "winrate", "interval", "won", "tied", "lost", "empty", "mean_words",
+        "mean_words_parent", "domain", "domain_parent", "kl_from_base",
+        "kl_from_base_parent")  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--votes", type=int, default=300)
-    parser.add_argument("--noise", type=float, default=0.1)
-    args = parser.parse_args()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    ftservice = [sys.executable, "-m", "ftservice"]
-    if not (REPO / "artifacts" / "quickstart" / "ftservice.json").is_file():
-        subprocess.run([*ftservice, "train", "cluster/jobs/quickstart.yaml"], cwd=REPO, env=env,
-                       check=True)  # fmt: skip
-    name = f"loop-bench-{time.strftime('%Y%m%d-%H%M%S')}"
+def run_setup(setup: str, votes: int, rounds: int, env: dict) -> dict:
+    name = f"loop-bench-{setup}-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [
-        *ftservice, "loop", "run", "serve/loop-quickstart.yaml", f"name={name}",
-        f"campaign.name={name}", f"votes_per_round={args.votes}", "closing_votes=0",
-        f"simulate.noise={args.noise}", "--no-keep-serving", "--json",
+        sys.executable, "-m", "ftservice", "loop", "run", "serve/loop-quickstart.yaml",
+        f"name={name}", f"campaign.name={name}", f"votes_per_round={votes}", f"rounds={rounds}",
+        f"closing_votes={votes}", *SETUPS[setup], "--no-keep-serving", "--json",
     ]  # fmt: skip
     t0 = time.time()
     # the loop's progress (votes so far, ratings, training) goes to stderr, shown as it runs
     out = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     wall = time.time() - t0
     if out.returncode != 0:
-        sys.exit(f"loop run exited {out.returncode}")
+        sys.exit(f"{setup}: loop run exited {out.returncode}")
     report = json.loads(out.stdout[out.stdout.index("{\n") :])
-    r1 = report["rounds"][0]
-    held = r1["held_out"]
-    result = {
-        "votes": r1["votes"],
-        "noise": args.noise,
-        "leader": r1["leader"],
-        "dpo_adapter": r1["challenger"],
-        "pairs": None,
-        "seconds_per_phase": r1["seconds"],
+    by_round = {r["round"]: r for r in report["rounds"]}
+    summary = []
+    for r in range(1, rounds + 1):
+        row, judged = by_round[r], by_round.get(r + 1, {})
+        lineage = REPO / "state" / "loops" / name / f"round-{r}" / "pairs.jsonl.lineage.json"
+        held = row.get("held_out", {})
+        summary.append({
+            "round": r,
+            "votes": row["votes"],
+            "leader": row["leader"],
+            "adapter": row["challenger"],
+            "pairs": json.loads(lineage.read_text())["counts"] if lineage.is_file() else None,
+            "quality": row.get("quality"),
+            "simulated": row.get("simulated"),
+            "held_out": {k: held.get(k) for k in HELD},
+            "decision": judged.get("decision"),
+            "seconds": row.get("seconds"),
+            "seconds_round": round(sum((row.get("seconds") or {}).values()), 1),
+            "examples": held.get("examples"),
+        })  # fmt: skip
+    return {
+        "setup": setup,
+        "overrides": SETUPS[setup],
+        "rounds": summary,
+        "closing_round_seconds": by_round[rounds + 1].get("seconds"),
+        "alias": report["alias"],
         "seconds_total": round(wall, 1),
-        "held_out": {
-            k: held.get(k)
-            for k in (
-                "rule",
-                "prompts",
-                "winrate",
-                "interval",
-                "empty",
-                "empty_parent",
-                "mean_words",
-                "mean_words_parent",
-                "domain",
-                "domain_parent",
-                "kl_from_base",
-                "kl_from_base_parent",
-            )
-        },
-        "ratings_round_1": r1["ratings"],
-        "examples": held.get("examples"),
         "loop_json": str(REPO / "state" / "loops" / name / "loop.json"),
     }
-    pairs_file = REPO / "state" / "loops" / name / "round-1" / "pairs.jsonl.lineage.json"
-    if pairs_file.is_file():
-        result["pairs"] = json.loads(pairs_file.read_text())["counts"]
-    print(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
+    parser.add_argument("--votes", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    if not (REPO / "artifacts" / "quickstart" / "ftservice.json").is_file():
+        subprocess.run([sys.executable, "-m", "ftservice", "train", "cluster/jobs/quickstart.yaml"],
+                       cwd=REPO, env=env, check=True)  # fmt: skip
+    results = [run_setup(s, args.votes, args.rounds, env) for s in args.setups]
+    print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
