@@ -48,12 +48,13 @@ HELD = ("rule", "prompts", "winrate", "interval", "won", "tied", "lost", "empty"
         "kl_from_base_parent")  # fmt: skip
 
 
-def run_setup(setup: str, votes: int, rounds: int, env: dict) -> dict:
-    name = f"loop-bench-{setup}-{time.strftime('%Y%m%d-%H%M%S')}"
+def run_setup(setup: str, votes: int, rounds: int, env: dict, resume: str | None = None) -> dict:
+    name = resume or f"loop-bench-{setup}-{time.strftime('%Y%m%d-%H%M%S')}"
     cmd = [
         sys.executable, "-m", "ftservice", "loop", "run", "serve/loop-quickstart.yaml",
         f"name={name}", f"campaign.name={name}", f"votes_per_round={votes}", f"rounds={rounds}",
         f"closing_votes={votes}", *SETUPS[setup], "--no-keep-serving", "--json",
+        *(["--resume"] if resume else []),
     ]  # fmt: skip
     t0 = time.time()
     # the loop's progress (votes so far, ratings, training) goes to stderr, shown as it runs
@@ -98,13 +99,18 @@ def main() -> None:
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
     parser.add_argument("--votes", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--resume", help="Continue this benchmark loop (its name) after an interruption; one setup."
+    )
     args = parser.parse_args()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     if not (REPO / "artifacts" / "quickstart" / "ftservice.json").is_file():
         subprocess.run([sys.executable, "-m", "ftservice", "train", "cluster/jobs/quickstart.yaml"],
                        cwd=REPO, env=env, check=True)  # fmt: skip
-    results = [run_setup(s, args.votes, args.rounds, env) for s in args.setups]
+    if args.resume and len(args.setups) != 1:
+        sys.exit("--resume continues one loop: name its setup alone with --setups")
+    results = [run_setup(s, args.votes, args.rounds, env, args.resume) for s in args.setups]
     print(json.dumps(results, indent=1))
 
 

@@ -263,12 +263,14 @@ class LoopRunner:
         row = self.row(r)
         t0 = time.time()
         count = rounds.round_vote_count(self.store, self.campaign, r)
-        if count < row.quota:
-            if self.spec.simulate is not None:
-                self.simulate(r, row.quota - count)
-            else:
-                self.wait_for_people(r, row.quota)
-        count = rounds.round_vote_count(self.store, self.campaign, r)
+        if count < row.quota and self.spec.simulate is None:
+            self.wait_for_people(r, row.quota)
+        while count < row.quota and self.spec.simulate is not None:
+            # gold comparisons' votes are not the round's: simulate until its quota is met
+            self.simulate(r, row.quota - count)
+            before, count = count, rounds.round_vote_count(self.store, self.campaign, r)
+            if count == before:  # the campaign has nothing left to issue
+                break
         if count < row.quota:
             raise LoopError(f"round {r}: {count} of {row.quota} votes; the campaign ran out "
                             "of prompts (raise votes_per_prompt or add prompt files)")  # fmt: skip
