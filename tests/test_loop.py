@@ -80,7 +80,15 @@ def setup(tmp_path_factory, tiny_llama):
         publish_adapter(registry, name, folder, base)
     prompts = write_jsonl(
         root / "prompts.jsonl",
-        [{"id": f"q{i}", "instruction": f"What does product {i} weigh?"} for i in range(12)],
+        [
+            {
+                "id": f"q{i}",
+                "instruction": f"What does product {i} weigh?",
+                "output": f"Product {i} weighs {i + 3} grams.",
+                "answer": f"{i + 3} grams",
+            }
+            for i in range(12)
+        ],
     )
     held_out = write_jsonl(
         root / "held_out.jsonl",
@@ -128,7 +136,8 @@ def setup(tmp_path_factory, tiny_llama):
         "name": "tl", "serve": str(root / "serve.yaml"), "dpo": str(root / "dpo.yaml"),
         "campaign": {"name": "tl-votes", "prompts": [str(prompts)], "votes_per_prompt": 10,
                      "quota": None, "requests_per_minute": 100000,
-                     "generation": {"max_tokens": 8, "temperature": 1.0}},
+                     "generation": {"max_tokens": 8, "temperature": 1.0},
+                     "quality": {"gold_share": 0.3, "min_reliability": 0.0}},
         "candidates": ["alpha", "beta"], "votes_per_round": 16, "rounds": 1,
         "closing_votes": 12,
         "promotion": {"min_votes": 6, "canary_share": 0.5, "focus_share": 1.0,
@@ -215,7 +224,9 @@ def test_two_rounds_killed_mid_round_and_resumed_count_every_vote_once(setup):
         }
         all_votes = session.scalars(select(Vote).where(Vote.campaign == "tl-votes")).all()
     assert [rows[1].votes, rows[2].votes] == [16, 12]
-    assert len(all_votes) == 28  # none outside a round, none counted twice
+    gold = [v for v in all_votes if v.gold is not None]
+    assert gold, "no gold comparison at a share of 0.3"  # beside the rounds' quotas, not in them
+    assert len(all_votes) - len(gold) == 28  # none outside a round, none counted twice
     assert [r["votes"] for r in report["rounds"]] == [16, 12]
 
     # round 1 trained exactly one adapter, from its leader, with the round's lineage
@@ -231,7 +242,9 @@ def test_two_rounds_killed_mid_round_and_resumed_count_every_vote_once(setup):
     assert fb.pairs_fingerprint == hashlib.sha256(pairs.read_bytes()).hexdigest()
     assert fb.pairs == len(pairs.read_text().splitlines()) > 0
     ids = (Path(art.location) / fb.vote_ids).read_text().split()
-    assert sorted(ids) == sorted(v.vote_id for v in round_votes(store, "tl-votes", 1))
+    # the votes of the pairs: the round's, without its gold comparisons (nobody left out)
+    made = [v.vote_id for v in round_votes(store, "tl-votes", 1) if v.gold is None]
+    assert sorted(ids) == sorted(made) and len(made) == 16
 
     # one decision, recorded with its evidence, after the alias was made and the canary set
     events = alias_history(store, "looptest")
