@@ -83,6 +83,15 @@ def tiny_llama(builtin_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chatty(builtin_model, tmp_path_factory) -> Path:
+    """A tiny random Llama whose greedy answers are words (the default init answers with
+    newlines only, which leaves no replay tokens)."""
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("chatty"), builtin_model.path, initializer_range=0.1
+    )
+
+
+@pytest.fixture(scope="session")
 def other_tiny_llama(builtin_model, tmp_path_factory) -> Path:
     """The same shape with other weights: another base model (another fingerprint)."""
     return make_tiny_llama(tmp_path_factory.mktemp("other-llama"), builtin_model.path, seed=1)

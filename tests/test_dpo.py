@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_llama
 from safetensors.torch import load_file
 
 from ftservice.artifacts import load_artifact
@@ -194,15 +193,6 @@ def test_an_sft_weight_adds_trls_sft_term_on_the_chosen_answers(tmp_path, tiny_l
 
 
 # Forgetting-aware DPO: the base's own answers replayed beside the pairs, through the KL term.
-
-
-@pytest.fixture(scope="module")
-def chatty(builtin_model, tmp_path_factory) -> Path:
-    """A tiny random Llama whose greedy answers are words (the default init answers with
-    newlines only, which leaves no replay tokens)."""
-    return make_tiny_llama(
-        tmp_path_factory.mktemp("chatty"), builtin_model.path, initializer_range=0.1
-    )
 
 
 @pytest.fixture(scope="module")

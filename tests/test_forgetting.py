@@ -26,15 +26,6 @@ CPU = {"device": "cpu", "dtype": "float32", "quantization": None, "gpus": 0}
 
 
 @pytest.fixture(scope="module")
-def chatty(builtin_model, tmp_path_factory) -> Path:
-    """A tiny random Llama whose greedy answers are words (the default init answers with
-    newlines only, which leaves no replay tokens)."""
-    return make_tiny_llama(
-        tmp_path_factory.mktemp("chatty"), builtin_model.path, initializer_range=0.1
-    )
-
-
-@pytest.fixture(scope="module")
 def other_chatty(builtin_model, tmp_path_factory) -> Path:
     return make_tiny_llama(
         tmp_path_factory.mktemp("other-chatty"), builtin_model.path, seed=1, initializer_range=0.1
