@@ -573,3 +573,33 @@ def test_quality_leaves_out_an_unreliable_annotator_only_when_it_is_on():
     # the same annotator agreeing with the others is reliable (the check can fail both ways)
     honest, items = quality_votes(["a"] * 12, ["b"] * 4)
     assert assess(honest, items, QualitySpec())["spam"].reliability == 1.0
+
+
+def test_a_voter_at_chance_vouches_for_nobody_and_drags_nobody_down():
+    """A careful annotator who shares most items with a random voter: the random voter agrees
+    with them on a quarter (chance over four verdicts), so its checks weigh nothing and the
+    careful one is judged by the careful annotator they share the rest with."""
+    from ftservice.feedback.campaign import QualitySpec
+    from ftservice.feedback.quality import assess
+
+    rows, items = [], {}
+
+    def vote(who: str, item: str, verdict: str, gold: str | None = None) -> None:
+        cid = f"{who}-{item}"
+        items[cid] = item
+        rows.append({"vote_id": cid, "comparison_id": cid, "annotator": who, "verdict": verdict,
+                     "model_a": "alpha", "model_b": "beta", "gold": gold,
+                     "latency": {"issue_to_vote_ms": 5000}})  # fmt: skip
+
+    for k in range(12):  # with the random voter: it agrees on 3 of 12
+        vote("careful", f"r{k}", "a")
+        vote("random", f"r{k}", "a" if k < 3 else ("b", "tie", "both_bad")[k % 3])
+    for k in range(4):  # with another careful annotator: they agree
+        vote("careful", f"c{k}", "a")
+        vote("other", f"c{k}", "a")
+        vote("random", f"g{k}", "b" if k == 0 else "a", gold="b")  # 1 of 4 gold right
+        vote("other", f"g{k}", "b", gold="b")
+    quality = assess(rows, items, QualitySpec())
+    assert quality["random"].reliability == 0.25 and not quality["random"].counts
+    assert quality["careful"].agreed == 7 and quality["careful"].shared == 16
+    assert quality["careful"].reliability == 1.0  # 7 of 16 unweighted

@@ -41,8 +41,8 @@ class QualitySpec(Spec):
         0.1,
         ge=0,
         le=0.5,
-        description="Share of new comparisons that are gold: a prompt with a reference answer "
-        "(an `answer` field in its record), its reference answer against a distractor (the "
+        description="Share of the comparisons issued that are gold: a prompt with a "
+        "reference answer (an `answer` field in its record), that answer against a distractor (the "
         "answer of the most similar other record, which states another fact); shown as any "
         "comparison is, never marked.",
     )

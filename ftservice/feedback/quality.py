@@ -7,8 +7,9 @@ voting, and the votes that are left once the unreliable are out.
   passed when the two agree in the item's own terms (which model won, tie, both bad), not
   left or right.
 - Reliability: the share of an annotator's checks they passed, where a check against
-  another annotator weighs that annotator's own reliability (gold checks weigh 1), found by
-  iterating from equal weights (a weighted majority in the manner of Dawid and Skene): a
+  another annotator weighs by how far that annotator's own reliability is above chance
+  (0.25, a random voter over the four verdicts; gold checks weigh 1), found by iterating
+  from equal weights (a weighted majority in the manner of Dawid and Skene): a
   careful annotator who shares items with a spammer is not dragged down by their
   disagreement, and two spammers agreeing by chance do not vouch for each other. Below
   `min_reliability` with at least `min_checks` checks, the annotator's votes do not count
@@ -33,6 +34,8 @@ from ftservice.feedback.leaderboard import vote_label
 
 ITERATIONS = 20
 """Rounds of re-weighting the checks by the checkers' reliability (it settles in a few)."""
+CHANCE = 0.25
+"""How often a random voter over the four verdicts agrees with a given one."""
 
 
 @dataclass
@@ -107,18 +110,20 @@ def assess(
     for who, _, agreed in checks:
         out[who].shared += 1
         out[who].agreed += agreed
-    weight = dict.fromkeys(out, 1.0)
+    reliability = dict.fromkeys(out, 1.0)
     for _ in range(ITERATIONS):
+        # a checker weighs by how far above chance they agree: a random voter weighs nothing
+        weight = {n: max(0.0, (r - CHANCE) / (1 - CHANCE)) for n, r in reliability.items()}
         passed = {name: float(q.gold_right) for name, q in out.items()}
         total = {name: float(q.gold) for name, q in out.items()}
         for who, other, agreed in checks:
             total[who] += weight[other]
             passed[who] += weight[other] * agreed
-        weight = {n: passed[n] / total[n] if total[n] else 1.0 for n in out}
+        reliability = {n: passed[n] / total[n] if total[n] else reliability[n] for n in out}
     for name, q in out.items():
         q.median_s_per_vote = round(float(np.median(times[name])), 1)
         if q.gold + q.shared >= spec.min_checks:
-            q.reliability = round(weight[name], 3)
+            q.reliability = round(reliability[name], 3)
         passes = q.reliability is not None and q.reliability >= spec.min_reliability
         q.trusted = passes
         q.counts = not spec.enabled or q.reliability is None or passes

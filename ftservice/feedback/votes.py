@@ -194,9 +194,9 @@ def issue(
     `round_`: the loop round the comparison belongs to (only that round's items are reused);
     `focus`: (model, model, share): that pair is shown in that share of new items; `gold`:
     prompt id -> (its reference answer, a distractor), of which a gold comparison is made in
-    the campaign's gold share of new items (quality control on). An annotator who holds
-    `max_pending` comparisons without a vote gets 429 for a new one; the quota counts
-    comparisons issued."""
+    the campaign's gold share of the comparisons issued (quality control on). An annotator
+    who holds `max_pending` comparisons without a vote gets 429 for a new one; the quota
+    counts comparisons issued."""
     same_round = Comparison.round.is_(None) if round_ is None else Comparison.round == round_
     with store() as session:
         voted = select(Vote.comparison_id).where(Vote.annotator == annotator)
@@ -219,8 +219,12 @@ def issue(
             )
         if spec.quota is not None and issued >= spec.quota:
             return None
+        # the gold share is of every comparison issued, shared items included
+        golden = [p for p in prompts if gold and p[0] in gold] if custom is None else []
+        quality = spec.quality
+        make_gold = quality.enabled and bool(golden) and rng.random() < quality.gold_share
         template = None
-        if custom is None and spec.overlap > 1:
+        if custom is None and spec.overlap > 1 and not make_gold:
             seen = select(Comparison.item).where(Comparison.annotator == annotator)
             wanting = (
                 select(Comparison.item)
@@ -247,11 +251,9 @@ def issue(
             params, seed = template.params, template.seed
             pair = pair if rng.random() < 0.5 else (pair[1], pair[0])
         else:
-            quality = spec.quality
-            golden = [p for p in prompts if gold and p[0] in gold]
             if custom is not None:
                 prompt_id, messages = "custom", custom
-            elif quality.enabled and golden and rng.random() < quality.gold_share:
+            elif make_gold:
                 prompt_id, messages = rng.choice(golden)
                 gold_texts = gold[prompt_id]
             else:
