@@ -43,8 +43,8 @@ SETUPS = {
         "campaign.quality.enabled=false",
     ],
 }
-HELD = ("rule", "prompts", "winrate", "interval", "won", "tied", "lost", "empty", "mean_words",
-        "mean_words_parent", "domain", "domain_parent", "kl_from_base",
+HELD = ("rule", "prompts", "winrate", "interval", "won", "tied", "lost", "decided_winrate",
+        "empty", "mean_words", "mean_words_parent", "domain", "domain_parent", "kl_from_base",
         "kl_from_base_parent")  # fmt: skip
 
 

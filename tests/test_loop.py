@@ -405,6 +405,7 @@ def test_an_adapter_that_states_the_facts_is_promoted_and_one_that_does_not_roll
     held = held_out_judgement(client, "facts", "alpha", prompts, 8, "answer_key", 0.95, answers)
     assert up["votes"] == 30 and up["interval"][0] > 0.5
     assert held["won"] == 6 and held["winrate"] == 1.0  # it states the fact, alpha does not
+    assert held["decided_winrate"] == 1.0
     assert decide(up, held, promo)[0] == "promote"
 
     down = head_to_head(votes, "alpha", "facts", 0.95)

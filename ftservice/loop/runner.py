@@ -125,7 +125,11 @@ def held_out_judgement(
         scores = [judge(a, b, references.get(p[0]))
                   for p, a, b in zip(prompts, mine, theirs, strict=True)]  # fmt: skip
         wins = sum(scores)
-        out |= {"won": scores.count(1.0), "tied": scores.count(0.5), "lost": scores.count(0.0)}
+        won, lost = scores.count(1.0), scores.count(0.0)
+        # where most questions are ties (both right, alike), the share of the decided ones
+        # is what can move: won / (won + lost)
+        out |= {"won": won, "tied": scores.count(0.5), "lost": lost,
+                "decided_winrate": won / (won + lost) if won + lost else None}  # fmt: skip
         lo, hi = wilson(wins, len(prompts), confidence)
         out |= {"rule": rule, "wins": wins, "winrate": wins / max(len(prompts), 1),
                 "interval": [lo, hi]}  # fmt: skip
