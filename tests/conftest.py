@@ -91,6 +91,30 @@ def chatty(builtin_model, tmp_path_factory) -> Path:
     )
 
 
+def write_replay_answers(model: Path, folder: Path, prompts: int, max_new_tokens: int) -> Path:
+    """The model's greedy answers to the first `prompts` shipped replay prompts, written as the
+    replay cache holds them (empty answers left out)."""
+    import json
+
+    from ftservice.config import ModelSpec
+    from ftservice.evaluate import load_prompts
+    from ftservice.models import resolve_model
+    from ftservice.train.replay import base_answers
+
+    cpu = {"device": "cpu", "dtype": "float32", "quantization": None, "gpus": 0}
+    asked = load_prompts(str(REPO / "data/general/replay.jsonl"))[:prompts]
+    answers = base_answers(resolve_model(ModelSpec(name=str(model))), asked, max_new_tokens, cpu, 2)
+    path = folder / "replay.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"messages": [*p, {"role": "assistant", "content": a}]}) + "\n"
+            for p, a in zip(asked, answers, strict=True)
+            if a.strip()
+        )
+    )
+    return path
+
+
 @pytest.fixture(scope="session")
 def other_tiny_llama(builtin_model, tmp_path_factory) -> Path:
     """The same shape with other weights: another base model (another fingerprint)."""

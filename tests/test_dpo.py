@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_replay_answers
 from safetensors.torch import load_file
 
 from ftservice.artifacts import load_artifact
-from ftservice.config import ModelSpec, SpecError, load_spec, spec_from_dict
+from ftservice.config import SpecError, load_spec, spec_from_dict
 from ftservice.evaluate import answer_stats, generate, load_prompts
 from ftservice.models import build_model, load_tokenizer, resolve_model
-from ftservice.train.replay import base_answers
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = {"device": "cpu", "dtype": "float32", "quantization": None, "gpus": 0}
@@ -199,17 +199,7 @@ def test_an_sft_weight_adds_trls_sft_term_on_the_chosen_answers(tmp_path, tiny_l
 def replay_file(chatty, tmp_path_factory) -> Path:
     """The chatty base's answers to the first 48 replay prompts, as the replay cache holds
     them (the prompts after those are held out)."""
-    prompts = load_prompts(str(REPO / "data/general/replay.jsonl"))[:48]
-    answers = base_answers(resolve_model(ModelSpec(name=str(chatty))), prompts, 16, CPU, 2)
-    path = tmp_path_factory.mktemp("replay") / "replay.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"messages": [*p, {"role": "assistant", "content": a}]}) + "\n"
-            for p, a in zip(prompts, answers, strict=True)
-            if a.strip()
-        )
-    )
-    return path
+    return write_replay_answers(chatty, tmp_path_factory.mktemp("replay"), 48, 16)
 
 
 def sft_like_parent(spec, model_ref, folder: Path) -> Path:

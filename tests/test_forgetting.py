@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, write_replay_answers
 from trl.experimental.gkd import GKDTrainer
 
-from ftservice.config import ModelSpec, SpecError, spec_from_dict
+from ftservice.config import SpecError, spec_from_dict
 from ftservice.evaluate import _prompt, answer_stats, generate, load_prompts, read_jsonl
 from ftservice.models import load_causal_lm, load_tokenizer, resolve_model
 from ftservice.train import sft
 from ftservice.train.attention import DOCUMENT_ATTENTION
 from ftservice.train.driver import train
 from ftservice.train.kl_to_base import ANSWER, KLToBase
-from ftservice.train.replay import base_answers, ensure_replay, mix_replay, replay_rows
+from ftservice.train.replay import ensure_replay, mix_replay, replay_rows
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = {"device": "cpu", "dtype": "float32", "quantization": None, "gpus": 0}
@@ -43,18 +43,7 @@ def domain_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def replay_file(chatty, tmp_path_factory) -> Path:
     """The chatty base's answers to 64 replay prompts, as the cache holds them."""
-    base = resolve_model(ModelSpec(name=str(chatty)))
-    prompts = load_prompts(str(REPO / "data/general/replay.jsonl"))[:64]
-    answers = base_answers(base, prompts, 24, CPU, 2)
-    path = tmp_path_factory.mktemp("replay") / "replay.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"messages": [*p, {"role": "assistant", "content": a}]}) + "\n"
-            for p, a in zip(prompts, answers, strict=True)
-            if a.strip()
-        )
-    )
-    return path
+    return write_replay_answers(chatty, tmp_path_factory.mktemp("replay"), 64, 24)
 
 
 def spec_for(model: Path, data: Path, tmp_path: Path, **train) -> object:
