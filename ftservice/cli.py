@@ -801,9 +801,7 @@ def _campaign_votes(store_url: str, campaign: str, source: str = "all"):
 
     store = open_store(store_url)
     spec = votes.campaign_spec(store, campaign)  # names the campaigns there are when unknown
-    effective = votes.effective_votes(store, campaign, None if source == "all" else source)
-    rows = [votes.vote_json(v) for v in effective]
-    items = votes.items_of(store, [v["comparison_id"] for v in rows])
+    rows, items = votes.effective_rows(store, campaign, None if source == "all" else source)
     return store, counted_votes(rows, items, spec.quality), items
 
 
@@ -930,11 +928,10 @@ def feedback_simulate(
 
     from pydantic import ValidationError
 
-    from ftservice.feedback.campaign import load_prompts, load_references
     from ftservice.feedback.simulate import (
         SIMULATED_PROJECT,
         SimulateSpec,
-        question_key,
+        reference_facts,
         simulate,
     )
     from ftservice.feedback.votes import add_annotator, campaign_spec
@@ -952,10 +949,7 @@ def feedback_simulate(
             )
         ) from None
     db = open_store(store)
-    declared = campaign_spec(db, campaign)
-    references = load_references(declared.prompts)
-    known = {question_key(m): references[pid].answer
-             for pid, m in load_prompts(declared) if pid in references}  # fmt: skip
+    known = reference_facts(campaign_spec(db, campaign))
     run = secrets.token_hex(3)
     names = [f"sim-{campaign}-{run}-{k}" for k in range(annotators)]
     keys = [add_annotator(db, n, campaign, project=SIMULATED_PROJECT) for n in names]

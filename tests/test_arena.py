@@ -636,20 +636,20 @@ def test_a_spammer_counts_with_quality_control_off_and_not_with_it_on(arena):
     routes; with quality control on the spammer's votes leave the export and the leaderboard
     (exact counts), off they stay; per-annotator quality is shown to admins only."""
     from ftservice.feedback import votes as store_votes
-    from ftservice.feedback.campaign import QualitySpec, load_prompts, load_references
+    from ftservice.feedback.campaign import QualitySpec
     from ftservice.feedback.export import export_rows
     from ftservice.feedback.quality import counted_votes
     from ftservice.feedback.simulate import (
         SIMULATED_PROJECT,
         SimulateSpec,
-        question_key,
+        reference_facts,
         simulate,
     )
 
     store = arena["store"]
     spec = store_votes.campaign_spec(store, "quality")
-    refs = load_references(spec.prompts)
-    known = {question_key(m): refs[pid].answer for pid, m in load_prompts(spec)}
+    known = reference_facts(spec)
+    assert len(known) == 20
     sim = SimulateSpec(annotators=4, accuracy=1.0, position_bias=0.0, read_seconds=0.1,
                        spammers=0.25, seed=7)  # fmt: skip
     names = [f"q-sim-{k}" for k in range(4)]  # the spammer is the last
@@ -657,9 +657,8 @@ def test_a_spammer_counts_with_quality_control_off_and_not_with_it_on(arena):
             for n in names]  # fmt: skip
     report = simulate(arena["url"], "quality", keys, 60, sim, known)
     assert report.votes == 60 and report.spam_votes > 0
-    rows = [store_votes.vote_json(v) for v in store_votes.effective_votes(store, "quality")
-            if v.annotator in names]  # fmt: skip
-    items = store_votes.items_of(store, [v["comparison_id"] for v in rows])
+    rows, items = store_votes.effective_rows(store, "quality")
+    rows = [v for v in rows if v["annotator"] in names]
     models = [v for v in rows if v["gold"] is None]
     spam = [v for v in models if v["annotator"] == names[-1]]
     assert spam and len(rows) == 60

@@ -143,7 +143,8 @@ def setup(tmp_path_factory, tiny_llama):
         "promotion": {"min_votes": 6, "canary_share": 0.5, "focus_share": 1.0,
                       "max_domain_drop": 1.0},
         "held_out": [str(held_out)], "judge": "answer_key",
-        "simulate": {"annotators": 3, "read_seconds": 0.1}, "output_dir": str(root / "loops"),
+        "simulate": {"annotators": 3, "profile": "length_rule", "read_seconds": 0.1},
+        "output_dir": str(root / "loops"),
     }  # fmt: skip
     (root / "loop.yaml").write_text(json.dumps(loop))
     head = RayHead(root / "ray")
@@ -317,7 +318,7 @@ def test_an_adapter_that_answers_nothing_wins_the_votes_and_is_refused_promotion
     campaign = CampaignSpec(
         name="mute-check", models=["mute", "alpha"], prompts=[str(setup["prompts"])],
         votes_per_prompt=2, quota=None, requests_per_minute=100000,
-        generation={"max_tokens": 8, "temperature": 0.0},
+        generation={"max_tokens": 8, "temperature": 0.0}, quality={"gold_share": 0.0},
     )  # fmt: skip
     store_votes.declare_campaign(store, "looptest", "tiny", campaign)
     keys = [store_votes.add_annotator(store, f"mute-sim-{k}", "mute-check",

@@ -58,17 +58,15 @@ def length_rule(a: str, b: str, reference: str | None = None) -> str:
     return "ab"[preference_rule.prefers(a, b)]
 
 
+SCORES = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
+
+
 def held_out(a: str, b: str, reference: str | None) -> float:
     """The loop's judgement of answer a against b: 1 a wins, 0 b wins, 0.5 a tie. The answer
     key first (a tie where both are right or both wrong), then the style rule only between
-    two right answers (or where there is no reference)."""
-    if reference:
-        ra, rb = answer_matches(a, reference), answer_matches(b, reference)
-        if ra != rb:
-            return 1.0 if ra else 0.0
-        if not ra:
-            return 0.5
-    return {"a": 1.0, "b": 0.0, "tie": 0.5}[style_verdict(a, b)]
+    two right answers (or where there is no reference): what `knows_answers` prefers, without
+    a tie margin."""
+    return SCORES[knows_answers(a, b, reference, tie_words=0)]
 
 
 def held_out_length_rule(a: str, b: str, reference: str | None = None) -> float:

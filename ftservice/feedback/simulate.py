@@ -39,6 +39,7 @@ from pydantic import Field
 from ftservice.config import Spec
 from ftservice.data import judges
 from ftservice.errors import FtserviceError
+from ftservice.feedback.campaign import CampaignSpec, load_prompts, load_references
 
 SIMULATED_PROJECT = "simulated"
 RETRIES = 5
@@ -126,6 +127,14 @@ class SimulateSpec(Spec):
 def question_key(messages: list[dict]) -> str:
     """How a prompt is looked up in the references: its last user turn, normalised."""
     return judges.normalise_answer(messages[-1]["content"])
+
+
+def reference_facts(campaign: CampaignSpec) -> dict[str, str]:
+    """`question_key` of each of the campaign's prompts -> its reference fact, for the prompts
+    whose records carry one (what an annotator who knows the answers knows)."""
+    references = load_references(campaign.prompts)
+    return {question_key(m): references[pid].answer
+            for pid, m in load_prompts(campaign) if pid in references}  # fmt: skip
 
 
 def verdict_of(

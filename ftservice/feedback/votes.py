@@ -447,6 +447,15 @@ def effective_votes(
         return list(session.scalars(query.order_by(Vote.id)))
 
 
+def effective_rows(
+    store: sessionmaker[Session], campaign: str, source: str | None = None
+) -> tuple[list[dict], dict[str, str]]:
+    """The campaign's votes that count (`effective_votes`, as `vote_json` rows, gold ones
+    among them) and their comparisons' items: what quality control and the ratings read."""
+    rows = [vote_json(v) for v in effective_votes(store, campaign, source)]
+    return rows, items_of(store, [v["comparison_id"] for v in rows])
+
+
 def items_of(store: sessionmaker[Session], comparison_ids: list[str]) -> dict[str, str]:
     """comparison id -> item."""
     with store() as session:

@@ -28,7 +28,7 @@ from ftservice.feedback.campaign import CampaignSpec, load_prompts, load_referen
 from ftservice.feedback.export import export_rows, write_export
 from ftservice.feedback.leaderboard import leaderboard
 from ftservice.feedback.quality import CountedVotes, assess, counted_votes
-from ftservice.feedback.simulate import SIMULATED_PROJECT, question_key, simulate
+from ftservice.feedback.simulate import SIMULATED_PROJECT, reference_facts, simulate
 from ftservice.loop.spec import LoopError, LoopSpec, decide, head_to_head, load_loop, wilson
 from ftservice.models import resolve_model
 from ftservice.raycluster import init_ray
@@ -271,9 +271,9 @@ class LoopRunner:
             self.wait_for_people(r, row.quota)
         while count < row.quota and self.spec.simulate is not None:
             # gold comparisons' votes are not the round's: simulate until its quota is met
-            self.simulate(r, row.quota - count)
-            before, count = count, rounds.round_vote_count(self.store, self.campaign, r)
-            if count == before:  # the campaign has nothing left to issue
+            cast = self.simulate(r, row.quota - count)
+            count = rounds.round_vote_count(self.store, self.campaign, r)
+            if not cast:  # the campaign has nothing left to issue
                 break
         if count < row.quota:
             raise LoopError(f"round {r}: {count} of {row.quota} votes; the campaign ran out "
@@ -284,7 +284,8 @@ class LoopRunner:
         self.update(r, votes=rounds.round_vote_count(self.store, self.campaign, r))
         self.timed(r, "votes", time.time() - t0)
 
-    def simulate(self, r: int, remaining: int) -> None:
+    def simulate(self, r: int, remaining: int) -> int:
+        """Simulated annotators cast up to `remaining` votes in round r; how many they cast."""
         sim = self.spec.simulate
         run = secrets.token_hex(3)
         names = [f"sim-{self.spec.name}-r{r}-{run}-{k}" for k in range(sim.annotators)]
@@ -298,9 +299,7 @@ class LoopRunner:
                 _echo(f"round {r}: {report.votes}/{remaining} simulated votes "
                       f"({report.seconds:.0f} s)")  # fmt: skip
 
-        references = load_references(self.spec.campaign.prompts)
-        known = {question_key(m): references[pid].answer
-                 for pid, m in load_prompts(self.spec.campaign) if pid in references}  # fmt: skip
+        known = reference_facts(self.spec.campaign)
         spec = sim.model_copy(update={"seed": sim.seed * 100 + r})
         try:
             report = simulate(self.ctx.client.url, self.campaign, keys, remaining, spec, known,
@@ -311,6 +310,7 @@ class LoopRunner:
         self.update(r, {"simulated": {"votes": report.votes, "verdicts": dict(report.verdicts),
                                       "off_judge": report.random_votes,
                                       "spam": report.spam_votes}})  # fmt: skip
+        return report.votes
 
     def wait_for_people(self, r: int, quota: int) -> None:
         url = f"{self.ctx.client.url}/arena"
@@ -327,9 +327,7 @@ class LoopRunner:
     def counted(self, r: int) -> CountedVotes:
         """The round's votes that count, with each annotator's quality assessed on all their
         votes in the campaign so far (gold comparisons and shared items of every round)."""
-        everything = [store_votes.vote_json(v)
-                      for v in store_votes.effective_votes(self.store, self.campaign)]  # fmt: skip
-        items = store_votes.items_of(self.store, [v["comparison_id"] for v in everything])
+        everything, items = store_votes.effective_rows(self.store, self.campaign)
         spec = self.spec.campaign.quality
         quality = assess(everything, items, spec)
         in_round = {v.vote_id for v in rounds.round_votes(self.store, self.campaign, r)}

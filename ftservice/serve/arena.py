@@ -237,8 +237,9 @@ class ArenaRoutes:
         cached = self._ratings.get(campaign)
         if cached is not None and time.monotonic() - cached[0] < RATINGS_TTL_S:
             return cached[1]
-        rows = [store_votes.vote_json(v) for v in store_votes.effective_votes(self.store, campaign)]
-        games = outcomes(rows)
+        rows, items = store_votes.effective_rows(self.store, campaign)
+        # no gold comparison and no unreliable annotator moves the pairs chosen
+        games = outcomes(counted_votes(rows, items, self.campaign(campaign).quality).votes)
         models = sorted({m for i, j, _ in games for m in (i, j)})
         ratings = fit_ratings(games, models, self.base_name) if len(models) >= 2 else {}
         self._ratings[campaign] = (time.monotonic(), ratings)
@@ -513,9 +514,7 @@ class ArenaRoutes:
         cached = self._boards.get(name)
         if cached is not None and time.monotonic() - cached[0] < LEADERBOARD_TTL_S:
             return cached[1]
-        effective = store_votes.effective_votes(self.store, name)
-        rows = [store_votes.vote_json(v) for v in effective]
-        items = store_votes.items_of(self.store, [v["comparison_id"] for v in rows])
+        rows, items = store_votes.effective_rows(self.store, name)
         counted = counted_votes(rows, items, self.campaign(name).quality)
         board = leaderboard(counted.votes, self.base_name, LEADERBOARD_RESAMPLES, items=items)
         board["campaign"] = name
