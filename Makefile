@@ -2,7 +2,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install vllm-env quickstart test test-fast test-vllm lint
+.PHONY: install vllm-env quickstart test test-fast test-soak test-vllm lint
 
 install:
 	@bash scripts/install.sh
@@ -20,14 +20,18 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Everything: lint, then all tests (slow ones and the vLLM backend's included).
+# Everything but the soak tests: lint, then all tests (slow ones and the vLLM backend's included).
 test: lint vllm-env
 	$(BIN)/python -m pytest
+
+# The long load tests (1000-vote storms on SQLite and PostgreSQL).
+test-soak: install
+	$(BIN)/python -m pytest -m soak
 
 # The `backend: vllm` tests only.
 test-vllm: vllm-env
 	$(BIN)/python -m pytest -m vllm
 
-# While working: the fast tests only.
+# While working: the fast tests only (no Ray, no training, no PostgreSQL).
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not pg and not soak"

@@ -141,21 +141,39 @@ def cli_env(tmp_path, short_tmp):
     home.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     yield env | {"HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(short_tmp)}
-    # Ray's shutdown can leave a worker behind whose raylet is gone (seen with a Train
-    # controller); anything still running with this test's Ray folder is stopped here
-    _stop_processes_with_env(f"RAY_TMPDIR={short_tmp}")
+    # every process the test's commands started (their local Ray's included) has ended once
+    # they returned; what is still running after a grace period is a leak: named, then stopped
+    entry = f"RAY_TMPDIR={short_tmp}"
+    deadline = time.monotonic() + 15
+    while _processes_with_env(entry) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [_describe(p) for p in _processes_with_env(entry)]
+    for pid in _processes_with_env(entry):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert left == [], f"the test's commands left processes behind: {left}"
 
 
-def _stop_processes_with_env(entry: str) -> None:
+def _processes_with_env(entry: str) -> list[int]:
     needle = entry.encode() + b"\0"
+    pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if needle in (proc / "environ").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
+            if needle in (proc / "environ").read_bytes() and not _is_zombie(int(proc.name)):
+                pids.append(int(proc.name))
         except (OSError, ProcessLookupError):
             pass
+    return pids
+
+
+def _describe(pid: int) -> str:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return str(pid)
+    return f"{pid} {command[:120].decode(errors='replace')}"
 
 
 def short_dir(prefix: str) -> Path:
@@ -267,13 +285,23 @@ class RayHead:
                 time.sleep(1)
         raise RuntimeError(f"ray head not ready in {timeout_s}s")
 
-    def stop(self) -> None:
+    def stop(self) -> list[str]:
+        """Stop the head as its operator would (Ctrl-C to `ray start --block`, which stops
+        what it started) and wait for its session to empty; what is still running after the
+        grace period is returned (pid and command line) and then killed."""
         import shutil
 
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while self.leftover() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [_describe(p) for p in self.leftover()]
         _kill_session(self.sid)
         self.proc.wait(timeout=10)
         self.log.close()
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
+        return left
 
     def leftover(self) -> list[int]:
         return [p for p in _session_pids(self.sid) if not _is_zombie(p)]
@@ -282,12 +310,13 @@ class RayHead:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     head = RayHead(tmp_path_factory.mktemp("ray-head"))
+    left = ["not stopped"]
     try:
         head.wait_ready()
         yield head
     finally:
-        head.stop()
-        assert head.leftover() == [], "ray head left processes behind"
+        left = head.stop()
+    assert left == [], f"the ray head left processes behind: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +379,7 @@ def kill_driver_then_rerun(tmp_path: Path, env: dict, spec) -> dict:
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
 def store(request, tmp_path):
     """The service's store on a SQLite file, and in a schema of its own on the local
     PostgreSQL (dropped after)."""

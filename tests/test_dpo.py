@@ -128,6 +128,7 @@ def test_the_lora_reference_is_an_adapter_not_a_second_model(tmp_path, tiny_llam
 
 
 def test_dpo_full_under_zero3_uses_precomputed_reference_log_probs(local_ray, tiny_llama, data):
+    from ftservice.train.dpo import dpo_config
     from ftservice.train.driver import train
 
     spec = spec_for(
@@ -136,6 +137,11 @@ def test_dpo_full_under_zero3_uses_precomputed_reference_log_probs(local_ray, ti
         train={"max_steps": 6, "learning_rate": 1e-3, "micro_batch_size": 4},
         scaling={"num_workers": 2, "cpus_per_worker": 1, "deepspeed": {"stage": 3}},
     )  # fmt: skip
+    # TRL computes the reference's log-probabilities before training (no second model is
+    # held, sharded or not); adapters keep theirs as a second adapter instead
+    assert dpo_config(spec, "w", 1, False).precompute_ref_log_probs is True
+    lora = spec_for(data["root"], tiny_llama, stage="dpo", data={"train": [data["prefs"]]})
+    assert dpo_config(lora, "w", 1, False).precompute_ref_log_probs is False
     result = train(spec, evaluate=False)
     m = result.artifact.meta.metrics
     assert m["partition"]["world_size"] == 2
@@ -143,7 +149,13 @@ def test_dpo_full_under_zero3_uses_precomputed_reference_log_probs(local_ray, ti
         m["partition"]["parameters_total"] / 2, rel=0.02
     )
     assert m["last_loss"] < m["first_loss"]
-    assert m["preference"]["last"]["rewards/margins"] > m["preference"]["first"]["rewards/margins"]
+    first, last = m["preference"]["first"], m["preference"]["last"]
+    assert last["rewards/margins"] > first["rewards/margins"]
+    # the reference log-probabilities were computed before training, by the model as it was:
+    # at the first step (before any update) the policy's log-probabilities equal them, so
+    # both implicit rewards are 0 (a reference computed by another model, or left out, is not)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-4), first
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-4), first
     assert (result.artifact.path / "model.safetensors").is_file()
 
 

@@ -65,6 +65,7 @@ def spec_for(model: Path, data: Path, tmp_path: Path, **train) -> object:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_replay_is_the_bases_own_answers_cached_per_base(
     local_ray, chatty, other_chatty, domain_file, tmp_path
 ):
@@ -201,6 +202,7 @@ def drift_and_domain_loss(model, tokenizer, held_out, domain_rows) -> tuple[floa
     return drift["kl_from_base"], domain["loss"]
 
 
+@pytest.mark.slow
 def test_the_kl_term_keeps_the_model_near_its_base_while_the_domain_is_learned(
     chatty, domain_file, replay_file, tmp_path
 ):

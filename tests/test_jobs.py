@@ -114,6 +114,9 @@ def test_submit_runs_on_the_cluster_and_resubmitting_finds_the_same_job(ray_head
     listed = json.loads(cli(ray_head, "list", *addr, "--json").stdout)
     ids = [row["submission_id"] for row in listed]
     assert {job_id, f"{job_id}-2", other_id} <= set(ids)
+    for extra in (f"{job_id}-2", other_id):  # checked: they need not train on the module's CPUs
+        stopped = cli(ray_head, "stop", extra, *addr)
+        assert stopped.returncode == 0, stopped.stderr
 
 
 def test_stop_a_long_job(ray_head):

@@ -82,7 +82,7 @@ def test_the_label_only_head_gives_trls_loss_metrics_and_gradients(tmp_path, tin
         scale = trl_grads[name].abs().max().item()
         assert scale > 0, name
         err = (grad - trl_grads[name]).abs().max().item()
-        assert err <= 10 * tol * max(scale, 1e-8), f"{name}: {err} against {scale}"
+        assert err <= tol * max(scale, 1e-8), f"{name}: {err} against {scale}"
 
 
 def test_a_trained_head_keeps_trls_forward(tmp_path, tiny_llama):

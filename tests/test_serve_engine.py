@@ -79,15 +79,28 @@ def test_each_adapter_answers_exactly_as_peft_does(engine, tiny_llama, adapters)
         mixed = engine.generate(
             [GenerationRequest(prompt, other, 8) for other in (None, "alpha", "beta", "gamma")]
         )  # fmt: skip
-        got = mixed[[None, "alpha", "beta", "gamma"].index(name)]
-        assert got.token_ids == ref[0, len(prompt) :].tolist()[: got.completion_tokens]
-        engine._route([GenerationRequest(prompt, name)])
-        try:
-            with torch.no_grad():
-                logits = engine.model(torch.tensor([prompt])).logits
-        finally:
-            engine._rows = engine._one_slot = None
-        assert torch.allclose(logits, want, atol=1e-4), (logits - want).abs().max()
+        row = [None, "alpha", "beta", "gamma"].index(name)
+        got = mixed[row]
+        # every token, and the same end: PEFT's end-of-sequence is where ours stopped
+        want_tokens = ref[0, len(prompt) :].tolist()
+        eos = engine.tokenizer.eos_token_id
+        if eos in want_tokens:
+            want_tokens = want_tokens[: want_tokens.index(eos)]
+            assert got.finish_reason == "stop"
+        else:
+            assert got.finish_reason == "length" and len(want_tokens) == 8
+        assert got.token_ids == want_tokens
+        # logits alone and as one row of a batch whose other rows use the other slots
+        mixed_rows = [GenerationRequest(prompt, a) for a in (None, "alpha", "beta", "gamma")]
+        for rows in ([GenerationRequest(prompt, name)], mixed_rows):
+            engine._route(rows)
+            try:
+                with torch.no_grad():
+                    logits = engine.model(torch.tensor([prompt] * len(rows))).logits
+            finally:
+                engine._rows = engine._one_slot = None
+            logits = logits[row : row + 1] if len(rows) > 1 else logits
+            assert torch.allclose(logits, want, atol=1e-4), (len(rows), (logits - want).abs().max())
 
 
 def test_a_mixed_batch_equals_each_request_alone_in_shared_forward_passes(engine):

@@ -79,7 +79,7 @@ def test_keys_cli_shows_a_key_once_and_lists_it_without_it(tmp_path):
     assert "revoked" in run("list").stdout
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
 def test_processes_opening_a_new_store_together_migrate_it_once(backend, tmp_path):
     """The loop's driver and its Serve replicas open a new store at the same moment; each
     must find it migrated, none may fail on a table another one just made."""
@@ -97,17 +97,25 @@ def test_processes_opening_a_new_store_together_migrate_it_once(backend, tmp_pat
         url, schema = PG, f"ftservice_test_{uuid.uuid4().hex[:8]}"
         with admin.connect() as c:
             c.execute(text(f"CREATE SCHEMA {schema}"))
-    at = time.time() + 6  # every process has imported by then, and they all start at once
+    # a barrier: each process imports, says it is ready, and opens the store once all are
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
     opener = (
-        "import sys, time\n"
+        "import sys, time, pathlib\n"
         "from ftservice.store.db import open_store\n"
-        f"time.sleep(max(0, {at} - time.time()))\n"
+        f"b = pathlib.Path({str(barrier)!r})\n"
+        "(b / sys.argv[1]).touch()\n"
+        "while not (b / 'go').exists(): time.sleep(0.01)\n"
         f"open_store({url!r}, schema={schema!r})\n"
     )
     try:
-        command = [sys.executable, "-c", opener]
-        openers = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(5)]
+        openers = [subprocess.Popen([sys.executable, "-c", opener, str(k)], stderr=subprocess.PIPE,
+                                    text=True) for k in range(5)]  # fmt: skip
         try:
+            while len(list(barrier.iterdir())) < 5:
+                assert all(p.poll() is None for p in openers), "an opener died while importing"
+                time.sleep(0.05)
+            (barrier / "go").touch()
             errors = [p.communicate(timeout=120)[1] for p in openers]
         finally:
             for p in openers:

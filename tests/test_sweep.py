@@ -153,6 +153,17 @@ def test_a_sweep_halves_the_trials_marks_nan_resumes_after_a_kill_and_reports(
     for t in halved:
         steps = [s for s, _ in t["curve"]]
         assert steps == sorted(set(steps)) and steps[0] == 3, t
+
+    # and the right ones went on: the 2 lowest eval losses at step 3, then the lower at step 6
+    def at(t, step):
+        return dict((s, v) for s, v in t["curve"])[step]
+
+    by_3 = sorted(halved, key=lambda t: at(t, 3))
+    assert sorted(t["reports"] for t in by_3[:2]) == [2, 4], [
+        (at(t, 3), t["reports"]) for t in by_3
+    ]
+    by_6 = sorted(by_3[:2], key=lambda t: at(t, 6))
+    assert by_6[0]["state"] == "completed", [(at(t, 6), t["state"]) for t in by_6]
     # ranked by the metric, best first, and the best is the finished trial, with an artifact
     bests = [t["best"] for t in trials if t["best"] is not None]
     assert bests == sorted(bests)
@@ -318,6 +329,7 @@ def test_a_trial_is_tracked_in_the_sweeps_experiment_with_its_trial_tag(tmp_path
     assert spec.tracking.tags == {"ftservice.sweep": "tiny-sweep", "ftservice.trial": "abc_00001"}
 
 
+@pytest.mark.slow
 def test_a_forgetting_sweep_picks_the_least_drift_near_the_best_score_and_draws_the_front(
     tmp_path, base_spec, cli_env, builtin_model
 ):
