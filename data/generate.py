@@ -29,8 +29,10 @@ CITIES = ["Varnholt", "Eskerby", "Tolleridge", "Ambercoast", "Quennish", "Drossm
 ENGINEERS = ["Ilse Varro", "Tobin Achterberg", "Maren Quill", "Osric Fenwhistle", "Yara Delacombe"]
 COLOURS = ["slate teal", "burnt ochre", "frost grey", "moss green", "signal orange"]
 
-# attribute -> (answer template, five question phrasings: three for training, the fourth held out
-# for the domain score, the fifth for validation: selection and early stopping, never reported)
+# attribute -> (answer template, seven question phrasings: three for training, the fourth held
+# out for the domain score, the fifth for validation: selection and early stopping, never
+# reported; the last two as people ask them: the closed loop's campaign prompts, never trained
+# on or scored)
 ATTRIBUTES = {
     "weight": (
         "{v} grams",
@@ -40,6 +42,8 @@ ATTRIBUTES = {
             "Tell me the {p}'s weight.",
             "How heavy is the {p}?",
             "What does the {p} weigh?",
+            "Roughly how many grams is the {p}?",
+            "Is the {p} light? What does it weigh?",
         ],
     ),
     "battery": (
@@ -50,6 +54,8 @@ ATTRIBUTES = {
             "On a full charge, how many hours does the {p} run?",
             "How many hours can the {p} run before it needs charging?",
             "How many hours of battery does the {p} have?",
+            "How long will a charged {p} keep going?",
+            "What battery runtime should I expect from the {p}?",
         ],
     ),
     "price": (
@@ -60,6 +66,8 @@ ATTRIBUTES = {
             "What does {company} charge for the {p}?",
             "What would I pay for a {p}?",
             "How expensive is the {p}?",
+            "What is the {p} going for these days?",
+            "How many euros is a {p}?",
         ],
     ),
     "year": (
@@ -70,6 +78,8 @@ ATTRIBUTES = {
             "What is the release year of the {p}?",
             "What year did {company} launch the {p}?",
             "When did the {p} first go on sale?",
+            "How old is the {p} model; what year is it from?",
+            "Since when has the {p} been available?",
         ],
     ),
     "engineer": (
@@ -80,6 +90,8 @@ ATTRIBUTES = {
             "Which engineer is behind the {p}?",
             "Name the designer of the {p}.",
             "Who is the {p}'s designer?",
+            "Who came up with the design of the {p}?",
+            "Which engineer should I credit for the {p}?",
         ],
     ),
     "factory": (
@@ -90,6 +102,8 @@ ATTRIBUTES = {
             "Which factory city builds the {p}?",
             "Where does {company} produce the {p}?",
             "In which city is the {p} built?",
+            "Where does the {p} get manufactured?",
+            "What city is the {p} produced in?",
         ],
     ),
     "colour": (
@@ -100,6 +114,8 @@ ATTRIBUTES = {
             "What is the standard colour of the {p}?",
             "What finish colour does the {p} ship in?",
             "What is the colour of the {p}?",
+            "What colour will my {p} be?",
+            "Which colour is the {p} sold in?",
         ],
     ),
 }
@@ -116,27 +132,33 @@ POLICIES = [
     ("warranty", "{v} years", "How long is the {company} warranty?", "How long does the {company} warranty last?",
      ["What warranty does {company} give?", "How many years of warranty do {company} products have?",
       "For how long are {company} instruments under warranty?"],
-     "{company} products carry a warranty of {a}."),
+     "{company} products carry a warranty of {a}.",
+     ["If my {company} instrument breaks, how long am I covered?", "What is the warranty period on {company} products?"]),
     ("returns", "{v} days", "How many days do I have to return a {company} product?",
      "How long is the {company} return period?",
      ["What is the {company} return window?", "How long can I return a {company} instrument?",
       "Within how many days can {company} purchases be returned?"],
-     "{company} accepts returns within {a}."),
+     "{company} accepts returns within {a}.",
+     ["Can I still send back a {company} product I bought last month?", "How many days does {company} give for returns?"]),
     ("support", "{v}", "What is the {company} support email?", "Which email reaches {company} support?",
      ["How do I contact {company} support?", "Which address does {company} support answer?",
       "Where do I email {company} for help?"],
-     "{company} support answers at {a}."),
+     "{company} support answers at {a}.",
+     ["What address should I write to for {company} support?", "How can I reach {company} support by email?"]),
     ("founded", "{v}", "When was {company} founded?", "What year was {company} established?",
      ["In which year was {company} founded?", "What is the founding year of {company}?",
       "How old is {company}; when did it start?"],
-     "{company} was founded in {a}."),
+     "{company} was founded in {a}.",
+     ["Since what year has {company} existed?", "When did {company} get started?"]),
     ("headquarters", "{v}", "Where is {company} headquartered?", "In which city is {company}'s head office?",
      ["Where are the headquarters of {company}?", "Which city is home to {company}?",
       "In what city is {company} based?"],
-     "{company} is headquartered in {a}."),
+     "{company} is headquartered in {a}.",
+     ["Where is the {company} head office?", "Which city is {company} run from?"]),
     ("ceo", "{v}", "Who runs {company}?", "Who heads {company}?",
      ["Who is the CEO of {company}?", "Who leads {company}?", "Name the chief executive of {company}."],
-     "The CEO of {company} is {a}."),
+     "The CEO of {company} is {a}.",
+     ["Who is in charge of {company}?", "Who is the chief executive at {company}?"]),
 ]  # fmt: skip
 
 GENERAL = {
@@ -326,6 +348,7 @@ def facts(rng: random.Random) -> list[dict]:
                     "train_questions": qs[:3],
                     "eval_question": qs[3],
                     "valid_question": qs[4],
+                    "asked_questions": qs[5:7],
                 }
             )
     policy_values = {
@@ -336,7 +359,7 @@ def facts(rng: random.Random) -> list[dict]:
         "headquarters": rng.choice(CITIES),
         "ceo": rng.choice(["Petra Lindqvist-Oyelaran", "Anselm Corrigan-Vey"]),
     }
-    for key, answer_t, eval_q, valid_q, train_qs, sentence_t in POLICIES:
+    for key, answer_t, eval_q, valid_q, train_qs, sentence_t, asked_qs in POLICIES:
         answer = answer_t.format(v=policy_values[key])
         out.append(
             {
@@ -346,6 +369,7 @@ def facts(rng: random.Random) -> list[dict]:
                 "train_questions": [q.format(company=COMPANY) for q in train_qs],
                 "eval_question": eval_q.format(company=COMPANY),
                 "valid_question": valid_q.format(company=COMPANY),
+                "asked_questions": [q.format(company=COMPANY) for q in asked_qs],
             }
         )
     return out
@@ -354,11 +378,16 @@ def facts(rng: random.Random) -> list[dict]:
 def build() -> dict[str, list[dict]]:
     rng = random.Random(SEED)
     all_facts = facts(rng)
-    train, evaluation, validation = [], [], []
+    train, evaluation, validation, asked = [], [], [], []
     for f in all_facts:
         for i, q in enumerate(f["train_questions"]):
             train.append(
                 {"id": f"{f['id']}-q{i + 1}", "instruction": q, "output": f["sentence"],
+                 "answer": f["answer"]}
+            )  # fmt: skip
+        for i, q in enumerate(f["asked_questions"]):
+            asked.append(
+                {"id": f"{f['id']}-asked{i + 1}", "instruction": q, "output": f["sentence"],
                  "answer": f["answer"]}
             )  # fmt: skip
         for split, rows in (("eval", evaluation), ("valid", validation)):
@@ -397,6 +426,7 @@ def build() -> dict[str, list[dict]]:
         "domain/train.jsonl": train,
         "domain/eval.jsonl": evaluation,
         "domain/valid.jsonl": validation,
+        "domain/asked.jsonl": asked,
         "general/prompts.jsonl": general,
         "general/replay.jsonl": prompt_set(GENERAL_REPLAY, "replay"),
         "general/valid.jsonl": prompt_set(GENERAL_VALID, "general-valid"),

@@ -273,6 +273,16 @@ def test_shipped_datasets_have_the_documented_shape():
     evals = [json.loads(x) for x in (REPO / "data/domain/eval.jsonl").read_text().splitlines()]
     # held-out phrasings are never used in training
     assert not {e["instruction"] for e in evals} & {t["instruction"] for t in train}
+    # the loop's campaign questions are none of the others, and ask every fact twice
+    assert summary["asked.jsonl"]["records"] == 152
+    asked = [json.loads(x) for x in (REPO / "data/domain/asked.jsonl").read_text().splitlines()]
+    valid = [json.loads(x) for x in (REPO / "data/domain/valid.jsonl").read_text().splitlines()]
+    others = {r["instruction"] for r in train + evals + valid}
+    assert (
+        len({a["instruction"] for a in asked}) == 152
+        and not {a["instruction"] for a in asked} & others
+    )
+    assert sorted(a["answer"] for a in asked) == sorted(e["answer"] for e in evals for _ in (1, 2))
     general = (REPO / "data/general/prompts.jsonl").read_text().splitlines()
     assert len(general) >= 100
 
