@@ -221,6 +221,10 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class RayHead:
     """A real local Ray head (`ray start --head --block`) with token auth on."""
 
@@ -264,6 +268,9 @@ class RayHead:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own session: teardown kills exactly what it started
+            # Ctrl-C stops it (stop()), even where this process was started in the background
+            # by a shell, which ignores SIGINT and passes that on
+            preexec_fn=_default_sigint,
         )
         self.sid = self.proc.pid
 
