@@ -6,8 +6,10 @@ timed), `ftservice loop run serve/loop-quickstart.yaml` with `--rounds` rounds o
 votes each, every round followed by the votes that judge its adapter (the next round's, and a
 closing round after the last), under one of these setups:
 
-- `shipped`: annotators who know the answers (the default profile), 10% spammers, quality
-  control on (gold comparisons, reliability), the answer-key judge, the shipped DPO template;
+- `shipped`: round 1 compares two samples of the SFT adapter's answers to questions as people
+  ask them (`data/domain/asked.jsonl`, temperature 1.0), annotators who know the answers (the
+  default profile), 10% spammers, quality control on (gold comparisons, reliability), the
+  answer-key judge, the shipped DPO template;
 - `qc-off`: the same with quality control off (the spammers' votes count);
 - `length-rule`: the old setup: annotators and judge both the length rule alone, no spammers,
   no quality control.

@@ -916,6 +916,12 @@ def feedback_simulate(
     read_seconds: Annotated[
         float | None, typer.Option(help="Seconds reading before a vote (profile's default).")
     ] = None,
+    writes_answer: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of 'both bad' votes with the right answer written in (profile's default)."
+        ),
+    ] = None,
     seed: int = 0,
     store: StoreUrl = DEFAULT_STORE,
 ) -> None:
@@ -931,7 +937,7 @@ def feedback_simulate(
     from ftservice.feedback.simulate import (
         SIMULATED_PROJECT,
         SimulateSpec,
-        reference_facts,
+        references_of,
         simulate,
     )
     from ftservice.feedback.votes import add_annotator, campaign_spec
@@ -941,7 +947,8 @@ def feedback_simulate(
     try:
         spec = SimulateSpec(annotators=annotators, profile=profile, accuracy=accuracy,
                             position_bias=position_bias, spammers=spammers,
-                            read_seconds=read_seconds, seed=seed)  # fmt: skip
+                            read_seconds=read_seconds, writes_answer=writes_answer,
+                            seed=seed)  # fmt: skip
     except ValidationError as e:
         raise typer.BadParameter(
             "; ".join(
@@ -949,7 +956,9 @@ def feedback_simulate(
             )
         ) from None
     db = open_store(store)
-    known = reference_facts(campaign_spec(db, campaign))
+    references = references_of(campaign_spec(db, campaign))
+    known = {k: ref.answer for k, ref in references.items()}
+    written = {k: ref.output for k, ref in references.items()}
     run = secrets.token_hex(3)
     names = [f"sim-{campaign}-{run}-{k}" for k in range(annotators)]
     keys = [add_annotator(db, n, campaign, project=SIMULATED_PROJECT) for n in names]
@@ -962,14 +971,15 @@ def feedback_simulate(
                   f"({report.seconds:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
 
     try:
-        report = simulate(url, campaign, keys, votes, spec, known, progress)
+        report = simulate(url, campaign, keys, votes, spec, known, progress, written)
     finally:
         for n in names:
             revoke_key(db, n)
     verdicts = ", ".join(f"{k} {v}" for k, v in sorted(report.verdicts.items()))
     print(f"{report.votes} votes by {annotators} simulated annotators in {report.seconds:.0f} s "
           f"({verdicts}; {report.random_votes} not as judged, {report.spam_votes} of them "
-          f"spam; {report.retries} retries)")  # fmt: skip
+          f"spam; {report.written_answers} right answers written in; {report.retries} "
+          "retries)")  # fmt: skip
     if report.votes < votes:
         print(f"stopped early: {report.done_annotators} annotators reached their quota or the "
               "campaign's end", file=sys.stderr)  # fmt: skip

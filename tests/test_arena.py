@@ -1,8 +1,8 @@
 """The comparison page and its API on a real Serve app: signed in through Debian's Chromium
 (Playwright), answers streamed side by side, votes by click and by key, identities revealed,
 the leaderboard page; over plain HTTP: cookies and CSRF, every refusal with its status, and
-1000 votes from 50 clients each sent twice (with the ingress killed mid-load) stored exactly
-once on SQLite and on the local PostgreSQL."""
+300 votes from 15 clients each sent twice (with the ingress killed mid-load) stored exactly
+once on SQLite and on the local PostgreSQL (1000 from 50 in `make test-soak`)."""
 
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ def campaigns(prompts: Path, domain: Path) -> list[dict]:
          "overlap": 2, "requests_per_minute": 100000,
          "generation": {"max_tokens": 8, "temperature": 0.0},
          "quality": {"gold_share": 0.3, "min_reliability": 0.5}},
+        {"name": "self", "prompts": [str(prompts)], "models": ["alpha"], "self_pairs": 1.0,
+         "overlap": 2, "votes_per_prompt": 1, "quota": None, "requests_per_minute": 100000,
+         "generation": {"max_tokens": 12, "temperature": 1.0}, "quality": {"enabled": False}},
     ]  # fmt: skip
 
 
@@ -236,6 +239,54 @@ def test_the_api_refuses_what_it_must_with_the_right_status(arena):
     assert ann.call("GET", "/arena/api/session")[0] == 401  # the session is gone server-side
 
 
+def test_a_model_against_itself_streams_two_samples_and_its_votes_export_its_own_pair(arena):
+    """A self-pair campaign through the page's routes: both sides are one adapter's answers
+    drawn with two seeds and stored apart; the item's second annotator is shown the same two
+    answers (each on a side of its own coin); votes for the same answer agree whichever side
+    it was on; the export pairs the adapter's two samples; the leaderboard rates nothing."""
+    from ftservice.feedback import votes as store_votes
+    from ftservice.feedback.campaign import answer_slots
+    from ftservice.feedback.export import export_rows
+
+    store = arena["store"]
+    clients = {}
+    for who in ("self1", "self2"):
+        clients[who] = Client(arena)
+        clients[who].sign_in(store_votes.add_annotator(store, who, "self"))
+    chosen = {}  # (which sample goes left is a coin: tests/test_feedback.py sees both sides)
+    for _ in range(3):
+        for who, client in clients.items():
+            status, comparison = client.call("POST", "/arena/api/campaigns/self/next", {})
+            assert status == 200, comparison
+            events = client.stream(comparison["id"])
+            text = {side: "".join(e.get("text", "") for e in events if e.get("side") == side)
+                    for side in "ab"}  # fmt: skip
+            assert text["a"] != text["b"], text  # two samples, not one answer twice
+            issued = store_votes.comparison_for(store, comparison["id"], who)
+            c = issued.comparison
+            assert c.model_a == c.model_b == "alpha"
+            slots = answer_slots(c.model_a, c.model_b, c.swapped)
+            assert {s: issued.answers[s].text for s in slots} == dict(
+                zip(slots, text.values(), strict=True)
+            )
+            verdict = "a" if slots[0] == "alpha" else "b"  # the first sample, wherever it is
+            vote = {"vote_id": uuid.uuid4().hex, "comparison_id": c.id, "verdict": verdict}
+            status, body = client.call("POST", "/arena/api/votes", vote)
+            assert status == 200 and body["revealed"] == {"a": "alpha", "b": "alpha"}
+            chosen.setdefault(c.item, set()).add(issued.answers["alpha"].text)
+    assert len(chosen) == 3 and all(len(t) == 1 for t in chosen.values())  # overlap 2, shared
+    rows, items = store_votes.effective_rows(store, "self")
+    pairs, lineage, counts = export_rows(rows, items, "trl")
+    assert counts["pairs"] == 3 and "dropped_conflict" not in counts  # they agreed: 3 pairs
+    for row, line in zip(pairs, lineage, strict=True):
+        assert (line["chosen_model"], line["rejected_model"]) == ("alpha", "alpha#2")
+        assert {row["chosen"][0]["content"]} == chosen[line["item"]]
+    status, board = Client(arena).call(
+        "GET", "/arena/api/campaigns/self/leaderboard", bearer=arena["keys"]["admin"]
+    )
+    assert status == 200 and board["ratings"] == [] and board["votes"] == 6
+
+
 @pytest.fixture(scope="module")
 def browser():
     """Debian's Chromium through Playwright's Python API (one for the module)."""
@@ -413,7 +464,9 @@ def test_the_leaderboard_page_shows_ratings_and_plots_to_signed_in_annotators(br
         anonymous.close()
 
 
-def prepared_comparisons(store, annotators: int, each: int) -> dict[str, tuple[str, list]]:
+def prepared_comparisons(
+    store, annotators: int, each: int, prefix: str
+) -> dict[str, tuple[str, list]]:
     """Annotators of the load campaign with comparisons issued and answered, made straight
     in the store (what is under test here is the votes): {name: (key, comparison ids)}."""
     from ftservice.feedback import votes
@@ -422,7 +475,7 @@ def prepared_comparisons(store, annotators: int, each: int) -> dict[str, tuple[s
     rng = random.Random(0)
     out = {}
     for k in range(annotators):
-        name = f"load{k}"
+        name = f"{prefix}-{k}"
         secret = votes.add_annotator(store, name, "load")
         ids = []
         for j in range(each):
@@ -437,15 +490,15 @@ def prepared_comparisons(store, annotators: int, each: int) -> dict[str, tuple[s
     return out
 
 
-def vote_storm(arena, prefix: str, prepared: dict, app: str) -> dict[str, bool]:
+def vote_storm(arena, prefix: str, prepared: dict, app: str, kill_after: int) -> dict[str, list]:
     """Every vote sent twice from 50 client threads (the same vote id), the ingress killed
-    once a few hundred are acknowledged; a client sends again after an error, as the page
-    does. {vote id: replayed} of every acknowledged vote."""
+    once `kill_after` are acknowledged; a client sends again after an error, as the page
+    does. {vote id: the `replayed` flag of each acknowledgement}."""
     import ray
 
     attempts = [(key, cid, f"{cid}-vote") for key, ids in prepared.values() for cid in ids] * 2
     random.Random(1).shuffle(attempts)
-    acked: dict[str, bool] = {}
+    acked: dict[str, list] = {}
     failures: list[object] = []  # what clients met while the ingress was down
     lock = threading.Lock()
     killed = threading.Event()
@@ -463,7 +516,7 @@ def vote_storm(arena, prefix: str, prepared: dict, app: str) -> dict[str, bool]:
                 status, out = None, None
             if status == 200:
                 with lock:
-                    acked[vote_id] = acked.get(vote_id, True) and out["replayed"]
+                    acked.setdefault(vote_id, []).append(out["replayed"])
                 return
             assert status is None or status >= 500, (status, out)
             failures.append(status)
@@ -471,7 +524,7 @@ def vote_storm(arena, prefix: str, prepared: dict, app: str) -> dict[str, bool]:
             time.sleep(0.3)
 
     def killer():
-        while len(acked) < 300:
+        while len(acked) < kill_after:
             time.sleep(0.05)
         [victim] = [a for a in ray.util.list_named_actors(all_namespaces=True)
                     if f"{app}#ingress#" in a["name"]]  # fmt: skip
@@ -487,24 +540,49 @@ def vote_storm(arena, prefix: str, prepared: dict, app: str) -> dict[str, bool]:
     return acked
 
 
-def count_votes(store, campaign: str = "load") -> tuple[int, set[str]]:
+def count_votes(store, prepared: dict) -> tuple[int, set[str]]:
+    """Votes stored on the prepared comparisons: (rows, vote ids)."""
+    comparisons = {cid for _, ids in prepared.values() for cid in ids}
     with store() as session:
-        ids = set(session.execute(text("SELECT vote_id FROM votes WHERE campaign = :c"),
-                                  {"c": campaign}).scalars())  # fmt: skip
-    return len(ids), ids
+        rows = session.execute(
+            text("SELECT vote_id, comparison_id FROM votes WHERE campaign = 'load'")
+        ).all()
+    mine = [vote_id for vote_id, cid in rows if cid in comparisons]
+    return len(mine), set(mine)
 
 
-def test_a_thousand_votes_sent_twice_with_the_ingress_killed_are_stored_once_on_sqlite(arena):
-    prepared = prepared_comparisons(arena["store"], 50, 20)
-    acked = vote_storm(arena, "", prepared, "arena")
-    rows, ids = count_votes(arena["store"])
-    assert rows == 1000 and len(acked) == 1000
-    assert set(acked) <= ids  # no acknowledged vote was lost
-    assert sum(not replayed for replayed in acked.values()) <= 1000
+def assert_stored_once(acked: dict[str, list], ids: set[str], votes: int) -> None:
+    """Each vote acknowledged for both its sends, stored once: at most one acknowledgement
+    says it was new (none where the kill lost the first answer: the retry finds it stored),
+    and all but the requests in flight at the kill (50 clients) got one."""
+    assert len(acked) == votes and set(acked) <= ids and len(ids) == votes
+    assert all(len(flags) == 2 for flags in acked.values()), "a send was never acknowledged"
+    first = [flags.count(False) for flags in acked.values()]
+    assert max(first) == 1, "a vote was acknowledged as new twice: it was stored twice"
+    assert sum(first) >= votes - 50, f"only {sum(first)} of {votes} votes acknowledged as new"
 
 
-def test_a_thousand_votes_sent_twice_with_the_ingress_killed_are_stored_once_on_postgresql(
-    arena,
+STORMS = [
+    pytest.param(15, 100, id="300-votes"),
+    pytest.param(50, 300, id="1000-votes", marks=pytest.mark.soak),
+]
+
+
+@pytest.mark.parametrize(("annotators", "kill_after"), STORMS)
+def test_votes_sent_twice_with_the_ingress_killed_are_stored_once_on_sqlite(
+    arena, annotators, kill_after
+):
+    prepared = prepared_comparisons(arena["store"], annotators, 20, f"sq{annotators}")
+    acked = vote_storm(arena, "", prepared, "arena", kill_after)
+    rows, ids = count_votes(arena["store"], prepared)
+    assert rows == annotators * 20
+    assert_stored_once(acked, ids, annotators * 20)
+
+
+@pytest.mark.pg
+@pytest.mark.parametrize(("annotators", "kill_after"), STORMS)
+def test_votes_sent_twice_with_the_ingress_killed_are_stored_once_on_postgresql(
+    arena, annotators, kill_after
 ):
     from ray import serve
 
@@ -522,13 +600,14 @@ def test_a_thousand_votes_sent_twice_with_the_ingress_killed_are_stored_once_on_
         spec = dict(arena["spec"], name="arena-pg", store={"url": url},
                     replicas={"num": 1, "cpus": 0.3})  # fmt: skip
         serve.run(build_app(ServeSpec.model_validate(spec)), name="arena-pg", route_prefix="/pg")
-        prepared = prepared_comparisons(store, 50, 20)
-        acked = vote_storm(arena, "/pg", prepared, "arena-pg")
-        rows, ids = count_votes(store)
-        assert rows == 1000 and len(acked) == 1000 and set(acked) <= ids
+        prepared = prepared_comparisons(store, annotators, 20, "pg")
+        acked = vote_storm(arena, "/pg", prepared, "arena-pg", kill_after)
+        rows, ids = count_votes(store, prepared)
+        assert rows == annotators * 20
+        assert_stored_once(acked, ids, annotators * 20)
         with admin.connect() as c:  # the tables really are in the test's own schema
             n = c.execute(text(f"SELECT count(*) FROM {schema}.votes")).scalar()
-        assert n == 1000
+        assert n == annotators * 20
     finally:
         serve.delete("arena-pg")
         with admin.connect() as c:
@@ -642,7 +721,9 @@ def test_a_spammer_counts_with_quality_control_off_and_not_with_it_on(arena):
     from ftservice.feedback.simulate import (
         SIMULATED_PROJECT,
         SimulateSpec,
+        question_key,
         reference_facts,
+        references_of,
         simulate,
     )
 
@@ -655,13 +736,22 @@ def test_a_spammer_counts_with_quality_control_off_and_not_with_it_on(arena):
     names = [f"q-sim-{k}" for k in range(4)]  # the spammer is the last
     keys = [store_votes.add_annotator(store, n, "quality", project=SIMULATED_PROJECT)
             for n in names]  # fmt: skip
-    report = simulate(arena["url"], "quality", keys, 60, sim, known)
+    written = {k: r.output for k, r in references_of(spec).items()}
+    report = simulate(arena["url"], "quality", keys, 60, sim, known, None, written)
     assert report.votes == 60 and report.spam_votes > 0
     rows, items = store_votes.effective_rows(store, "quality")
     rows = [v for v in rows if v["annotator"] in names]
     models = [v for v in rows if v["gold"] is None]
     spam = [v for v in models if v["annotator"] == names[-1]]
     assert spam and len(rows) == 60
+    # the tiny model's answers are all wrong: careful annotators say both bad, and write the
+    # right answer in half the time (the profile's default); a spammer never writes
+    edits = [v for v in models if v["better_answer"]]
+    assert len(edits) == report.written_answers > 0
+    for v in edits:
+        assert v["annotator"] != names[-1] and v["verdict"] == "both_bad"
+        question = json.loads(v["prompt"]) if isinstance(v["prompt"], str) else v["prompt"]
+        assert v["better_answer"] == written[question_key(question)]
     on = counted_votes(rows, items, spec.quality)
     assert not on.annotators[names[-1]].counts
     assert all(on.annotators[n].counts for n in names[:-1])
@@ -669,10 +759,10 @@ def test_a_spammer_counts_with_quality_control_off_and_not_with_it_on(arena):
     off = counted_votes(rows, items, QualitySpec(enabled=False))
     assert len(off.votes) == len(models)
     lineage_on = export_rows(on.votes, items, "trl")[1]
-    lineage_off = export_rows(off.votes, items, "trl")[1]
     assert not any(names[-1] in row["annotators"] for row in lineage_on)
-    decided = [v for v in spam if v["verdict"] in ("a", "b")]
-    assert sum(names[-1] in row["annotators"] for row in lineage_off) >= (len(decided) > 0)
+    # off, every spam vote goes into the export's input; whether it makes a row depends on
+    # the other votes on its item (a conflict drops the item), so no row count is asserted
+    assert {v["vote_id"] for v in spam} <= {v["vote_id"] for v in off.votes}
 
     # admins see each annotator's quality; annotators see no other annotator
     status, board = Client(arena).call(

@@ -135,6 +135,78 @@ def test_overlap_quota_and_prompts_per_item(store):
     assert ann3[0] is not None and ann3[0].comparison.item not in items1  # overlap 2 is full
 
 
+def test_a_model_against_itself_gives_a_pair_of_its_own_samples_and_no_rating(store):
+    """self_pairs: an item pits one model against itself; its two answers are stored apart
+    (the model's and its second sample's), each annotator of the item gets a coin for which
+    is left, a vote picks a sample (two annotators agree about the sample, not the side), the
+    export pairs the model's own two answers, and the ratings leave it out."""
+    from ftservice.feedback.campaign import answer_slots
+
+    spec = campaign(allow_custom_prompts=False, prompts=["x"], overlap=2, votes_per_prompt=1,
+                    quota=None, self_pairs=1.0)  # fmt: skip
+    votes.declare_campaign(store, "app", "base", spec)
+    rng = random.Random(5)
+    lefts = []
+    for k in range(4):
+        for who in ("ann1", "ann2"):
+            c = issue(store, spec, who, rng).comparison
+            assert c.model_a == c.model_b and c.model_a in MODELS
+            slots = answer_slots(c.model_a, c.model_b, c.swapped)
+            assert sorted(slots) == [c.model_a, c.model_a + "#2"]
+            for slot in slots:
+                out = {"text": f"{slot} answer {k}", "finish_reason": "stop",
+                       "completion_tokens": 3}  # fmt: skip
+                votes.store_answer(store, c.item, slot, out, 5.0, 20.0)
+            verdict = "a" if slots[0] == c.model_a else "b"  # the first sample, either side
+            stored, _ = votes.cast_vote(store, who, votes.new_vote_id(), c.id, verdict)
+            assert stored["response_a"] == f"{slots[0]} answer {k}"  # the texts as shown
+            lefts.append(slots[0].endswith("#2"))
+    assert set(lefts) == {True, False}  # the coin put each sample on the left
+    rows, items = votes.effective_rows(store, "c1")
+    assert len(rows) == 8 and len(set(items.values())) == 4
+    pairs, lineage, counts = export_rows(rows, items, "trl")
+    assert counts["pairs"] == 4 and "dropped_conflict" not in counts
+    for row, line in zip(pairs, lineage, strict=True):
+        model = line["chosen_model"]
+        assert line["rejected_model"] == model + "#2"
+        assert row["chosen"][0]["content"].startswith(f"{model} answer")
+        assert row["rejected"][0]["content"].startswith(f"{model}#2 answer")
+    board = leaderboard(rows, "base", items=items)
+    assert board["ratings"] == [] and board["votes"] == 8
+    agreement = board["agreement"]  # every item judged alike by its two annotators
+    assert agreement["items"] == 4 and agreement["pairwise"] == 1.0
+
+
+def test_a_written_right_answer_beats_each_distinct_wrong_answer_once():
+    """Two annotators find both answers wrong and write the same right one; the item's two
+    answers are the same text (a model against itself): one pair, the written answer over it."""
+    vote = {"comparison_id": "c1", "model_a": "alpha", "model_b": "alpha", "swapped": False,
+            "verdict": "both_bad", "prompt": [{"role": "user", "content": "How heavy?"}],
+            "response_a": "It weighs 5 kg.", "response_b": "It weighs 5 kg."}  # fmt: skip
+    right = "The Quillfeather weighs 257 grams."
+    votes_ = [vote | {"vote_id": f"v{k}", "annotator": f"u{k}", "better_answer": right}
+              for k in range(2)]  # fmt: skip
+    rows, lineage, counts = export_rows(votes_, {"c1": "item"}, "trl")
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
+        (right, "It weighs 5 kg.")
+    ]
+    assert counts["pairs_from_edits"] == 1 and counts["dropped_same_answer"] == 1
+    assert lineage[0]["chosen_model"] == "human"
+
+
+def test_a_self_pair_campaign_needs_sampling():
+    from pydantic import ValidationError
+
+    from ftservice.feedback.campaign import campaign_problems
+
+    greedy = campaign(self_pairs=0.5, generation={"temperature": 0.0})
+    [problem] = campaign_problems(greedy)
+    assert problem.path == "self_pairs" and "temperature above 0" in problem.message
+    assert campaign_problems(campaign(self_pairs=0.5)) == []
+    with pytest.raises(ValidationError, match="self_pairs"):
+        campaign(self_pairs=1.5)
+
+
 def test_dump_load_and_forget(store, tmp_path):
     spec = campaign()
     votes.declare_campaign(store, "app", "base", spec)
@@ -304,6 +376,7 @@ def test_exports_resolve_conflicts_and_pass_data_check(tmp_path, cli_env):
         assert fmt_name in check.stdout, check.stdout
 
 
+@pytest.mark.slow
 def test_exported_pairs_train_a_dpo_step(tmp_path, tiny_llama):
     """The TRL and OpenAI exports are training data as they are: one DPO step from each moves
     every trainable parameter (in-process, as a Ray worker builds the trainer)."""

@@ -22,7 +22,11 @@ from ftservice.data.loaders import expand, iter_examples, iter_records, load_row
 class CampaignGeneration(Spec):
     max_tokens: int = Field(128, ge=1, description="New tokens of each answer.")
     temperature: float = Field(
-        0.7, ge=0, le=2, description="Sampling temperature (both answers share the seed)."
+        0.7,
+        ge=0,
+        le=2,
+        description="Sampling temperature (both answers share the seed, but for a model's "
+        "second sample in a self pair: the next seed).",
     )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
 
@@ -102,6 +106,16 @@ class CampaignSpec(Spec):
         description="uniform: every pair equally often; adaptive: toward pairs whose order is "
         "least certain (few votes, ratings close), as Chatbot Arena samples.",
     )
+    self_pairs: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of new items that pit a model against itself: two samples of its "
+        "answer (the comparison's seed and the next), so the votes rank the model's own "
+        "answers (on-policy pairs, as RLHF collects its preference data) and the exported "
+        "pairs teach it where it is unsure. Left out of the ratings; with one model every "
+        "item is one. Needs sampling (generation.temperature > 0).",
+    )
     votes_per_prompt: int = Field(
         3, ge=1, description="Comparisons (items) made of each prompt, each with its own pair."
     )
@@ -142,15 +156,40 @@ class CampaignSpec(Spec):
 
 
 def campaign_problems(spec: CampaignSpec) -> list[Problem]:
+    problems = []
     if not spec.prompts and not spec.allow_custom_prompts:
-        return [
+        problems.append(
             Problem(
                 "prompts",
                 "the campaign has no prompts: list prompt files, or set "
                 "allow_custom_prompts: true so annotators type their own",
             )
-        ]
-    return []
+        )
+    if spec.self_pairs > 0 and spec.generation.temperature == 0:
+        problems.append(
+            Problem(
+                "self_pairs",
+                f"{spec.self_pairs} of the items pit a model against itself, but greedy "
+                "decoding (generation.temperature: 0) gives both sides the same answer: set a "
+                "temperature above 0 (0.7 is usual) or self_pairs: 0",
+            )
+        )
+    return problems
+
+
+SECOND_SAMPLE = "#2"
+"""A model compared with itself (`self_pairs`): its second answer is stored, voted on and
+exported under its name with this suffix (model names cannot hold '#')."""
+
+
+def answer_slots(model_a: str, model_b: str, swapped: bool) -> tuple[str, str]:
+    """The answers a comparison shows on its left and right: the two models'; for a model
+    against itself, its first and second samples, in the order the comparison's coin
+    (`swapped`) put them."""
+    if model_a != model_b:
+        return model_a, model_b
+    pair = (model_a, model_a + SECOND_SAMPLE)
+    return (pair[1], pair[0]) if swapped else pair
 
 
 CAMPAIGN_KEYS = {"votes_per_prompt", "overlap", "quota", "pairs", "allow_custom_prompts"}

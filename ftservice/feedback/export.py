@@ -3,14 +3,19 @@ TRL's unpaired KTO format, with lineage (vote ids, models, annotators) in a side
 
 Rule for one comparison item judged by several annotators (overlap): the verdict most of
 them gave wins; without a strict majority the item is dropped as a conflict. A tie or both
-bad makes no pair (dropped and counted) unless asked for. A hand-written better answer is
-`chosen` against both answers of its vote."""
+bad makes no pair (dropped and counted) unless asked for. Two answers with the same text make
+no pair either (nothing to prefer). A hand-written better answer is `chosen` against both
+answers of its vote. A model compared with itself (the campaign's `self_pairs`) gives a pair
+of its own two samples, named in the lineage as the model and the model + '#2'."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
+
+from ftservice.feedback.campaign import answer_slots
+from ftservice.feedback.leaderboard import vote_label
 
 FORMATS = ("trl", "openai", "kto")
 
@@ -39,13 +44,12 @@ def export_rows(votes: list[dict], items: dict[str, str], fmt: str) -> tuple[lis
         by_item[items.get(v["comparison_id"], v["comparison_id"])].append(v)
     rows, lineage, counts = [], [], Counter()
     for item, group in by_item.items():
-        answers = {group[0]["model_a"]: group[0]["response_a"],
-                   group[0]["model_b"]: group[0]["response_b"]}  # fmt: skip
-        labels = Counter(
-            v["verdict"] if v["verdict"] in ("tie", "both_bad")
-            else (v["model_a"] if v["verdict"] == "a" else v["model_b"])
-            for v in group
-        )  # fmt: skip
+        first = group[0]
+        slot_a, slot_b = answer_slots(
+            first["model_a"], first["model_b"], bool(first.get("swapped"))
+        )
+        answers = {slot_a: first["response_a"], slot_b: first["response_b"]}
+        labels = Counter(vote_label(v) for v in group)
         (top, n), *rest = labels.most_common()
         source = {
             "item": item,
@@ -54,7 +58,9 @@ def export_rows(votes: list[dict], items: dict[str, str], fmt: str) -> tuple[lis
             "models": sorted(answers),
         }
         prompt = group[0]["prompt"]
-        if rest and rest[0][1] == n:
+        if first["response_a"] == first["response_b"]:
+            counts["dropped_same_answer"] += 1
+        elif rest and rest[0][1] == n:
             counts["dropped_conflict"] += 1
         elif top in ("tie", "both_bad"):
             if fmt == "kto" and top == "both_bad":  # two undesirable answers
@@ -76,18 +82,21 @@ def export_rows(votes: list[dict], items: dict[str, str], fmt: str) -> tuple[lis
                 rows.append(_pair_row(fmt, prompt, answers[top], answers[loser]))
                 lineage.append(source | {"chosen_model": top, "rejected_model": loser})
             counts["pairs" if fmt != "kto" else "decided"] += 1
+        made = set()  # (written, answer): once per item, whoever wrote it
         for v in group:  # a hand-written better answer beats both answers
             edit = (v.get("better_answer") or "").strip()
             if not edit:
                 continue
             for m, text in answers.items():
-                if fmt == "kto":
+                if fmt == "kto" or text == edit or (edit, text) in made:
                     continue
+                made.add((edit, text))
                 rows.append(_pair_row(fmt, prompt, edit, text))
                 lineage.append(source | {"vote_ids": [v["vote_id"]], "annotators": [
                     v["annotator"]], "chosen_model": "human", "rejected_model": m})  # fmt: skip
                 counts["pairs_from_edits"] += 1
-            if fmt == "kto":
+            if fmt == "kto" and (edit, None) not in made:
+                made.add((edit, None))
                 rows.append({"prompt": prompt, "completion": _assistant(edit), "label": True})
                 lineage.append(source | {"completion_model": "human"})
     counts["rows"] = len(rows)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ftservice.feedback.campaign import answer_slots
+
 SCALE, CENTRE = 400.0, 1000.0
 PRIOR_C = 1e4
 """The logistic regression's L2 strength (sklearn's C): negligible; the virtual ties below
@@ -26,9 +28,10 @@ the shift is a few points."""
 
 def outcomes(votes: list[dict]) -> list[tuple[str, str, float]]:
     """(model on the left, model on the right, the left's score: 1 win, 0 loss, 0.5 tie or
-    both bad) of each vote."""
+    both bad) of each vote between two models (a model against itself rates nothing)."""
     score = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
-    return [(v["model_a"], v["model_b"], score[v["verdict"]]) for v in votes]
+    return [(v["model_a"], v["model_b"], score[v["verdict"]]) for v in votes
+            if v["model_a"] != v["model_b"]]  # fmt: skip
 
 
 def virtual_ties(games: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
@@ -81,8 +84,10 @@ def leaderboard(
             + (f"the base '{base}' at {CENTRE:g}" if base in models else f"mean {CENTRE:g}")
         ),
     }
-    if len(models) < 2:
-        out |= {"ratings": [], "winrate": {}, "agreement": None, "annotators": []}
+    if len(models) < 2:  # nothing to rate (no votes, or a model against itself only)
+        out |= {"ratings": [], "winrate": {},
+                "agreement": agreement(votes, items) if items and votes else None,
+                "annotators": annotator_stats(votes) if votes else []}  # fmt: skip
         return out
     ratings = fit_ratings(games, models, base)
     rng = np.random.default_rng(seed)
@@ -136,10 +141,12 @@ def winrate(games, models) -> dict:
 
 
 def vote_label(vote: dict) -> str:
-    """A vote in the item's own terms (which model won), not the page's left/right."""
+    """A vote in the item's own terms (which answer won: the model's, or its sample's where a
+    model is compared with itself), not the page's left/right."""
     if vote["verdict"] in ("tie", "both_bad"):
         return vote["verdict"]
-    return vote["model_a"] if vote["verdict"] == "a" else vote["model_b"]
+    slots = answer_slots(vote["model_a"], vote["model_b"], bool(vote.get("swapped")))
+    return slots[0] if vote["verdict"] == "a" else slots[1]
 
 
 def fleiss_kappa(table: np.ndarray) -> float | None:

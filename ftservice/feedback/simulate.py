@@ -12,7 +12,11 @@ Profiles (`PROFILES`, each field overridable in the spec):
   probability p² + (1 − p)², which is 0.81 at p = 0.89. `position_bias` 0.05: a share of
   votes that pick the left answer whatever it says (people show a small primacy effect in
   pairwise choices; the same paper measures position bias in LLM judges, not in people, so
-  this is an assumption, kept small).
+  this is an assumption, kept small). `writes_answer` 0.5: where both answers are wrong,
+  half the time the annotator also writes the right one in the page's "better answer" box
+  (the reference sentence), taking `write_seconds` (8) more: an assumption too (no published
+  rate; Label Studio and Argilla offer the box because experts use it), which the benchmark
+  can vary.
 - `length_rule`: the shipped preference rule alone (`preference_rule.prefers`: plain, no
   hedging, shorter), 10% random votes: the loop's first annotators, who never looked at
   whether an answer was right.
@@ -39,7 +43,12 @@ from pydantic import Field
 from ftservice.config import Spec
 from ftservice.data import judges
 from ftservice.errors import FtserviceError
-from ftservice.feedback.campaign import CampaignSpec, load_prompts, load_references
+from ftservice.feedback.campaign import (
+    CampaignSpec,
+    Reference,
+    load_prompts,
+    load_references,
+)
 
 SIMULATED_PROJECT = "simulated"
 RETRIES = 5
@@ -67,11 +76,24 @@ class AnnotatorProfile(Spec):
     read_seconds: float = Field(
         ge=0, description="Time spent reading both answers before voting (±50%)."
     )
+    writes_answer: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of 'both bad' votes (as judged, not flipped) that come with the "
+        "right answer written in (the prompt's reference sentence), where there is one.",
+    )
+    write_seconds: float = Field(8.0, ge=0, description="Time spent writing it (±50%).")
 
 
 PROFILES = {
     "knows_answers": AnnotatorProfile(
-        judge="knows_answers", accuracy=0.89, position_bias=0.05, tie_words=1, read_seconds=2.0
+        judge="knows_answers",
+        accuracy=0.89,
+        position_bias=0.05,
+        tie_words=1,
+        read_seconds=2.0,
+        writes_answer=0.5,
     ),
     "length_rule": AnnotatorProfile(
         judge="length_rule", accuracy=0.95, position_bias=0.0, tie_words=-1, read_seconds=2.0
@@ -104,6 +126,13 @@ class SimulateSpec(Spec):
     read_seconds: float | None = Field(
         None, ge=0, description="Overrides the profile's reading time (2 s)."
     )
+    writes_answer: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Overrides the share of 'both bad' votes that come with the right answer "
+        "written in (knows_answers: 0.5).",
+    )
     spammers: float = Field(
         0.0,
         ge=0,
@@ -119,7 +148,8 @@ class SimulateSpec(Spec):
         spam = min(spam, self.annotators)
         overrides = {k: v for k, v in (("accuracy", self.accuracy),
                      ("position_bias", self.position_bias), ("tie_words", self.tie_words),
-                     ("read_seconds", self.read_seconds)) if v is not None}  # fmt: skip
+                     ("read_seconds", self.read_seconds), ("writes_answer", self.writes_answer))
+                     if v is not None}  # fmt: skip
         careful = PROFILES[self.profile].model_copy(update=overrides)
         return [careful] * (self.annotators - spam) + [PROFILES["spammer"]] * spam
 
@@ -132,8 +162,14 @@ def question_key(messages: list[dict]) -> str:
 def reference_facts(campaign: CampaignSpec) -> dict[str, str]:
     """`question_key` of each of the campaign's prompts -> its reference fact, for the prompts
     whose records carry one (what an annotator who knows the answers knows)."""
+    return {k: r.answer for k, r in references_of(campaign).items()}
+
+
+def references_of(campaign: CampaignSpec) -> dict[str, Reference]:
+    """`question_key` of each of the campaign's prompts -> its reference (the short fact and
+    the whole right answer), for the prompts whose records carry one."""
     references = load_references(campaign.prompts)
-    return {question_key(m): references[pid].answer
+    return {question_key(m): references[pid]
             for pid, m in load_prompts(campaign) if pid in references}  # fmt: skip
 
 
@@ -168,6 +204,7 @@ class SimulationReport:
     random_votes: int = 0
     """Votes that are not what their annotator's judge says (flipped, biased or a spammer's)."""
     spam_votes: int = 0
+    written_answers: int = 0
     retries: int = 0
     done_annotators: int = 0
     seconds: float = 0.0
@@ -224,12 +261,15 @@ def simulate(
     spec: SimulateSpec,
     references: dict[str, str] | None = None,
     progress: Callable[[SimulationReport], None] | None = None,
+    written: dict[str, str] | None = None,
 ) -> SimulationReport:
     """Up to `votes` votes from the annotators (one thread each, `spec.profiles()` in order
     of `keys`) in a campaign of the app at `url`; an annotator stops at its quota or when the
     campaign has nothing left. `references`: `question_key` of a prompt -> its reference fact
-    (what an annotator who knows the answers knows)."""
+    (what an annotator who knows the answers knows); `written`: -> the whole right answer,
+    which a profile that writes answers sends as the vote's better answer."""
     profiles, references, base = spec.profiles(), references or {}, url.rstrip("/")
+    written = written or {}
     if len(profiles) != len(keys):
         raise SimulationError(f"{len(keys)} keys for {len(profiles)} simulated annotators")
     report, lock, t0 = SimulationReport(), threading.Lock(), time.time()
@@ -261,11 +301,17 @@ def simulate(
             shown, failed = answers(text)
             if status != 200 or failed:
                 raise SimulationError(f"answers of {cid}: HTTP {status} {failed or text[:300]}")
-            reference = references.get(question_key(comparison["prompt"]))
+            question = question_key(comparison["prompt"])
+            reference = references.get(question)
             verdict, randomly = verdict_of(profile, shown["a"], shown["b"], reference, rng)
             if profile.read_seconds:
                 time.sleep(profile.read_seconds * rng.uniform(0.5, 1.5))
             body = {"vote_id": uuid.uuid4().hex, "comparison_id": cid, "verdict": verdict}
+            right = written.get(question)
+            writes = verdict == "both_bad" and not randomly and right is not None
+            if writes and rng.random() < profile.writes_answer:
+                body["better_answer"] = right
+                time.sleep(profile.write_seconds * rng.uniform(0.5, 1.5))
             status, text = _with_retries(report, lock, f"{base}/arena/api/votes", key, "POST", body)
             if status == 409 and '"round_closed"' in text:  # a loop closed the round: done
                 with lock:
@@ -278,6 +324,7 @@ def simulate(
                 report.verdicts[verdict] += 1
                 report.random_votes += randomly or profile.judge == "random"
                 report.spam_votes += profile.judge == "random"
+                report.written_answers += "better_answer" in body
                 report.seconds = time.time() - t0
                 if progress is not None:
                     progress(report)

@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from ftservice.errors import FtserviceError
-from ftservice.feedback.campaign import CampaignSpec, choose_pair
+from ftservice.feedback.campaign import CampaignSpec, answer_slots, choose_pair
 from ftservice.feedback.rounds import check_round_open, counted
 from ftservice.store.keys import KeyStoreError, create_key
 from ftservice.store.models import (
@@ -244,12 +244,14 @@ def issue(
                 template = session.scalars(
                     select(Comparison).where(Comparison.item == item)
                 ).first()
-        gold_side, gold_texts = None, None
+        gold_side, gold_texts, coin = None, None, None
         if template is not None:
             prompt_id, prompt, item = template.prompt_id, template.prompt, template.item
             pair = (template.model_a, template.model_b)
             params, seed = template.params, template.seed
-            pair = pair if rng.random() < 0.5 else (pair[1], pair[0])
+            flip = rng.random() >= 0.5
+            pair = (pair[1], pair[0]) if flip else pair
+            coin = template.swapped != flip  # a self pair's samples change sides instead
         else:
             if custom is not None:
                 prompt_id, messages = "custom", custom
@@ -280,16 +282,21 @@ def issue(
                 focused = focus is not None and {focus[0], focus[1]} <= set(models)
                 if focused and rng.random() < focus[2]:
                     pair = (focus[0], focus[1]) if rng.random() < 0.5 else (focus[1], focus[0])
+                elif spec.self_pairs and (len(models) < 2 or rng.random() < spec.self_pairs):
+                    model = rng.choice(sorted(models))
+                    pair, coin = (model, model), rng.random() < 0.5
                 else:
                     pair = choose_pair(models, spec.pairs, rng, counts, ratings)
             params = spec.generation.model_dump_json()
             seed = rng.randrange(2**31)
-    first = min(pair)  # the chooser's order is sorted; which one went left is the coin
+    # which one went left is the coin: the chooser's order is sorted (a self pair: its first
+    # sample on the left unless the coin says otherwise)
+    swapped = coin if pair[0] == pair[1] else pair[0] != min(pair)
     comparison = Comparison(
         id=uuid.uuid4().hex, campaign=spec.name, item=item, annotator=annotator,
         prompt_id=prompt_id, prompt=prompt, model_a=pair[0], model_b=pair[1],
         fingerprint_a=fingerprints.get(pair[0]), fingerprint_b=fingerprints.get(pair[1]),
-        swapped=pair[0] != first, params=params, seed=seed, issued_at=_now(), round=round_,
+        swapped=swapped, params=params, seed=seed, issued_at=_now(), round=round_,
         gold=gold_side,
     )  # fmt: skip
     with store.begin() as session:
@@ -371,7 +378,8 @@ def cast_vote(
     if issued is None or issued.comparison.id != comparison_id:
         issued = comparison_for(store, comparison_id, annotator)
     c = issued.comparison
-    missing = [m for m in (c.model_a, c.model_b) if m not in issued.answers]
+    slot_a, slot_b = answer_slots(c.model_a, c.model_b, c.swapped)
+    missing = [m for m in (slot_a, slot_b) if m not in issued.answers]
     if missing:
         raise FeedbackError(
             f"comparison '{comparison_id}' has no stored answer from both models yet; vote "
@@ -386,7 +394,7 @@ def cast_vote(
             raise FeedbackError(
                 f"replaces: no vote '{replaces}' of yours on this comparison", 404, "vote_not_found"
             )
-    a, b = issued.answers[c.model_a], issued.answers[c.model_b]
+    a, b = issued.answers[slot_a], issued.answers[slot_b]
     now = _now()
     issued_at = c.issued_at if c.issued_at.tzinfo else c.issued_at.replace(tzinfo=UTC)
     latency = {

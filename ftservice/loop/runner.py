@@ -28,7 +28,7 @@ from ftservice.feedback.campaign import CampaignSpec, load_prompts, load_referen
 from ftservice.feedback.export import export_rows, write_export
 from ftservice.feedback.leaderboard import leaderboard
 from ftservice.feedback.quality import CountedVotes, assess, counted_votes
-from ftservice.feedback.simulate import SIMULATED_PROJECT, reference_facts, simulate
+from ftservice.feedback.simulate import SIMULATED_PROJECT, references_of, simulate
 from ftservice.loop.spec import LoopError, LoopSpec, decide, head_to_head, load_loop, wilson
 from ftservice.models import resolve_model
 from ftservice.raycluster import init_ray
@@ -299,17 +299,20 @@ class LoopRunner:
                 _echo(f"round {r}: {report.votes}/{remaining} simulated votes "
                       f"({report.seconds:.0f} s)")  # fmt: skip
 
-        known = reference_facts(self.spec.campaign)
+        references = references_of(self.spec.campaign)
+        known = {k: ref.answer for k, ref in references.items()}
+        written = {k: ref.output for k, ref in references.items()}
         spec = sim.model_copy(update={"seed": sim.seed * 100 + r})
         try:
             report = simulate(self.ctx.client.url, self.campaign, keys, remaining, spec, known,
-                              progress)  # fmt: skip
+                              progress, written)  # fmt: skip
         finally:
             for n in names:
                 revoke_key(self.store, n)
         self.update(r, {"simulated": {"votes": report.votes, "verdicts": dict(report.verdicts),
                                       "off_judge": report.random_votes,
-                                      "spam": report.spam_votes}})  # fmt: skip
+                                      "spam": report.spam_votes,
+                                      "written_answers": report.written_answers}})  # fmt: skip
         return report.votes
 
     def wait_for_people(self, r: int, quota: int) -> None:
@@ -371,6 +374,10 @@ class LoopRunner:
         for row in table:  # best rated first
             if row["model"] not in excluded:
                 return row["model"]
+        # no rating (a round of a model against itself): the round's first adapter in the running
+        for model in json.loads(self.row(r).models):
+            if model not in excluded:
+                return model
         raise LoopError(f"round {r}: no adapter left to train from (all rolled back)")
 
     def judge_previous(self, r: int) -> None:
@@ -461,17 +468,20 @@ class LoopRunner:
         t0 = time.time()
         pairs, export = self.export(r)
         self.timed(r, "export", time.time() - t0)
-        if not export["counts"].get("pairs"):
+        if not export["counts"].get("rows"):
             raise LoopError(f"round {r}: its votes gave no preference pair (all ties?)")
         job = self.dpo_spec(r, leader, pairs)
         feedback = FeedbackLineage(
             loop=self.spec.name, campaign=self.campaign, round=r, votes=export["votes"],
-            pairs=export["counts"]["pairs"], pairs_fingerprint=export["pairs_fingerprint"],
+            pairs=export["counts"]["rows"], pairs_fingerprint=export["pairs_fingerprint"],
             vote_ids="feedback-vote-ids.txt",
         )  # fmt: skip
         t0 = time.time()
-        _echo(f"round {r}: DPO from {leader} on {export['counts']['pairs']} pairs "
-              f"(Ray Train, beside the app) → {job.name}")  # fmt: skip
+        counts = export["counts"]
+        written = counts.get("pairs_from_edits", 0)
+        _echo(f"round {r}: DPO from {leader} on {counts['rows']} pairs ({counts['pairs']} from "
+              f"votes, {written} of a written answer over a voted one) (Ray Train, beside the "
+              f"app) → {job.name}")  # fmt: skip
         result = train(job, feedback=feedback,
                        extra_files={"feedback-vote-ids.txt": export["vote_ids"]})  # fmt: skip
         self.timed(r, "train", time.time() - t0)

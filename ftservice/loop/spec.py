@@ -41,7 +41,10 @@ class PromotionSpec(Spec):
         0.2, ge=0, le=1, description="Share of the alias's calls a new adapter takes at first."
     )
     min_votes: int = Field(
-        20, ge=1, description="Head-to-head votes (new adapter vs its parent) before a decision."
+        20,
+        ge=1,
+        description="Head-to-head votes (new adapter vs its parent, on answers that differ) "
+        "before a decision.",
     )
     confidence: float = Field(
         0.95, gt=0.5, lt=1, description="Of the win rate's interval (Wilson score)."
@@ -166,12 +169,13 @@ def loop_problems(spec: LoopSpec) -> list[Problem]:
         )
     if isinstance(spec.candidates, list) and not spec.candidates:
         problems.append(Problem("candidates", "name at least one adapter"))
-    if isinstance(spec.candidates, list) and len(spec.candidates) < 2 and not spec.include_base:
+    alone = isinstance(spec.candidates, list) and len(spec.candidates) < 2
+    if alone and not spec.include_base and not spec.campaign.self_pairs:
         problems.append(
             Problem(
                 "candidates",
-                "a round compares two models at least: name two adapters, or set "
-                "include_base: true",
+                "a round compares two models at least, or a model with itself: name two "
+                "adapters, set include_base: true, or set campaign.self_pairs above 0",
             )
         )
     return problems
@@ -210,10 +214,15 @@ def wilson(wins: float, n: int, confidence: float = 0.95) -> tuple[float, float]
 
 def head_to_head(votes: list[dict], challenger: str, parent: str, confidence: float) -> dict:
     """The challenger's win rate over its parent in the votes that compared exactly them
-    (ties and 'both bad' count half)."""
-    wins, n = 0.0, 0
+    (ties and 'both bad' count half). A vote between two answers of the same text says
+    nothing about which model is better (both models gave it, from the same seed): it is
+    counted apart (`same_answer`), as in neither the wins nor the votes."""
+    wins, n, same = 0.0, 0, 0
     for v in votes:
         if {v["model_a"], v["model_b"]} != {challenger, parent}:
+            continue
+        if v.get("response_a") is not None and v.get("response_a") == v.get("response_b"):
+            same += 1
             continue
         n += 1
         if v["verdict"] in ("tie", "both_bad"):
@@ -221,7 +230,8 @@ def head_to_head(votes: list[dict], challenger: str, parent: str, confidence: fl
         elif (v["model_a"] if v["verdict"] == "a" else v["model_b"]) == challenger:
             wins += 1
     lo, hi = wilson(wins, n, confidence)
-    return {"votes": n, "wins": wins, "winrate": wins / n if n else None, "interval": [lo, hi]}
+    return {"votes": n, "wins": wins, "winrate": wins / n if n else None, "interval": [lo, hi],
+            "same_answer": same}  # fmt: skip
 
 
 def decide(h2h: dict, held_out: dict, promotion: PromotionSpec) -> tuple[str, list[str]]:

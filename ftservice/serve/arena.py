@@ -21,6 +21,7 @@ from ftservice.feedback import rounds
 from ftservice.feedback import votes as store_votes
 from ftservice.feedback.campaign import (
     CampaignSpec,
+    answer_slots,
     competitors,
     distractors,
     load_prompts,
@@ -357,11 +358,13 @@ class ArenaRoutes:
                         "waiting": f"round {loop_round.round} has its {loop_round.quota} "
                                    "votes; the next round opens after training"}  # fmt: skip
             models = [m for m in models if m in loop_round.models]
-        if len(models) < 2:
+        least = 1 if spec.self_pairs else 2  # a self pair is one model's two samples
+        if len(models) < least:
+            wanted = "a servable model" if least == 1 else "two servable models"
             raise ApiError(
                 503,
-                f"campaign '{name}' needs two servable models; it has "
-                f"{', '.join(models) or 'none'} (see GET /v1/models)",
+                f"campaign '{name}' needs {wanted}; it has {', '.join(models) or 'none'} "
+                "(see GET /v1/models)",
                 "server_error",
                 "not_enough_models",
             )
@@ -393,15 +396,17 @@ class ArenaRoutes:
         messages = json.loads(c.prompt)
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def side(label: str, model: str):
-            key = (c.item, model)
-            stored = issued.answers.get(model)
+        async def side(label: str, model: str, slot: str):
+            """One side's answer: `slot` is where it is stored (the model's name, or its
+            second sample's where a model is compared with itself, drawn with the next seed)."""
+            key = (c.item, slot)
+            stored = issued.answers.get(slot)
             running = self._generating.get(key)
             if stored is None and running is not None:  # another annotator's stream of it
                 await asyncio.shield(running)  # (always ends with a result, never raises)
                 found = await asyncio.to_thread(store_votes.comparison_for, self.store, cid,
                                                 caller.name)  # fmt: skip
-                stored = found.answers.get(model)
+                stored = found.answers.get(slot)
             if stored is not None and c.gold:  # as if generated: gold is never marked
                 words = stored.text.split(" ")
                 for k, word in enumerate(words):
@@ -422,7 +427,7 @@ class ArenaRoutes:
                 adapter = await asyncio.to_thread(self.resolve, model)
                 req = ChatCompletionRequest(
                     model=model, messages=messages, temperature=params["temperature"],
-                    top_p=params["top_p"], seed=c.seed,
+                    top_p=params["top_p"], seed=c.seed + (slot != model),
                 )  # fmt: skip
                 ids, _ = await asyncio.to_thread(self.chat_prompt, req, adapter)
                 payload = self.payload(list(ids), params["max_tokens"], req, adapter)
@@ -435,7 +440,7 @@ class ArenaRoutes:
                         final = item["final"]
                 total = (time.time() - t0) * 1000
                 await asyncio.to_thread(
-                    store_votes.store_answer, self.store, c.item, model, final, first, total
+                    store_votes.store_answer, self.store, c.item, slot, final, first, total
                 )
                 await queue.put({"side": label, "done": True,
                                  "finish_reason": final["finish_reason"]})  # fmt: skip
@@ -449,8 +454,9 @@ class ArenaRoutes:
                     del self._generating[key]
 
         async def events():
-            tasks = [asyncio.ensure_future(side("a", c.model_a)),
-                     asyncio.ensure_future(side("b", c.model_b))]  # fmt: skip
+            slot_a, slot_b = answer_slots(c.model_a, c.model_b, c.swapped)
+            tasks = [asyncio.ensure_future(side("a", c.model_a, slot_a)),
+                     asyncio.ensure_future(side("b", c.model_b, slot_b))]  # fmt: skip
             finished = 0
             try:
                 while finished < 2:
