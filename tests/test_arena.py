@@ -558,7 +558,7 @@ def assert_stored_once(acked: dict[str, list], ids: set[str], votes: int) -> Non
     assert len(acked) == votes and set(acked) <= ids and len(ids) == votes
     assert all(len(flags) == 2 for flags in acked.values()), "a send was never acknowledged"
     first = [flags.count(False) for flags in acked.values()]
-    assert max(first) == 1, "a vote was acknowledged as new twice: it was stored twice"
+    assert max(first) <= 1, "a vote was acknowledged as new twice: it was stored twice"
     assert sum(first) >= votes - 50, f"only {sum(first)} of {votes} votes acknowledged as new"
 
 

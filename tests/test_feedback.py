@@ -157,7 +157,10 @@ def test_a_model_against_itself_gives_a_pair_of_its_own_samples_and_no_rating(st
                 out = {"text": f"{slot} answer {k}", "finish_reason": "stop",
                        "completion_tokens": 3}  # fmt: skip
                 votes.store_answer(store, c.item, slot, out, 5.0, 20.0)
-            verdict = "a" if slots[0] == c.model_a else "b"  # the first sample, either side
+            # both annotators pick the same sample, wherever it is shown: the first on even
+            # items, the second on odd ones
+            pick = c.model_a if k % 2 == 0 else c.model_a + "#2"
+            verdict = "a" if slots[0] == pick else "b"
             stored, _ = votes.cast_vote(store, who, votes.new_vote_id(), c.id, verdict)
             assert stored["response_a"] == f"{slots[0]} answer {k}"  # the texts as shown
             lefts.append(slots[0].endswith("#2"))
@@ -167,10 +170,12 @@ def test_a_model_against_itself_gives_a_pair_of_its_own_samples_and_no_rating(st
     pairs, lineage, counts = export_rows(rows, items, "trl")
     assert counts["pairs"] == 4 and "dropped_conflict" not in counts
     for row, line in zip(pairs, lineage, strict=True):
-        model = line["chosen_model"]
-        assert line["rejected_model"] == model + "#2"
-        assert row["chosen"][0]["content"].startswith(f"{model} answer")
-        assert row["rejected"][0]["content"].startswith(f"{model}#2 answer")
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        k = int(chosen.rsplit(" ", 1)[1])  # "<slot> answer <k>"
+        model = rejected.split(" ")[0].removesuffix("#2")
+        first, second = f"{model} answer {k}", f"{model}#2 answer {k}"
+        assert (chosen, rejected) == ((first, second) if k % 2 == 0 else (second, first))
+        assert {line["chosen_model"], line["rejected_model"]} == {model, model + "#2"}
     board = leaderboard(rows, "base", items=items)
     assert board["ratings"] == [] and board["votes"] == 8
     agreement = board["agreement"]  # every item judged alike by its two annotators
