@@ -98,7 +98,7 @@ def test_curate_train_dpo_eval_export_lineage_through_the_cli(tmp_path, cli_env,
             "train": ["curated/domain"], "eval": ["curated/domain"], "max_seq_length": 96}},
     )  # fmt: skip
     cli(cli_env, project, "validate", str(sft_spec))
-    sft = json_out(cli(cli_env, project, "train", str(sft_spec), "--json", "--eval-limit", "2"))
+    sft = json_out(cli(cli_env, project, "train", str(sft_spec), "--json", "--no-evaluate"))
     sft_meta = ArtifactMeta.read(project / "registry/sft" / META)
     assert sft_meta.dataset_fingerprint == report["fingerprint"]  # the curated dataset's own
     assert [(d.path, d.kind, d.fingerprint) for d in sft_meta.data] == [
