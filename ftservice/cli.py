@@ -957,8 +957,6 @@ def feedback_simulate(
         ) from None
     db = open_store(store)
     references = references_of(campaign_spec(db, campaign))
-    known = {k: ref.answer for k, ref in references.items()}
-    written = {k: ref.output for k, ref in references.items()}
     run = secrets.token_hex(3)
     names = [f"sim-{campaign}-{run}-{k}" for k in range(annotators)]
     keys = [add_annotator(db, n, campaign, project=SIMULATED_PROJECT) for n in names]
@@ -971,7 +969,7 @@ def feedback_simulate(
                   f"({report.seconds:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
 
     try:
-        report = simulate(url, campaign, keys, votes, spec, known, progress, written)
+        report = simulate(url, campaign, keys, votes, spec, references, progress)
     finally:
         for n in names:
             revoke_key(db, n)

@@ -722,22 +722,20 @@ def test_a_spammer_counts_with_quality_control_off_and_not_with_it_on(arena):
         SIMULATED_PROJECT,
         SimulateSpec,
         question_key,
-        reference_facts,
         references_of,
         simulate,
     )
 
     store = arena["store"]
     spec = store_votes.campaign_spec(store, "quality")
-    known = reference_facts(spec)
-    assert len(known) == 20
+    references = references_of(spec)
+    assert len(references) == 20
     sim = SimulateSpec(annotators=4, accuracy=1.0, position_bias=0.0, read_seconds=0.1,
                        spammers=0.25, seed=7)  # fmt: skip
     names = [f"q-sim-{k}" for k in range(4)]  # the spammer is the last
     keys = [store_votes.add_annotator(store, n, "quality", project=SIMULATED_PROJECT)
             for n in names]  # fmt: skip
-    written = {k: r.output for k, r in references_of(spec).items()}
-    report = simulate(arena["url"], "quality", keys, 60, sim, known, None, written)
+    report = simulate(arena["url"], "quality", keys, 60, sim, references)
     assert report.votes == 60 and report.spam_votes > 0
     rows, items = store_votes.effective_rows(store, "quality")
     rows = [v for v in rows if v["annotator"] in names]
@@ -751,7 +749,7 @@ def test_a_spammer_counts_with_quality_control_off_and_not_with_it_on(arena):
     for v in edits:
         assert v["annotator"] != names[-1] and v["verdict"] == "both_bad"
         question = json.loads(v["prompt"]) if isinstance(v["prompt"], str) else v["prompt"]
-        assert v["better_answer"] == written[question_key(question)]
+        assert v["better_answer"] == references[question_key(question)].output
     on = counted_votes(rows, items, spec.quality)
     assert not on.annotators[names[-1]].counts
     assert all(on.annotators[n].counts for n in names[:-1])

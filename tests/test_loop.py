@@ -370,7 +370,7 @@ def test_an_adapter_that_states_the_facts_is_promoted_and_one_that_does_not_roll
     judged by the answer key through the API; the evidence promotes the first over the
     second and rolls the second back against the first."""
     from ftservice.feedback import votes as store_votes
-    from ftservice.feedback.campaign import CampaignSpec, load_prompts, load_references
+    from ftservice.feedback.campaign import CampaignSpec, Reference, load_prompts, load_references
     from ftservice.feedback.simulate import (
         SIMULATED_PROJECT,
         SimulateSpec,
@@ -406,7 +406,7 @@ def test_an_adapter_that_states_the_facts_is_promoted_and_one_that_does_not_roll
     store_votes.declare_campaign(store, "looptest", "tiny", campaign)
     keys = [store_votes.add_annotator(store, f"facts-sim-{k}", "facts-check",
                                       project=SIMULATED_PROJECT) for k in range(3)]  # fmt: skip
-    known = {question_key(m): "blue" for _, m in load_prompts(campaign)}
+    known = {question_key(m): Reference("blue", "It is blue.") for _, m in load_prompts(campaign)}
     sim = SimulateSpec(annotators=3, read_seconds=0.05, seed=5)  # default accuracy and bias
     assert simulate(setup["url"], "facts-check", keys, 30, sim, known).votes == 30
     votes = [store_votes.vote_json(v) for v in store_votes.effective_votes(store, "facts-check")]

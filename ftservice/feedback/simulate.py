@@ -159,15 +159,10 @@ def question_key(messages: list[dict]) -> str:
     return judges.normalise_answer(messages[-1]["content"])
 
 
-def reference_facts(campaign: CampaignSpec) -> dict[str, str]:
-    """`question_key` of each of the campaign's prompts -> its reference fact, for the prompts
-    whose records carry one (what an annotator who knows the answers knows)."""
-    return {k: r.answer for k, r in references_of(campaign).items()}
-
-
 def references_of(campaign: CampaignSpec) -> dict[str, Reference]:
     """`question_key` of each of the campaign's prompts -> its reference (the short fact and
-    the whole right answer), for the prompts whose records carry one."""
+    the whole right answer), for the prompts whose records carry one: what an annotator who
+    knows the answers knows."""
     references = load_references(campaign.prompts)
     return {question_key(m): references[pid]
             for pid, m in load_prompts(campaign) if pid in references}  # fmt: skip
@@ -259,17 +254,15 @@ def simulate(
     keys: list[str],
     votes: int,
     spec: SimulateSpec,
-    references: dict[str, str] | None = None,
+    references: dict[str, Reference] | None = None,
     progress: Callable[[SimulationReport], None] | None = None,
-    written: dict[str, str] | None = None,
 ) -> SimulationReport:
     """Up to `votes` votes from the annotators (one thread each, `spec.profiles()` in order
     of `keys`) in a campaign of the app at `url`; an annotator stops at its quota or when the
-    campaign has nothing left. `references`: `question_key` of a prompt -> its reference fact
-    (what an annotator who knows the answers knows); `written`: -> the whole right answer,
-    which a profile that writes answers sends as the vote's better answer."""
+    campaign has nothing left. `references` (`references_of`): `question_key` of a prompt ->
+    its reference, whose fact an annotator who knows the answers judges by and whose whole
+    answer a profile that writes answers sends as the vote's better answer."""
     profiles, references, base = spec.profiles(), references or {}, url.rstrip("/")
-    written = written or {}
     if len(profiles) != len(keys):
         raise SimulationError(f"{len(keys)} keys for {len(profiles)} simulated annotators")
     report, lock, t0 = SimulationReport(), threading.Lock(), time.time()
@@ -301,16 +294,15 @@ def simulate(
             shown, failed = answers(text)
             if status != 200 or failed:
                 raise SimulationError(f"answers of {cid}: HTTP {status} {failed or text[:300]}")
-            question = question_key(comparison["prompt"])
-            reference = references.get(question)
-            verdict, randomly = verdict_of(profile, shown["a"], shown["b"], reference, rng)
+            reference = references.get(question_key(comparison["prompt"]))
+            fact = reference.answer if reference else None
+            verdict, randomly = verdict_of(profile, shown["a"], shown["b"], fact, rng)
             if profile.read_seconds:
                 time.sleep(profile.read_seconds * rng.uniform(0.5, 1.5))
             body = {"vote_id": uuid.uuid4().hex, "comparison_id": cid, "verdict": verdict}
-            right = written.get(question)
-            writes = verdict == "both_bad" and not randomly and right is not None
+            writes = verdict == "both_bad" and not randomly and reference is not None
             if writes and rng.random() < profile.writes_answer:
-                body["better_answer"] = right
+                body["better_answer"] = reference.output
                 time.sleep(profile.write_seconds * rng.uniform(0.5, 1.5))
             status, text = _with_retries(report, lock, f"{base}/arena/api/votes", key, "POST", body)
             if status == 409 and '"round_closed"' in text:  # a loop closed the round: done

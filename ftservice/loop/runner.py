@@ -300,12 +300,10 @@ class LoopRunner:
                       f"({report.seconds:.0f} s)")  # fmt: skip
 
         references = references_of(self.spec.campaign)
-        known = {k: ref.answer for k, ref in references.items()}
-        written = {k: ref.output for k, ref in references.items()}
         spec = sim.model_copy(update={"seed": sim.seed * 100 + r})
         try:
-            report = simulate(self.ctx.client.url, self.campaign, keys, remaining, spec, known,
-                              progress, written)  # fmt: skip
+            report = simulate(self.ctx.client.url, self.campaign, keys, remaining, spec,
+                              references, progress)  # fmt: skip
         finally:
             for n in names:
                 revoke_key(self.store, n)
